@@ -1,0 +1,170 @@
+"""Infini-attention as a pure function (Munkhdalai et al. 2024, arXiv 2404.07143, Eqs. 6-10).
+
+The sequence is cut into segments of `segment_len` tokens. Inside a segment, queries attend causally to
+keys of the same segment (Eq. 6). Across segments, information flows only through a compressive memory
+(M, z) per kv head, read before it is written (Eq. 7, then Eq. 8 or 9). A learned gate per query head
+mixes the two (Eq. 10).
+
+Two ways to compute the same function live here:
+- the segment-parallel path (`infini_attention`): one SDPA call over all full segments, and for the linear
+  rule an exclusive prefix sum over per-segment memory writes, with no Python loop over segments;
+- the streaming path is simply the same call made on one segment at a time, passing `state` along.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RULES = ("linear", "delta", "none")
+
+
+class MemoryState(NamedTuple):
+    """Compressive memory of one layer: M (B, H_kv, D, D_v) and z (B, H_kv, D), always fp32."""
+
+    M: Tensor
+    z: Tensor
+
+
+class Rotary(Protocol):
+    def __call__(self, x: Tensor, offset: int = 0) -> Tensor: ...
+
+
+def sigma(x: Tensor) -> Tensor:
+    """ELU + 1, the memory's non-negative feature map (Eq. 7); computed in fp32."""
+    return F.elu(x.float()) + 1.0
+
+
+def _split_segments(x: Tensor, n: int) -> Tensor:
+    """(B, H, S*N, D) -> (B, H, S, N, D)."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h, t // n, n, d)
+
+
+def _local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | None) -> Tensor:
+    """Eq. 6: causal softmax attention inside each segment, all segments in one SDPA call.
+
+    q (B, H, S*N, D), k (B, H_kv, S*N, D), v (B, H_kv, S*N, D_v) -> (B, H, S*N, D_v).
+    """
+    b, h, t, _ = q.shape
+    s = t // n
+
+    def fold(x: Tensor) -> Tensor:  # (B, H, S*N, D) -> (B*S, H, N, D): segments become batch items
+        return _split_segments(x, n).transpose(1, 2).reshape(b * s, x.shape[1], n, x.shape[-1])
+
+    qs, ks, vs = fold(q), fold(k), fold(v)
+    if rotary is not None:  # positions restart at 0 in every segment; RoPE is relative, so this is exact
+        qs, ks = rotary(qs), rotary(ks)
+    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return out.reshape(b, s, h, n, -1).transpose(1, 2).reshape(b, h, t, -1)
+
+
+def _retrieve(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
+    """Eq. 7: sigma(q) M / (sigma(q) z), with query heads grouped onto their kv head.
+
+    sq (B, H_kv, G, ..., N, D), M (B, H_kv, ..., D, D_v), z (B, H_kv, ..., D) -> (B, H_kv, G, ..., N, D_v).
+    """
+    num = torch.matmul(sq, M.unsqueeze(2))
+    den = torch.matmul(sq, z.unsqueeze(2).unsqueeze(-1))
+    return num / den
+
+
+def _memory_writes(
+    sk: Tensor, vf: Tensor, rule: str, state: MemoryState | None
+) -> tuple[Tensor, Tensor, MemoryState]:
+    """Memory each of S full segments reads, and the memory after the last one.
+
+    sk (B, H_kv, S, N, D), vf (B, H_kv, S, N, D_v), both fp32.
+    Returns M_prev (B, H_kv, S, D, D_v), z_prev (B, H_kv, S, D) and the new state. Where `state` is None,
+    entry 0 is a placeholder: the first segment has no memory to read.
+    """
+    b, hk, s, n, d = sk.shape
+    dz = sk.sum(dim=3)  # (B, H_kv, S, D): z update of every segment
+    if rule == "linear":
+        dM = sk.transpose(-1, -2) @ vf  # Eq. 8, per segment: (B, H_kv, S, D, D_v)
+        # Exclusive prefix sum: segment s reads the memory written by segments < s.
+        M_all = torch.cumsum(dM, dim=2)
+        z_all = torch.cumsum(dz, dim=2)
+        M_prev = torch.cat([torch.zeros_like(dM[:, :, :1]), M_all[:, :, :-1]], dim=2)
+        z_prev = torch.cat([torch.zeros_like(dz[:, :, :1]), z_all[:, :, :-1]], dim=2)
+        if state is not None:
+            M_prev = M_prev + state.M.unsqueeze(2)
+            z_prev = z_prev + state.z.unsqueeze(2)
+        new_state = MemoryState(M_prev[:, :, -1] + dM[:, :, -1], z_prev[:, :, -1] + dz[:, :, -1])
+    else:  # delta: each write depends on the memory it updates, so scan over segments
+        M = None if state is None else state.M
+        z = None if state is None else state.z
+        Ms, zs = [], []
+        for i in range(s):
+            k_i, v_i = sk[:, :, i], vf[:, :, i]  # (B, H_kv, N, D), (B, H_kv, N, D_v)
+            if M is None:  # no memory yet: the retrieval term of Eq. 9 is 0
+                Ms.append(sk.new_zeros(b, hk, d, vf.shape[-1]))  # placeholder, never read
+                zs.append(sk.new_zeros(b, hk, d))
+                M, z = k_i.transpose(-1, -2) @ v_i, dz[:, :, i]
+            else:
+                Ms.append(M)
+                zs.append(z)
+                old = (k_i @ M) / (k_i @ z.unsqueeze(-1))  # what the memory already holds for these keys
+                M = M + k_i.transpose(-1, -2) @ (v_i - old)  # Eq. 9
+                z = z + dz[:, :, i]
+        M_prev, z_prev = torch.stack(Ms, dim=2), torch.stack(zs, dim=2)
+        new_state = MemoryState(M, z)
+    return M_prev, z_prev, new_state
+
+
+def infini_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    *,
+    segment_len: int,
+    rule: str = "linear",
+    state: MemoryState | None = None,
+    rotary: Rotary | None = None,
+) -> tuple[Tensor, MemoryState | None]:
+    """Infini-attention over a whole sequence, starting from `state` (None: no memory yet).
+
+    q (B, H, T, D), k (B, H_kv, T, D), v (B, H_kv, T, D_v), beta (H,) raw gate logits.
+    Returns out (B, H, T, D_v) in q's dtype and the memory after the last token (None for rule 'none').
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}")
+    if segment_len <= 0:
+        raise ValueError(f"segment_len={segment_len} must be > 0")
+    b, h, t, d = q.shape
+    hk = k.shape[1]
+    if h % hk:
+        raise ValueError(f"{h} query heads are not a multiple of {hk} kv heads")
+    n = min(segment_len, t)
+    t_full = (t // n) * n
+    if t_full < t:  # a shorter last segment: full segments in parallel, then the tail carries their state
+        head, state = infini_attention(
+            q[:, :, :t_full], k[:, :, :t_full], v[:, :, :t_full], beta, segment_len=n, rule=rule,
+            state=state, rotary=rotary,
+        )
+        tail, state = infini_attention(
+            q[:, :, t_full:], k[:, :, t_full:], v[:, :, t_full:], beta, segment_len=n, rule=rule,
+            state=state, rotary=rotary,
+        )
+        return torch.cat([head, tail], dim=2), state
+
+    a_dot = _local_attention(q, k, v, n, rotary)  # (B, H, T, D_v)
+    if rule == "none":
+        return a_dot, None
+
+    s, g = t // n, h // hk
+    M_prev, z_prev, new_state = _memory_writes(_split_segments(sigma(k), n), _split_segments(v.float(), n),
+                                               rule, state)
+    # Segments with memory to read: all of them, or all but the first at the start of a document.
+    first = 0 if state is not None else 1
+    if s == first:
+        return a_dot, new_state
+    sq = _split_segments(sigma(q[:, :, first * n:]), n).reshape(b, hk, g, s - first, n, d)  # un-rotated q
+    a_mem = _retrieve(sq, M_prev[:, :, first:], z_prev[:, :, first:]).reshape(b, h, t - first * n, v.shape[-1])
+    gate = torch.sigmoid(beta.float()).view(1, h, 1, 1)
+    mixed = gate * a_mem + (1.0 - gate) * a_dot[:, :, first * n:].float()  # Eq. 10
+    out = torch.cat([a_dot[:, :, : first * n].float(), mixed], dim=2)  # no memory yet: A = A_dot
+    return out.to(q.dtype), new_state

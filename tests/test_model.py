@@ -1,0 +1,114 @@
+"""The decoder: parallel == streaming, causality, and the rule='none' / closed-gate reductions."""
+import pytest
+import torch
+
+from infini_bench.model import FLAVOURS, build_model
+
+
+def tiny(rule="linear", **kw):
+    torch.manual_seed(0)
+    model = build_model("tiny", rule=rule, segment_len=16, **kw).eval()
+    with torch.no_grad():  # open the gates away from 0.5 so the memory path matters
+        for layer in model.layers:
+            layer.attn.gate.normal_(0, 2)
+    return model
+
+
+def tokens(t=100, seed=1):
+    return torch.randint(0, 259, (2, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta", "none"])
+def test_parallel_equals_streaming(rule):
+    model, ids = tiny(rule), tokens()
+    with torch.no_grad():
+        parallel = model(ids).logits
+    streamed = model.stream(ids)
+    torch.testing.assert_close(streamed.logits, parallel, rtol=1e-4, atol=1e-4)
+    last = model.stream(ids, last_only=True)
+    torch.testing.assert_close(last.logits, parallel[:, -1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_causal(rule):
+    model, ids = tiny(rule), tokens()
+    changed = ids.clone()
+    changed[:, 60] = (changed[:, 60] + 1) % 259
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :60], b[:, :60])
+    assert (a[:, 60:] - b[:, 60:]).abs().max() > 1e-4
+    assert (a[:, 64:] - b[:, 64:]).abs().max() > 1e-4  # later segments see it through the memory
+
+
+def plain_local_transformer(model, ids):
+    """A plain Llama forward with a block-diagonal causal mask and absolute RoPE positions: no segment loop."""
+    cfg = model.cfg
+    b, t = ids.shape
+    pos = torch.arange(t)
+    mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] // cfg.segment_len == pos[None, :] // cfg.segment_len)
+    x = model.embed(ids)
+    for layer in model.layers:
+        a = layer.attn
+        h = layer.attn_norm(x)
+        q = a.wq(h).view(b, t, cfg.n_heads, -1).transpose(1, 2)
+        k = a.wk(h).view(b, t, cfg.n_kv_heads, -1).transpose(1, 2)
+        v = a.wv(h).view(b, t, cfg.n_kv_heads, -1).transpose(1, 2)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        q, k = model.rotary(q), model.rotary(k)
+        scores = (q @ k.transpose(-1, -2)) / cfg.head_dim**0.5
+        att = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        x = x + a.wo(att.transpose(1, 2).reshape(b, t, -1))
+        x = x + layer.ffn(layer.ffn_norm(x))
+    return model.lm_head(model.norm(x))
+
+
+def test_rule_none_is_a_segment_local_transformer():
+    model, ids = tiny("none"), tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain_local_transformer(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_closed_gates_reduce_to_local_attention(rule):
+    model, ids = tiny(rule), tokens()
+    with torch.no_grad():
+        opened = model(ids).logits
+        for layer in model.layers:
+            layer.attn.gate.fill_(-1e4)  # sigmoid(beta) -> 0
+        closed = model(ids).logits
+        local = plain_local_transformer(model, ids)
+    torch.testing.assert_close(closed, local, rtol=1e-4, atol=1e-4)
+    assert (opened - local).abs().max() > 1e-3
+
+
+def test_training_reaches_every_segment_and_gate():
+    model = tiny("linear").train()
+    ids = tokens(64)
+    logits = model(ids).logits
+    logits[:, 48:].sum().backward()  # loss on the last segment only
+    for layer in model.layers:
+        assert layer.attn.gate.grad.abs().sum() > 0
+    assert model.embed.weight.grad[ids[:, :16].flatten()].abs().sum() > 0  # through the memory, across segments
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    ids = tokens(64)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny("delta", activation_checkpointing=ckpt).train()
+        model(ids).logits.square().mean().backward()
+        grads.append(model.layers[0].attn.wk.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_paper_memory_footprint():
+    assert FLAVOURS["lm_paper"].memory_floats == 128 * 129 * 8 * 12  # 1.59M, paper Table 2
+
+
+def test_bad_flavour_and_rule():
+    with pytest.raises(ValueError, match="model.flavour='huge' is not one of tiny"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="memory.rule='foo' is not one of linear, delta, none"):
+        build_model("tiny", rule="foo")
