@@ -114,6 +114,20 @@ def _memory_writes(
     return M_prev, z_prev, new_state
 
 
+def memory_read(q: Tensor, state: MemoryState) -> Tensor:
+    """Eq. 7 for any number of query positions: q (B, H, L, D), un-rotated -> A_mem (B, H, L, D_v), fp32."""
+    b, h, length, d = q.shape
+    hk = state.M.shape[1]
+    sq = sigma(q).reshape(b, hk, h // hk, length, d)
+    return _retrieve(sq, state.M, state.z).reshape(b, h, length, -1)
+
+
+def memory_write(k: Tensor, v: Tensor, rule: str, state: MemoryState | None) -> MemoryState:
+    """Eq. 8 or 9 for one segment: k (B, H_kv, L, D), v (B, H_kv, L, D_v), L <= segment_len."""
+    _, _, new_state = _memory_writes(sigma(k).unsqueeze(2), v.float().unsqueeze(2), rule, state)
+    return new_state
+
+
 def infini_attention(
     q: Tensor,
     k: Tensor,

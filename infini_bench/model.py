@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from infini_bench.attention import RULES, MemoryState, infini_attention
+from infini_bench.errors import ConfigError, check_choice
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,11 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"memory.rule={self.rule!r} is not one of {', '.join(RULES)}")
-        if self.segment_len <= 0:
-            raise ValueError(f"model.segment_len={self.segment_len} must be a positive integer")
+        check_choice("memory.rule", self.rule, RULES)
+        if not isinstance(self.segment_len, int) or self.segment_len <= 0:
+            raise ConfigError("model.segment_len", f"{self.segment_len!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+            raise ConfigError("model.n_heads", f"{self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
 
     @property
     def memory_floats(self) -> int:
@@ -88,7 +88,7 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     if kind == "linear":
         return (inv_freq / sc["factor"]).float()
     if kind != "llama3":
-        raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not one of default, linear, llama3")
+        raise ConfigError("model.rope_scaling.rope_type", f"{kind!r} is not one of default, linear, llama3")
     factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
     old_len = sc["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -265,7 +265,6 @@ class InfiniTransformer(nn.Module):
 def build_model(flavour: str | ModelConfig, **overrides) -> InfiniTransformer:
     """A randomly initialised model of a named flavour, with config fields overridden."""
     if isinstance(flavour, str):
-        if flavour not in FLAVOURS:
-            raise ValueError(f"model.flavour={flavour!r} is not one of {', '.join(FLAVOURS)}")
+        check_choice("model.flavour", flavour, list(FLAVOURS))
         flavour = FLAVOURS[flavour]
     return InfiniTransformer(replace(flavour, **overrides))

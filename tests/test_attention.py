@@ -145,3 +145,21 @@ def test_bad_arguments_raise(bad):
     kwargs = {"segment_len": 8, **bad}
     with pytest.raises(ValueError, match="rule|segment_len"):
         infini_attention(q, k, v, beta, **kwargs)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_single_segment_read_write_match_the_sequence_call(rule):
+    from infini_bench.attention import memory_read, memory_write
+
+    q, k, v, beta = make_inputs(t=24)
+    whole, state_whole = infini_attention(q, k, v, beta, segment_len=8, rule=rule)
+    state = None
+    for s0 in range(0, 24, 8):
+        sl = slice(s0, s0 + 8)
+        if state is not None:  # segment s0 reads what segments before it wrote
+            local, _ = infini_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], beta, segment_len=8, rule="none")
+            gate = torch.sigmoid(beta).view(1, -1, 1, 1)
+            mixed = gate * memory_read(q[:, :, sl], state) + (1 - gate) * local
+            torch.testing.assert_close(mixed, whole[:, :, sl], rtol=1e-5, atol=1e-5)
+        state = memory_write(k[:, :, sl], v[:, :, sl], rule, state)
+    torch.testing.assert_close(state.M, state_whole.M)

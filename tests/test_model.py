@@ -108,7 +108,7 @@ def test_paper_memory_footprint():
 
 
 def test_bad_flavour_and_rule():
-    with pytest.raises(ValueError, match="model.flavour='huge' is not one of tiny"):
+    with pytest.raises(ValueError, match="model.flavour: 'huge' is not one of tiny"):
         build_model("huge")
-    with pytest.raises(ValueError, match="memory.rule='foo' is not one of linear, delta, none"):
+    with pytest.raises(ValueError, match="memory.rule: 'foo' is not one of linear, delta, none"):
         build_model("tiny", rule="foo")
