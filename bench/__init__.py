@@ -1,0 +1,1 @@
+"""Benchmarks of infini-bench (issue 6): `python -m bench.bench --help`."""

@@ -1,0 +1,33 @@
+"""Evaluation metrics. Every metric here is higher-is-better."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """ROUGE-1/2/L F-measure x 100 averaged over predictions, and overall = their geometric mean.
+
+    Each prediction may have several references; per ROUGE type the best-scoring reference counts, as in
+    SCROLLS and Unlimiformer (rouge-score's `score_multi`). Tokens are lower-cased and Porter-stemmed.
+    """
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        if not refs:
+            raise ValueError(f"prediction {pred[:40]!r} has no reference")
+        scores = scorer.score_multi(refs, pred)
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    out = {key: 100.0 * total / len(predictions) for key, total in totals.items()}
+    out["overall"] = math.prod(out[key] for key in ROUGE_TYPES) ** (1.0 / len(ROUGE_TYPES))
+    return out

@@ -1,0 +1,187 @@
+"""The training loop: BPTT through every segment of a sequence, exact resume, NaN guard, periodic eval.
+
+Batches come from `batch_fn(i)`, a pure function of the micro-batch index i, so a resumed run replays
+exactly the batches the interrupted one would have seen; with the model, optimizer and scheduler restored
+from the checkpoint, the losses after a resume are identical to an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.tracking import Run, atomic_torch_save
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    gate_lr: float = 1e-2  # the gate needs a larger step than the rest (PAPER.md, pitfall 7)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    eval_every: int = 100
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("trainer.schedule", self.schedule, SCHEDULES)
+        check_choice("trainer.precision", self.precision, PRECISIONS)
+        for key in ("batch_size", "grad_accum", "lr", "eval_every", "ckpt_every", "log_every"):
+            check_positive(f"trainer.{key}", getattr(self, key))
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError("trainer.steps", f"{self.steps!r} must be an integer >= 0")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Gates get their own learning rate and no weight decay; norms, biases and embeddings no decay either."""
+    gates, no_decay, decay = [], [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.endswith("attn.gate"):
+            gates.append(p)
+        elif p.ndim < 2 or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
+        {"params": gates, "weight_decay": 0.0, "lr": cfg.gate_lr, "name": "gate"},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [g for g in param_groups(model, cfg) if g["params"]]
+    if cfg.optimizer == "adafactor":  # the paper's choice for its LM runs
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio (the paper: 1000 warm-up steps, then cosine)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100, in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _checkpoint_path(ckpt_dir: Path) -> Path:
+    return Path(ckpt_dir) / "last.pt"
+
+
+def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore model (and optimizer) from ckpt_dir/last.pt; returns the number of steps already done."""
+    state = torch.load(_checkpoint_path(ckpt_dir), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    cfg: TrainConfig) -> None:
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                       "trainer": asdict(cfg)}, _checkpoint_path(ckpt_dir))
+
+
+def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
+          ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None) -> dict[str, float]:
+    """Train for cfg.steps optimizer steps, resuming from ckpt_dir if a checkpoint is there."""
+    device = run.device
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    if cfg.resume and _checkpoint_path(ckpt_dir).exists():
+        step = load_checkpoint(ckpt_dir, model, optimizer)
+        run.truncate_metrics(step)
+        tqdm.write(f"resumed from {_checkpoint_path(ckpt_dir)} at step {step}")
+    base_lrs = [cfg.gate_lr if g["name"] == "gate" else cfg.lr for g in optimizer.param_groups]
+    summary: dict[str, float] = {}
+    tokens_per_step = 0
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    t0, window_tokens = time.perf_counter(), 0
+    while step < cfg.steps:
+        model.train()
+        for g, base in zip(optimizer.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(step, cfg)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = batch_fn(step * cfg.grad_accum + micro)
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            with autocast(device, cfg.precision):
+                logits = model(ids).logits
+            loss = lm_loss(logits, labels) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens_per_step = ids.numel() * cfg.grad_accum
+        if not math.isfinite(loss_sum):
+            bar.close()
+            kept = _checkpoint_path(ckpt_dir)
+            where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(f"train/loss is {loss_sum} at step {step + 1}; stopped, {where}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += tokens_per_step
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            run.log({"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                     "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}, step=step)
+            t0, window_tokens = time.perf_counter(), 0
+        summary["train/loss"] = loss_sum
+        if eval_fn is not None and step % cfg.eval_every == 0 and step < cfg.steps:  # the task evaluates the end
+            metrics = eval_fn(model, step)
+            run.log(metrics, step=step)
+            summary.update(metrics)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt_dir, model, optimizer, step, cfg)
+    bar.close()
+    return summary

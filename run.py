@@ -1,0 +1,74 @@
+"""infini-bench command line: `python run.py task=passkey model=tiny memory=delta model.segment_len=64`.
+
+Bad input (an unknown option, a bad value) gets one line naming the key and the accepted values, exit code 2,
+and no results written.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once before Hydra does, to turn its multi-line errors into one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
+    for arg in overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in groups and value not in groups[key] and value != "null":
+            fail(f"{key}={value!r} is not one of {', '.join(groups[key])}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except HydraException as err:
+        fail(str(err).strip().splitlines()[0])
+    except Exception as err:  # e.g. an override that is not valid Hydra syntax
+        fail(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from infini_bench.errors import ConfigError
+    from infini_bench.tracking import Run
+    from infini_bench.train import TrainingDiverged
+    from tasks import get_task
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    had_results = any(out_dir.glob("checkpoints/*")) or (out_dir / "results.json").exists()
+    run = None
+    try:
+        OmegaConf.resolve(cfg)
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("device", f"{cfg.device!r} is not one of auto, cpu, cuda")
+        task = get_task(cfg.task.name)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run = Run(out_dir, config, dict(cfg.logger), device=None if cfg.device == "auto" else cfg.device)
+        results = task.run_task(cfg, run)
+        run.finish(results)
+        print(f"results: {out_dir / 'results.json'}")
+    except ConfigError as err:
+        if not had_results:  # nothing of value was written: leave no half-made run folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        fail(str(err))
+    except TrainingDiverged as err:
+        fail(str(err), code=1)
+
+
+if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
+    main()

@@ -1,0 +1,78 @@
+"""The thin layer between Hydra configs and the library: build models, tokenizers and trainer configs."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from infini_bench.errors import ConfigError, check_choice
+from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
+from infini_bench.tokenizer import load_tokenizer
+from infini_bench.train import TrainConfig
+
+_MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
+
+
+def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The flavour's architecture with the run-time knobs, memory.rule and model.arch applied."""
+    check_choice("model.flavour", cfg.model.flavour, list(FLAVOURS))
+    base = FLAVOURS[cfg.model.flavour]
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True) if cfg.model.get("arch") else {}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+        raise ConfigError(f"model.arch.{unknown[0]}", f"is not a model field; accepted: {', '.join(sorted(fields))}")
+    knobs = {k: cfg.model[k] for k in _MODEL_KNOBS if cfg.model.get(k) is not None}
+    out = dataclasses.replace(base, **arch, **knobs, rule=cfg.memory.rule)
+    if vocab_size is not None and vocab_size > out.vocab_size:
+        if cfg.model.flavour == "tiny":  # the tiny flavour follows its tokenizer
+            out = dataclasses.replace(out, vocab_size=vocab_size)
+        else:
+            raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer!r} has {vocab_size} tokens, more than "
+                              f"model.flavour={cfg.model.flavour!r}'s vocab_size {out.vocab_size}")
+    return out
+
+
+def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
+    """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour."""
+    if cfg.model.get("pretrained"):
+        from infini_bench.pretrained import load_pretrained
+
+        return load_pretrained(cfg.model.pretrained, segment_len=cfg.model.segment_len, rule=cfg.memory.rule,
+                               gate_init=cfg.model.gate_init)
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer!r} could not be loaded "
+                          f"({str(err).splitlines()[0][:120]}); use byte or a local tokenizer directory") from None
+    torch.manual_seed(cfg.seed)
+    return InfiniTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
+
+
+def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
+    values = OmegaConf.to_container(cfg.trainer, resolve=True)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"trainer.{unknown[0]}", f"is not a trainer option; accepted: {', '.join(sorted(fields))}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return TrainConfig(**{**values, **overrides})
+
+
+def checkpoint_dir(run) -> Path:
+    return Path(run.out_dir) / "checkpoints"
+
+
+def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, float]:
+    """sigmoid(beta) per layer and head (paper Figure 3) as numbers and a heatmap image."""
+    from infini_bench.plots import gate_heatmap
+
+    gates = model.gates()
+    metrics = {f"gates/L{i}/H{j}": float(g) for i, row in enumerate(gates) for j, g in enumerate(row)}
+    run.log(metrics, step=step)
+    if run.is_main:
+        run.log_image("gates/heatmap", gate_heatmap(gates, Path(run.out_dir) / "gates.png"), step=step)
+    return metrics

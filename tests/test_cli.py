@@ -1,0 +1,64 @@
+"""The Hydra command line: configs compose, bad input gets one line and exit code 2, runs write results."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def cli(*args, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["task=foo"], "task='foo' is not one of booksum, lm, passkey"),
+    (["memory=lstm"], "memory='lstm' is not one of delta, linear, none"),
+    (["task=lm", "model.segment_len=0"], "model.segment_len: 0 must be a positive integer"),
+    (["task=lm", "trainer.optimizer=sgd"], "trainer.optimizer: 'sgd' is not one of adamw, adafactor"),
+    (["task=lm", "task.seq_len=100000000"], "task.seq_len: 100000000 does not fit the training text"),
+    (["task=lm", "task.dataset=pg19", "task.fallback_offline=false"], "task.dataset: 'pg19' (emozilla/pg19) is unavailable"),
+    (["task=lm", "trainer.stepz=3"], "trainer.stepz"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    proc, out = cli(*args, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
+    args = ["task=lm", "trainer.steps=4", "trainer.ckpt_every=2", "trainer.eval_every=2", "task.seq_len=128",
+            "task.eval_max_docs=1", "task.eval_max_tokens=256", "trainer.progress=false"]
+    proc, out = cli(*args, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["memory"]["rule"] == "linear"
+    r = results["results"]
+    assert r["val/ppl"] > 1 and r["val/bpb"] > 0 and r["model/memory_floats"] == 32 * 33 * 2 * 2
+    assert len(r["val/loss_by_segment"]) == 4  # 256 tokens in segments of 64
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/ppl" in row for row in rows) and any("gates/L0/H0" in row for row in rows)
+    assert (out / "gates.png").exists() and (out / "loss_by_segment.png").exists()
+    again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds its checkpoint and skips training
+    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
+@pytest.mark.parametrize("model", ["tiny", "lm_paper"])
+@pytest.mark.parametrize("memory", ["linear", "delta", "none"])
+def test_every_task_model_memory_composes(task, model, memory):
+    if not (ROOT / "conf" / "task" / f"{task}.yaml").exists():
+        pytest.skip(f"task {task} not configured")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"memory={memory}"])
+    assert cfg.task.name == task and cfg.memory.rule == memory and cfg.model.name == model

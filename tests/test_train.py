@@ -1,0 +1,96 @@
+"""The trainer: exact resume after a kill, NaN guard, the gate's optimizer group."""
+import math
+
+import pytest
+import torch
+
+from infini_bench.data import TokenStream, embedded_documents
+from infini_bench.model import build_model
+from infini_bench.tokenizer import ByteTokenizer
+from infini_bench.tracking import Run, read_metrics
+from infini_bench.train import TrainConfig, TrainingDiverged, lr_factor, make_optimizer, train
+
+
+def setup(tmp_path, name):
+    torch.manual_seed(0)
+    model = build_model("tiny", segment_len=16, n_layers=1)
+    docs = embedded_documents("embedded_pg19", "validation")
+    stream = TokenStream(docs, ByteTokenizer(), seq_len=48, batch_size=2, seed=0)
+    run = Run(tmp_path / name, {}, device="cpu")
+    cfg = TrainConfig(steps=8, batch_size=2, warmup_steps=2, ckpt_every=3, log_every=1, eval_every=100,
+                      progress=False)
+    return model, stream, run, cfg
+
+
+def losses(run):
+    return [r["train/loss"] for r in read_metrics(run.metrics_path) if "train/loss" in r]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_identical_losses(tmp_path):
+    model, stream, run, cfg = setup(tmp_path, "straight")
+    train(model, cfg, stream, run, tmp_path / "straight" / "ckpt")
+    straight = losses(run)
+
+    model, stream, run, cfg = setup(tmp_path, "killed")
+
+    def dies_at_7(i):
+        if i == 7:
+            raise Killed
+        return stream(i)
+
+    with pytest.raises(Killed):
+        train(model, cfg, dies_at_7, run, tmp_path / "killed" / "ckpt")
+    assert len(losses(run)) == 7  # steps 1..7 logged, the checkpoint is from step 6
+    model, stream, run, cfg = setup(tmp_path, "killed")  # a fresh process: new model, same command
+    train(model, cfg, stream, run, tmp_path / "killed" / "ckpt")
+    resumed = losses(run)
+    assert len(resumed) == 8
+    assert resumed == straight  # bit-identical, including the steps replayed after the checkpoint
+
+
+def test_nan_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
+    model, stream, run, cfg = setup(tmp_path, "nan")
+
+    def poisoned(i):
+        batch = stream(i)
+        if i == 4:
+            with torch.no_grad():
+                model.embed.weight[batch["input_ids"][0, 0]] = float("nan")
+        return batch
+
+    with pytest.raises(TrainingDiverged, match=r"train/loss is nan at step 5; .*last good checkpoint"):
+        train(model, cfg, poisoned, run, tmp_path / "nan" / "ckpt")
+    state = torch.load(tmp_path / "nan" / "ckpt" / "last.pt", weights_only=False)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_gate_has_own_lr_and_no_weight_decay():
+    model = build_model("tiny")
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, gate_lr=5e-2, weight_decay=0.1))
+    groups = {g["name"]: g for g in opt.param_groups}
+    gate_ids = {id(layer.attn.gate) for layer in model.layers}
+    assert {id(p) for p in groups["gate"]["params"]} == gate_ids
+    assert groups["gate"]["lr"] == 5e-2 and groups["gate"]["weight_decay"] == 0.0
+    assert all(id(p) not in gate_ids for p in groups["decay"]["params"])
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_token_stream_is_a_pure_function_of_the_index():
+    docs = embedded_documents("embedded_pg19", "validation")
+    a = TokenStream(docs, ByteTokenizer(), 32, 2, seed=1)
+    b = TokenStream(docs, ByteTokenizer(), 32, 2, seed=1)
+    assert torch.equal(a(5)["input_ids"], b(5)["input_ids"])
+    assert not torch.equal(a(5)["input_ids"], a(6)["input_ids"])
+    assert torch.equal(a(5)["input_ids"][:, 1:], a(5)["labels"][:, :-1])  # labels are the next tokens
