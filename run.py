@@ -57,10 +57,15 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("device", f"{cfg.device!r} is not one of auto, cpu, cuda")
         task = get_task(cfg.task.name)
         config = OmegaConf.to_container(cfg, resolve=True)
-        run = Run(out_dir, config, dict(cfg.logger), device=None if cfg.device == "auto" else cfg.device)
+        from infini_bench.distributed import init_distributed
+
+        info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
+        device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
+        run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
         results = task.run_task(cfg, run)
         run.finish(results)
-        print(f"results: {out_dir / 'results.json'}")
+        if run.is_main:
+            print(f"results: {out_dir / 'results.json'}")
     except ConfigError as err:
         if not had_results:  # nothing of value was written: leave no half-made run folder behind
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -65,18 +65,18 @@ def hub_documents(name: str, split: str, max_docs: int) -> tuple[Document, ...]:
     try:
         from datasets import load_dataset
 
-        if name == "pg19":
-            ds = load_dataset(HUB[name], split=split, streaming=True)
-            field = "text"
-        else:  # proof-pile is script-based: read its arXiv json files directly
-            files = f"https://huggingface.co/datasets/{HUB[name]}/resolve/main/{split if split != 'validation' else 'dev'}/proofpile_{split if split != 'validation' else 'dev'}_arxiv*.jsonl.gz"
-            ds = load_dataset("json", data_files=files, split="train", streaming=True)
-            field = "text"
+        if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
+            rows = load_dataset(HUB[name], split=split, streaming=True)
+        else:  # proof-pile is script-based: read its json files directly, keep the arXiv part
+            folder = {"train": "train", "validation": "dev", "test": "test"}[split]
+            files = f"hf://datasets/{HUB[name]}/{folder}/*.jsonl.gz"
+            rows = (r for r in load_dataset("json", data_files=files, split="train", streaming=True)
+                    if '"arxiv"' in str(r.get("meta", "")))
         docs = []
-        for i, row in enumerate(ds):
+        for i, row in enumerate(rows):
             if i >= max_docs:
                 break
-            docs.append(Document(str(row.get("short_book_title", i)), row[field]))
+            docs.append(Document(str(row.get("short_book_title") or i), row["text"]))
     except Exception as err:  # offline, missing, renamed: one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConfigError("task.dataset", f"{name!r} ({HUB[name]}) is unavailable ({reason}); use "

@@ -134,6 +134,8 @@ def feed(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: b
 
 def prefill(model: InfiniTransformer, input_ids: Tensor) -> tuple[Tensor, DecodeState]:
     """Encode a prompt (B, T) in constant memory; returns the last position's logits (B, V) and the state."""
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
     state = new_state(model, input_ids.shape[0])
     return feed(model, input_ids, state)[:, -1], state
 

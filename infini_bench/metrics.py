@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
@@ -13,13 +21,11 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
     Each prediction may have several references; per ROUGE type the best-scoring reference counts, as in
     SCROLLS and Unlimiformer (rouge-score's `score_multi`). Tokens are lower-cased and Porter-stemmed.
     """
-    from rouge_score.rouge_scorer import RougeScorer
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
-    scorer = RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scorer = _scorer()
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, refs in zip(predictions, references):
         refs = [refs] if isinstance(refs, str) else list(refs)

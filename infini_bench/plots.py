@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: s
         ax.plot(x if x is not None else range(len(ys)), ys, marker="o", markersize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: human_tokens(int(v))))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -35,6 +37,14 @@ def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: s
     if len(series) > 1:
         ax.legend()
     return _save(fig, path)
+
+
+def human_tokens(n: int) -> str:
+    """1024 -> '1K', 1048576 -> '1M', 500000 -> '500000'."""
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def _save(fig, path: Path) -> Path:

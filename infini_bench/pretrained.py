@@ -1,10 +1,11 @@
 """Hugging Face Llama-architecture checkpoints -> `InfiniTransformer`, with the Infini-attention gates added.
 
-The paper (Sec. 4.2-4.3) converts existing 1B and 8B LLMs to Infini-attention and continues pre-training.
+The paper converts existing 1B and 8B LLMs to Infini-attention and continues pre-training (Tables 3, 4).
 Only the gates are new: one logit beta per query head and layer (Eq. 10); every other weight maps one to
 one. HF-format Llama q/k weights already use the half-split rotary convention of our `Rotary`, so no
 permutation is needed. Reads config.json, safetensors (single file or sharded) and the tokenizer, from a
-local directory or from the hub; never runs remote code.
+local directory or from the hub; never runs remote code. The configs' defaults are ungated copies of Meta's
+base weights: unsloth/Llama-3.2-1B (model=1b) and unsloth/Meta-Llama-3.1-8B (model=8b).
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from infini_bench.tokenizer import HFTokenizer
 KEY = "model.pretrained"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
-# Open, ungated mirrors of the Llama-3.2-1B and Llama-3.1-8B base weights (same files as meta-llama/*).
-DEFAULT_CHECKPOINTS = {"1b": "unsloth/Llama-3.2-1B", "8b": "unsloth/Meta-Llama-3.1-8B"}
 # config.json, the safetensors index, tokenizer.json / tokenizer_config.json / special_tokens_map.json,
 # the weights, and a sentencepiece model where a tokenizer has one. Never *.bin, *.pth, *.py.
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -126,7 +125,8 @@ def _weight_files(root: Path) -> list[Path]:
     return files
 
 
-def load_state_dict(root: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
+def load_state_dict(root: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+                    ) -> dict[str, Tensor]:
     """Our state dict from a checkpoint directory, gates included (filled with cfg.gate_init)."""
     from safetensors import safe_open
 
@@ -136,11 +136,12 @@ def load_state_dict(root: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[st
             for name in f.keys():
                 ours = hf_to_ours(name)
                 if ours is not None:
-                    sd[ours] = f.get_tensor(name).to(dtype)
+                    sd[ours] = f.get_tensor(name).to(device=device, dtype=dtype)  # one tensor at a time
     if cfg.tie_embeddings:  # the file holds one copy (or a duplicate): lm_head is the embedding
         sd["lm_head.weight"] = sd["embed.weight"]
     for i in range(cfg.n_layers):  # Eq. 10: the only new parameters, absent from any checkpoint
-        sd[f"layers.{i}.attn.gate"] = torch.full((cfg.n_heads,), float(cfg.gate_init), dtype=dtype)
+        sd[f"layers.{i}.attn.gate"] = torch.full((cfg.n_heads,), float(cfg.gate_init), dtype=dtype,
+                                                     device=device)
     return sd
 
 
@@ -160,7 +161,7 @@ def load_pretrained(
         raise _unreachable(name_or_path, f"no config.json in {root}")
     cfg = config_from_hf(json.loads((root / "config.json").read_text()), segment_len=segment_len, rule=rule,
                          gate_init=gate_init)
-    sd = load_state_dict(root, cfg, dtype)
+    sd = load_state_dict(root, cfg, dtype, device)
     with torch.device("meta"):  # no random init of billions of weights that are overwritten at once
         model = InfiniTransformer(cfg)
     missing = sorted(set(model.state_dict()) - set(sd))
@@ -169,9 +170,9 @@ def load_pretrained(
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:  # assign=True gives each module its own Parameter: tie them again
         model.lm_head.weight = model.embed.weight
-    model.rotary.inv_freq = rope_inv_freq(cfg)  # a non-persistent buffer, still on meta
+    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)  # a non-persistent buffer, still on meta
     try:
         tokenizer = HFTokenizer(str(root))
     except Exception as err:  # missing or unreadable tokenizer files
         raise _unreachable(name_or_path, f"tokenizer: {_short(err)}") from None
-    return model.to(device), tokenizer
+    return model, tokenizer

@@ -103,14 +103,14 @@ class Run:
 
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
 
-    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         if not self.is_main:
             return
         write_json(self.out_dir / "tables" / f"{key.replace('/', '_')}.json", {"columns": columns, "rows": rows})
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)})
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self, results: dict) -> None:
         """Write results.json (atomically, with the resolved config) and close W&B."""

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from infini_bench import distributed
 from infini_bench.errors import ConfigError, check_choice, check_positive
-from infini_bench.tracking import Run, atomic_torch_save
+from infini_bench.tracking import Run
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
@@ -100,9 +103,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100, in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+    """Mean next-token cross-entropy (labels -100 ignored) without ever holding all (B, T, V) logits.
+
+    The head and the loss run on `chunk_tokens` positions at a time under activation checkpointing, so only
+    one chunk of fp32 logits exists at once, in forward and in backward: at a 128K vocabulary and 32K
+    tokens, that is 2 GB per 4K-token chunk instead of 16 GB for the whole sequence.
+    """
+    h, _ = model.hidden(input_ids)  # (B, T, dim)
+    h, labels = h.flatten(0, 1), labels.flatten()
+    head = model.lm_head
+
+    def chunk_loss(h_c: Tensor, y_c: Tensor) -> Tensor:
+        return F.cross_entropy(head(h_c).float(), y_c, ignore_index=-100, reduction="sum")
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        h_c, y_c = h[start: start + chunk_tokens], labels[start: start + chunk_tokens]
+        total = total + checkpoint(chunk_loss, h_c, y_c, use_reentrant=False)
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def autocast(device: torch.device, precision: str):
@@ -111,22 +130,20 @@ def autocast(device: torch.device, precision: str):
 
 
 def _checkpoint_path(ckpt_dir: Path) -> Path:
-    return Path(ckpt_dir) / "last.pt"
+    return Path(ckpt_dir) / "last"
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore model (and optimizer) from ckpt_dir/last.pt; returns the number of steps already done."""
-    state = torch.load(_checkpoint_path(ckpt_dir), map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    """Restore model (and optimizer) from the DCP folder ckpt_dir/last, saved on any number of GPUs; returns
+    the number of steps already done."""
+    return int(distributed.load_checkpoint(_checkpoint_path(ckpt_dir), model, optimizer)["step"])
 
 
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> None:
-    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                       "trainer": asdict(cfg)}, _checkpoint_path(ckpt_dir))
+    """Every rank writes its shards (a collective: all ranks call it); step and trainer go to extra.json."""
+    distributed.save_checkpoint(_checkpoint_path(ckpt_dir), model, optimizer,
+                                extra={"step": step, "trainer": asdict(cfg)})
 
 
 def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
@@ -134,6 +151,15 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
     """Train for cfg.steps optimizer steps, resuming from ckpt_dir if a checkpoint is there."""
     device = run.device
     model.to(device)
+    world = dist.get_world_size() if distributed.is_distributed() else 1
+    if world > 1:  # launched by torchrun: FSDP2, bf16 compute where autocast would use it
+        if cfg.batch_size % world:
+            raise ConfigError("trainer.batch_size", f"{cfg.batch_size} is not a multiple of the {world} processes")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        # model.cfg.activation_checkpointing (per block, inside hidden()) composes with FSDP2: no second wrapper.
+        distributed.shard_model(model, param_dtype=torch.bfloat16 if bf16 else None, activation_checkpointing=False)
+    rows = slice(None) if world == 1 else slice(dist.get_rank() * cfg.batch_size // world,
+                                                (dist.get_rank() + 1) * cfg.batch_size // world)
     optimizer = make_optimizer(model, cfg)
     step = 0
     if cfg.resume and _checkpoint_path(ckpt_dir).exists():
@@ -152,19 +178,18 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             batch = batch_fn(step * cfg.grad_accum + micro)
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            ids, labels = batch["input_ids"][rows].to(device), batch["labels"][rows].to(device)
             with autocast(device, cfg.precision):
-                logits = model(ids).logits
-            loss = lm_loss(logits, labels) / cfg.grad_accum
+                loss = lm_loss(model, ids, labels) / cfg.grad_accum
             loss.backward()
-            loss_sum += loss.item()
-            tokens_per_step = ids.numel() * cfg.grad_accum
+            loss_sum += distributed.all_reduce_mean(loss.detach()).item()  # every rank sees the same loss
+            tokens_per_step = ids.numel() * cfg.grad_accum * world
         if not math.isfinite(loss_sum):
             bar.close()
             kept = _checkpoint_path(ckpt_dir)
             where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(f"train/loss is {loss_sum} at step {step + 1}; stopped, {where}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -15,7 +15,9 @@ of each (`head_tail`). A book shorter than the input length is used whole.
 """
 from __future__ import annotations
 
+import bisect
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ PLACES = ("in the mill", "by the river", "at the chapel", "under the bridge", "i
 
 @dataclass(frozen=True)
 class Book:
+    """A book and every reference summary it is scored against."""
+
     bid: str
     title: str
     text: str
@@ -89,30 +93,31 @@ def _paragraphs(split: str) -> list[list[str]]:
 
 
 def make_book(rng: random.Random, novels: list[list[str]], n_chars: int, n_events: int, bid: str) -> Book:
-    """A synthetic book of about n_chars characters with one event in each of n_events equal slices."""
+    """A synthetic book: n_chars characters of filler (to a word) and one event in each of n_events equal slices."""
     paras = novels[rng.randrange(len(novels))]
     i, filler, size = rng.randrange(len(paras)), [], 0
     while size < n_chars:
         filler.append(paras[i % len(paras)])
         size += len(filler[-1]) + 2
         i += 1
+    text = "\n\n".join(filler)
+    text = text[: text.rfind(" ", 0, n_chars + 1) if len(text) > n_chars else None].rstrip()  # end on a word
     events = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
               for _ in range(n_events)]
-    # Paragraph j starts at char offset starts[j]; event e goes at a random boundary inside slice e of the book.
-    starts = [0]
-    for p in filler:
-        starts.append(starts[-1] + len(p) + 2)
-    at: dict[int, str] = {}
-    for e, event in enumerate(events):
-        lo, hi = e * size // n_events, (e + 1) * size // n_events
-        inside = [j for j in range(len(filler)) if lo <= starts[j] < hi and j not in at]
-        at[rng.choice(inside) if inside else max(j for j in range(len(filler)) if starts[j] < hi)] = event
-    parts = []
-    for j, p in enumerate(filler):
-        if j in at:
-            parts.append(at[j])
-        parts.append(p)
-    return Book(bid, f"Synthetic book {bid}", "\n\n".join(parts), (" ".join(events),))
+    sentence_starts = [m.end() for m in re.finditer(r"(?<=[.!?\"'])\s+(?=\S)", text)]
+    parts, prev = [], 0
+    for e, event in enumerate(events):  # event e goes at a sentence start inside slice e of the filler
+        lo, hi = e * len(text) // n_events, (e + 1) * len(text) // n_events
+        inside = sentence_starts[bisect.bisect_left(sentence_starts, lo): bisect.bisect_left(sentence_starts, hi)]
+        if inside:
+            at = rng.choice(inside)
+        else:  # no sentence starts in this slice: any word boundary will do
+            space = text.find(" ", rng.randrange(lo, hi))
+            at = len(text) if space < 0 else space + 1
+        parts += [text[prev:at].rstrip(), event]
+        prev = at
+    parts.append(text[prev:])
+    return Book(bid, f"Synthetic book {bid}", "\n\n".join(p for p in parts if p), (" ".join(events),))
 
 
 def synthetic_books(split: str, count: int, n_chars: int, n_events: int, seed: int) -> list[Book]:
@@ -134,6 +139,7 @@ def group_by_book(rows) -> list[Book]:
 
 
 def hub_rows(split: str) -> list[dict]:
+    """All rows of a BookSum book-level split from the hub; a one-line ConfigError when it can't be reached."""
     try:
         from datasets import load_dataset
 
@@ -149,24 +155,24 @@ def hub_rows(split: str) -> list[dict]:
 
 @dataclass(frozen=True)
 class Example:
-    book: list[int]  # truncated book tokens
-    summary: list[int]  # reference tokens, capped
+    book: Tensor  # (L,) truncated book tokens
+    summary: Tensor  # (S,) reference tokens, capped at summary_max_tokens
 
 
 def make_batch(examples: Sequence[Example], prefix: list[int], prompt: list[int], eos_id: int,
                pad_id: int) -> dict[str, Tensor]:
     """prefix + book + prompt + summary + EOS per row, right-padded; the loss falls on summary and EOS only."""
-    seqs, masks = [], []
+    before = torch.tensor(prefix, dtype=torch.long), torch.tensor(prompt, dtype=torch.long)
+    seqs, starts = [], []
     for ex in examples:
-        context = prefix + ex.book + prompt
-        seqs.append(context + ex.summary + [eos_id])
-        masks.append([False] * len(context) + [True] * (len(ex.summary) + 1))
+        seqs.append(torch.cat([before[0], ex.book, before[1], ex.summary, torch.tensor([eos_id])]))
+        starts.append(len(seqs[-1]) - len(ex.summary) - 1)  # index of the first summary token
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     target = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for r, (s, m) in enumerate(zip(seqs, masks)):
-        ids[r, : len(s)] = torch.tensor(s)
-        target[r, : len(m)] = torch.tensor(m)
+    for r, (s, start) in enumerate(zip(seqs, starts)):
+        ids[r, : len(s)] = s
+        target[r, start: len(s)] = True
     labels = ids[:, 1:].masked_fill(~target[:, 1:], -100)  # labels[t] = token t + 1, if it is a summary token
     return {"input_ids": ids[:, :-1], "labels": labels}
 
@@ -184,8 +190,9 @@ class BatchFn:
 
 
 def _examples(pairs: list[tuple[str, str]], tokenizer, t: DictConfig) -> list[Example]:
-    return [Example(truncate(tokenizer.encode(text), t.train_input_len, t.truncate),
-                    tokenizer.encode(summary)[: t.summary_max_tokens]) for text, summary in pairs]
+    return [Example(torch.tensor(truncate(tokenizer.encode(text), t.train_input_len, t.truncate)),
+                    torch.tensor(tokenizer.encode(summary)[: t.summary_max_tokens], dtype=torch.long))
+            for text, summary in pairs]
 
 
 # --- the task -------------------------------------------------------------------------------------------------
@@ -225,12 +232,14 @@ def summary_loss(model, examples: list[Example], tokens: dict, device: torch.dev
     """Mean cross-entropy of the reference summary tokens given the truncated book (teacher forcing)."""
     model.eval()
     total, count = 0.0, 0
+    n = model.cfg.segment_len
     for ex in examples:
         batch = make_batch([ex], **tokens)
-        with autocast(device, precision):
-            logits = model.stream(batch["input_ids"].to(device)).logits  # one segment at a time
-        labels = batch["labels"].to(device)
-        total += F.cross_entropy(logits[0].float(), labels[0], ignore_index=-100, reduction="sum").item()
+        labels = batch["labels"][0].to(device)
+        with autocast(device, precision):  # one segment at a time: memory stays flat at 32K tokens and beyond
+            for k, out in enumerate(model.segments(batch["input_ids"].to(device))):
+                seg = labels[k * n: (k + 1) * n]
+                total += F.cross_entropy(out.logits[0].float(), seg, ignore_index=-100, reduction="sum").item()
         count += int((labels != -100).sum())
     return total / max(count, 1)
 
@@ -255,7 +264,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     model.eval()
 
     # Figure 4: one summary per book and input length; the same sampling seed per book at every length.
-    book_ids = [tokenizer.encode(b.text) for b in eval_books]
+    # Truncating to the longest input first, then to each length, equals one truncation (tests check it).
+    book_ids = [truncate(tokenizer.encode(b.text), lengths[-1], t.truncate) for b in eval_books]
     per_length: dict[int, list[str]] = {n: [] for n in lengths}
     used: dict[int, list[int]] = {n: [] for n in lengths}
     bar = tqdm(total=len(lengths) * len(eval_books), desc="summarise", disable=not tcfg.progress)
@@ -291,15 +301,16 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
                    "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(eval_books)],
     })
-    run.log_table("booksum/samples", ["bid", "title", "input_len", "prediction", "reference"],
-                  [[b.bid, b.title, n, per_length[n][i], b.references[0]]
-                   for i, b in enumerate(eval_books[: t.sample_rows]) for n in lengths])
-    run.log_table("booksum/length_sweep", ["input_len", "rouge1", "rouge2", "rougeL", "overall"],
-                  [[n, scores[n]["rouge1"], scores[n]["rouge2"], scores[n]["rougeL"], scores[n]["overall"]]
-                   for n in lengths])
     plot = line_plot({cfg.memory.rule: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
                      "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
                      "Summary quality against input length (paper Figure 4)", x=lengths, logx=True)
     run.log_image("booksum/length_sweep", plot, step=tcfg.steps)
     log_gates(model, run, tcfg.steps)
+    # Tables last: W&B steps them past tcfg.steps, and it drops anything logged at an earlier step afterwards.
+    run.log_table("booksum/samples", ["bid", "title", "input_len", "prediction", "reference"],
+                  [[b.bid, b.title, n, per_length[n][i], b.references[0]]
+                   for i, b in enumerate(eval_books[: t.sample_rows]) for n in lengths])
+    run.log_table("booksum/length_sweep_table", ["input_len", "rouge1", "rouge2", "rougeL", "overall"],
+                  [[n, scores[n]["rouge1"], scores[n]["rouge2"], scores[n]["rougeL"], scores[n]["overall"]]
+                   for n in lengths])
     return results

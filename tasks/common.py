@@ -70,7 +70,9 @@ def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, floa
     """sigmoid(beta) per layer and head (paper Figure 3) as numbers and a heatmap image."""
     from infini_bench.plots import gate_heatmap
 
-    gates = model.gates()
+    from infini_bench.distributed import full_tensor
+
+    gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
     metrics = {f"gates/L{i}/H{j}": float(g) for i, row in enumerate(gates) for j, g in enumerate(row)}
     run.log(metrics, step=step)
     if run.is_main:

@@ -15,6 +15,15 @@ tokenizers = pytest.importorskip("tokenizers")
 TEXTS = ["The grass is green. The sky is blue. The sun is yellow.", "There and back again.",
          "What is the pass key? The pass key is 9054.", "Infini-attention keeps a compressive memory."]
 VOCAB = 320  # the tokenizer's 256 bytes + merges + specials fit below this
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one intra-op thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 
@@ -37,19 +46,18 @@ def save_tokenizer(path):
 def save_hf_model(path, kind="llama", shard=False, **kw):
     """A tiny random HF causal LM, saved with its tokenizer; returns it in eval mode."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, attn_implementation="eager")
     torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **kw))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, **kw))
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "mistral": ("MistralConfig", "MistralForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[kind]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common, **kw))
     with torch.no_grad():  # random norms and biases, so a swapped or skipped weight shows
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size="40KB" if shard else "2GB", safe_serialization=True)
     save_tokenizer(path)
-    model.config._attn_implementation = "eager"
     return model.eval()
 
 
@@ -86,6 +94,8 @@ def test_gqa_llama3_rope_sharded_equals_transformers(llama_gqa):
     x = ids()
     logits, model = ours(path, x, segment_len=64, rule="none")
     assert model.cfg.n_kv_heads == 2 and model.cfg.rope_scaling["rope_type"] == "llama3"
+    assert all(p.requires_grad and not p.is_meta for p in model.parameters())  # trainable, nothing left on meta
+    assert not model.rotary.inv_freq.is_meta
     torch.testing.assert_close(logits, hf_logits(hf, x), rtol=1e-4, atol=1e-4)
 
 
@@ -126,6 +136,16 @@ def test_qwen2_qkv_bias_equals_transformers(tmp_path):
     logits, model = ours(tmp_path, x, segment_len=64, rule="none")
     assert model.cfg.qkv_bias and model.layers[0].attn.wq.bias is not None
     torch.testing.assert_close(logits, hf_logits(hf, x), rtol=1e-4, atol=1e-4)
+
+
+def test_mistral_sliding_window_equals_transformers(tmp_path):
+    """A window at least one segment long never masks anything inside a segment."""
+    hf = save_hf_model(tmp_path, kind="mistral", num_key_value_heads=1, sliding_window=32)
+    x = ids()
+    logits, _ = ours(tmp_path, x, segment_len=16, rule="linear", gate_init=-40.0)
+    torch.testing.assert_close(logits, hf_segmentwise(hf, x, 16), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="sliding_window=32 is shorter than model.segment_len=64"):
+        load_pretrained(str(tmp_path), segment_len=64, rule="linear")
 
 
 def test_bf16_load_close_to_fp32(llama_gqa):

@@ -1,0 +1,187 @@
+"""Multi-GPU training from PyTorch's own pieces: torchrun, FSDP2 `fully_shard`, distributed checkpoints.
+
+Thin wrappers, applied to an unchanged model (torchtitan's layout): each `Block` is its own FSDP unit,
+optionally activation-checkpointed and compiled; the root unit holds `embed`, `norm` and `lm_head`, so a
+tied embedding and head stay one parameter. Checkpoints are torch.distributed.checkpoint (DCP) folders
+keyed by parameter name, so a run saved on N GPUs resumes on M GPUs, or in one process without FSDP.
+
+Launch: `torchrun --nproc_per_node=N run.py ...`; without torchrun everything runs as a single process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+
+try:  # public since torch 2.6
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+except ImportError:  # torch 2.5
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank among world_size, its GPU (or the CPU)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain single process otherwise."""
+    if "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():  # device_id binds NCCL to this GPU at once (no "device unknown" barriers)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    activation_checkpointing: bool = True,
+    compile: bool = False,
+) -> nn.Module:
+    """FSDP2 in place: per block (checkpointed, compiled if asked), then the root; returns the model.
+
+    param_dtype is what forward and backward compute in (None: the parameters' own dtype); the sharded
+    master weights and the optimizer state keep the parameters' dtype (load them in fp32). Leave the model's
+    own `cfg.activation_checkpointing` off: the wrapper here does that job.
+    """
+    if not is_distributed():
+        raise RuntimeError("shard_model needs a process group: launch with torchrun and call init_distributed()")
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    # forward() and the blocks take the fp32 memory state (M, z): never cast inputs (PAPER.md, pitfall 4).
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    for i, block in enumerate(model.layers):
+        if activation_checkpointing:  # state-dict keys are unchanged: the wrapper strips its own prefix
+            block = checkpoint_wrapper(block)
+        if compile:
+            block.compile()  # in place, so parameter names keep no `_orig_mod.` prefix
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+        model.layers[i] = block
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if compile:  # fill the rotary cos/sin cache now: filling it inside a compiled block breaks the graph
+        cfg = model.cfg
+        model.rotary(torch.zeros(1, 1, cfg.segment_len, cfg.head_dim, device=model.rotary.inv_freq.device))
+    register_fsdp_forward_method(model, "hidden")  # `train.lm_loss` calls hidden(), not forward()
+    return model
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """The mean of x over ranks (x itself in a single process)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / dist.get_world_size()
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """A DTensor (an FSDP parameter, a gradient norm from clip_grad_norm_) gathered whole; other tensors as is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _is_rank0() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every single-process save and load; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> None:
+    """Every rank writes its shards to a DCP folder; `extra` (step, data position...) goes to extra.json.
+
+    Written to `<directory>.tmp` and swapped in when complete, so a crash never leaves a half checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    with _single_process_ok():
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not is_distributed())
+    barrier()
+    if _is_rank0():
+        (tmp / "extra.json").write_text(json.dumps(extra or {}, indent=1))
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict:
+    """Restore model (and optimizer) in place from a DCP folder written at any world size; returns `extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _state(model, optimizer)
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not is_distributed())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return json.loads((Path(directory) / "extra.json").read_text())

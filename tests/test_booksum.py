@@ -1,0 +1,140 @@
+"""The book summarisation task: truncation, synthetic books, loss masking, references, and a tiny end-to-end run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from infini_bench.data import load_documents
+from infini_bench.errors import ConfigError
+from infini_bench.metrics import rouge
+from infini_bench.model import build_model
+from infini_bench.tokenizer import ByteTokenizer
+from infini_bench.tracking import Run
+from tasks import booksum
+from tasks.booksum import (BatchFn, Example, group_by_book, length_label, make_batch, summary_loss, synthetic_books,
+                           truncate)
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=["task=booksum", "logger=none", *overrides])
+
+
+def test_truncate_keeps_the_configured_part():
+    ids = list(range(10))
+    assert truncate(ids, 4, "head") == [0, 1, 2, 3]
+    assert truncate(ids, 4, "tail") == [6, 7, 8, 9]
+    assert truncate(ids, 5, "head_tail") == [0, 1, 2, 8, 9]
+    assert truncate(ids, 12, "tail") == ids  # a short book is used whole
+    # run_task truncates once to the longest input, then again per length: that must equal one truncation.
+    for mode in ("head", "tail", "head_tail"):
+        for n in range(1, 8):
+            assert truncate(truncate(ids, 8, mode), n, mode) == truncate(ids, n, mode)
+
+
+def test_length_labels():
+    assert [length_label(n) for n in (16384, 131072, 500000, 2048, 256)] == ["16K", "128K", "500K", "2K", "256"]
+
+
+def events_of(book):
+    return [e if e.endswith(".") else e + "." for e in book.references[0].split(". ")]
+
+
+def test_synthetic_books_are_seeded_and_spread_their_events_in_order():
+    books = synthetic_books("validation", 3, 3000, 5, seed=7)
+    assert books == synthetic_books("validation", 3, 3000, 5, seed=7)
+    assert books[0].text != synthetic_books("validation", 1, 3000, 5, seed=8)[0].text
+    for book in books:
+        events = events_of(book)
+        assert len(events) == 5
+        paragraphs = book.text.split("\n\n")
+        where = [paragraphs.index(e) for e in events]  # every event is a paragraph of its own, in summary order
+        assert where == sorted(where)
+        for e, event in enumerate(events):  # event e sits in slice e of the book
+            at = len("\n\n".join(paragraphs[: where[e]])) / len(book.text)
+            assert e / 5 - 0.05 <= at <= (e + 1) / 5 + 0.05
+        assert 3000 - 20 <= len(book.text) <= 3000 + sum(len(e) + 4 for e in events)  # filler cut at a word
+
+
+def test_filler_comes_from_the_split_s_novels():
+    held_out = " ".join(load_documents("embedded_pg19", "validation")[0].text.split())
+    filler = lambda b: max(b.text.split("\n\n")[1:-1], key=len)  # noqa: E731  (a whole paragraph of filler)
+    assert filler(synthetic_books("validation", 1, 2000, 3, seed=0)[0]) in held_out
+    assert filler(synthetic_books("train", 1, 2000, 3, seed=0)[0]) not in held_out
+
+
+def test_batch_puts_the_loss_on_summary_tokens_only():
+    tok = ByteTokenizer()
+    examples = [Example(torch.tensor(tok.encode("a long book")), torch.tensor(tok.encode("sum"))),
+                Example(torch.tensor(tok.encode("bk")), torch.tensor(tok.encode("xy")))]
+    batch = make_batch(examples, prefix=[tok.bos_id], prompt=tok.encode("|"), eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (2, 16)  # BOS + 11 + 1 + 3 + EOS = 17, minus the shift
+    assert ids[0].tolist() == [tok.bos_id] + tok.encode("a long book|sum")
+    assert labels[0].tolist() == [-100] * 12 + tok.encode("sum") + [tok.eos_id]
+    assert ids[1].tolist() == [tok.bos_id] + tok.encode("bk|xy") + [tok.eos_id] + [tok.pad_id] * 9
+    assert labels[1].tolist() == [-100] * 3 + tok.encode("xy") + [tok.eos_id] + [-100] * 10
+
+
+def test_streamed_summary_loss_equals_a_parallel_forward():
+    torch.manual_seed(0)
+    model, tok = build_model("tiny", segment_len=16).eval(), ByteTokenizer()
+    examples = [Example(torch.tensor(tok.encode("a book that spans a few segments of sixteen")),
+                        torch.tensor(tok.encode("its summary")))]
+    tokens = dict(prefix=[tok.bos_id], prompt=tok.encode("|"), eos_id=tok.eos_id, pad_id=tok.pad_id)
+    batch = make_batch(examples, **tokens)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(batch["input_ids"]).logits[0], batch["labels"][0], ignore_index=-100)
+    streamed = summary_loss(model, examples, tokens, torch.device("cpu"), "fp32")
+    assert streamed == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_batch_fn_is_a_function_of_the_index():
+    examples = [Example(torch.tensor([i, i]), torch.tensor([i])) for i in range(50)]
+    fn = BatchFn(examples, 4, seed=3, prefix=[256], prompt=[10], eos_id=257, pad_id=258)
+    assert torch.equal(fn(5)["input_ids"], fn(5)["input_ids"])
+    assert not torch.equal(fn(5)["input_ids"], fn(6)["input_ids"])
+
+
+def test_references_are_grouped_per_book_and_scored_by_max():
+    rows = [{"bid": 1, "title": "A", "book": "text a", "summary": "the cat sat"},
+            {"bid": 2, "title": "B", "book": "text b", "summary": "a dog ran"},
+            {"bid": 1, "title": "A", "book": "text a", "summary": "birds flew south"}]
+    books = group_by_book(rows)
+    assert [(b.bid, b.references) for b in books] == [("1", ("the cat sat", "birds flew south")), ("2", ("a dog ran",))]
+    assert rouge(["birds flew south"], [list(books[0].references)])["overall"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("override, key", [("task.truncate=middle", "task.truncate"),
+                                           ("task.eval_input_lens=[]", "task.eval_input_lens"),
+                                           ("task.source=booksum", "task.source"),
+                                           ("task.top_p=1.5", "task.top_p")])
+def test_bad_config_names_the_key(override, key, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        booksum.run_task(config(override), Run(tmp_path, {}, device="cpu"))
+    assert err.value.key == key
+
+
+def test_tiny_end_to_end(tmp_path):
+    cfg = config("trainer.steps=3", "trainer.batch_size=2", "trainer.eval_every=2", "trainer.progress=false",
+                 "task.train_input_len=192", "task.eval_books=2", "task.eval_input_lens=[128,512]",
+                 "task.max_new_tokens=12", "task.sample_rows=1", "task.synthetic.train_books=8",
+                 "task.synthetic.book_chars=400", "task.synthetic.n_events=2")
+    results = booksum.run_task(cfg, Run(tmp_path, {}, device="cpu"))
+    saved = json.loads((tmp_path / "booksum_predictions.json").read_text())
+    refs = [b["references"] for b in saved["books"]]
+    for n, label in [(128, "128"), (512, "512")]:  # the reported scores are ROUGE of the saved predictions
+        preds = [b["predictions"][str(n)] for b in saved["books"]]
+        assert results[f"booksum/overall@{label}"] == pytest.approx(rouge(preds, refs)["overall"])
+    assert results["booksum/input_tokens@128"] == 128.0
+    assert 400 < results["booksum/input_tokens@512"] <= 512  # short books are used whole
+    assert results["booksum/input_len"] == 512
+    assert results["booksum/rouge1"] == pytest.approx(saved["length_sweep"][1]["rouge1"])
+    table = json.loads((tmp_path / "tables" / "booksum_samples.json").read_text())
+    assert len(table["rows"]) == 2 and table["columns"][3] == "prediction"
+    assert (tmp_path / "booksum_length_sweep.png").stat().st_size > 0
