@@ -9,6 +9,11 @@ Two ways to compute the same function live here:
 - the segment-parallel path (`infini_attention`): one SDPA call over all full segments, and for the linear
   rule an exclusive prefix sum over per-segment memory writes, with no Python loop over segments;
 - the streaming path is simply the same call made on one segment at a time, passing `state` along.
+
+Precision: M and z are fp32 everywhere, also under autocast (bf16 sums overflow or lose small writes over
+long inputs): every write is accumulated into them in fp32. The products that touch every token (sigma(K)^T V,
+sigma(Q) M, the delta rule's sigma(K) M) take their operands in the activations' dtype and accumulate in fp32,
+as every other matrix product of the model does; with fp32 inputs everything is fp32.
 """
 from __future__ import annotations
 
@@ -33,8 +38,8 @@ class Rotary(Protocol):
 
 
 def sigma(x: Tensor) -> Tensor:
-    """ELU + 1, the memory's non-negative feature map (Eq. 7); computed in fp32."""
-    return F.elu(x.float()) + 1.0
+    """ELU + 1, the memory's non-negative feature map (Eq. 7), in x's dtype (two passes, one allocation)."""
+    return F.elu(x).add_(1.0)  # elu's backward reads its input, so adding in place is safe
 
 
 def _split_segments(x: Tensor, n: int) -> Tensor:
@@ -61,14 +66,15 @@ def _local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | N
     return out.reshape(b, s, h, n, -1).transpose(1, 2).reshape(b, h, t, -1)
 
 
-def _retrieve(sq: Tensor, M: Tensor, z: Tensor) -> Tensor:
-    """Eq. 7: sigma(q) M / (sigma(q) z), with query heads grouped onto their kv head.
+def _retrieve(sq: Tensor, M: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 7's numerator sigma(q) M and denominator sigma(q) z, query heads grouped onto their kv head.
 
-    sq (B, H_kv, G, ..., N, D), M (B, H_kv, ..., D, D_v), z (B, H_kv, ..., D) -> (B, H_kv, G, ..., N, D_v).
+    sq (B, H_kv, G, ..., N, D), M (B, H_kv, G or 1, ..., D, D_v), z (B, H_kv, ..., D), both fp32 ->
+    num (B, H_kv, G, ..., N, D_v) and den (B, H_kv, G, ..., N, 1) in sq's dtype (fp32 accumulation).
     """
-    num = torch.matmul(sq, M.unsqueeze(2))
-    den = torch.matmul(sq, z.unsqueeze(2).unsqueeze(-1))
-    return num / den
+    num = torch.matmul(sq, M.to(sq.dtype))
+    den = torch.matmul(sq, z.unsqueeze(2).unsqueeze(-1).to(sq.dtype))
+    return num, den
 
 
 def _memory_writes(
@@ -76,14 +82,14 @@ def _memory_writes(
 ) -> tuple[Tensor, Tensor, MemoryState]:
     """Memory each of S full segments reads, and the memory after the last one.
 
-    sk (B, H_kv, S, N, D), vf (B, H_kv, S, N, D_v), both fp32.
-    Returns M_prev (B, H_kv, S, D, D_v), z_prev (B, H_kv, S, D) and the new state. Where `state` is None,
-    entry 0 is a placeholder: the first segment has no memory to read.
+    sk (B, H_kv, S, N, D), vf (B, H_kv, S, N, D_v), in the activations' dtype.
+    Returns M_prev (B, H_kv, S, D, D_v), z_prev (B, H_kv, S, D), both fp32, and the new state. Where
+    `state` is None, entry 0 is a placeholder: the first segment has no memory to read.
     """
     b, hk, s, n, d = sk.shape
-    dz = sk.sum(dim=3)  # (B, H_kv, S, D): z update of every segment
+    dz = sk.sum(dim=3, dtype=torch.float32)  # (B, H_kv, S, D): z update of every segment
     if rule == "linear":
-        dM = sk.transpose(-1, -2) @ vf  # Eq. 8, per segment: (B, H_kv, S, D, D_v)
+        dM = (sk.transpose(-1, -2) @ vf).float()  # Eq. 8, per segment: (B, H_kv, S, D, D_v)
         # Exclusive prefix sum: segment s reads the memory written by segments < s.
         M_all = torch.cumsum(dM, dim=2)
         z_all = torch.cumsum(dz, dim=2)
@@ -93,24 +99,26 @@ def _memory_writes(
             M_prev = M_prev + state.M.unsqueeze(2)
             z_prev = z_prev + state.z.unsqueeze(2)
         new_state = MemoryState(M_prev[:, :, -1] + dM[:, :, -1], z_prev[:, :, -1] + dz[:, :, -1])
-    else:  # delta: each write depends on the memory it updates, so scan over segments
+    else:  # delta: each write depends on the memory it updates, so scan over segments (M in fp32)
+        # z does not depend on M: its exclusive prefix sum, and every segment's denominator sigma(K) z, come
+        # first in one product, leaving three products per segment in the scan (read, correct, write).
+        z_prev = torch.cat([torch.zeros_like(dz[:, :, :1]), torch.cumsum(dz, dim=2)[:, :, :-1]], dim=2)
+        if state is not None:
+            z_prev = z_prev + state.z.unsqueeze(2)
+        den = sk @ z_prev.unsqueeze(-1).to(sk.dtype)  # (B, H_kv, S, N, 1); entry 0 unused without a state
         M = None if state is None else state.M
-        z = None if state is None else state.z
-        Ms, zs = [], []
-        for i in range(s):
-            k_i, v_i = sk[:, :, i], vf[:, :, i]  # (B, H_kv, N, D), (B, H_kv, N, D_v)
+        Ms = []
+        # unbind, not sk[:, :, i]: the backward of S selects would add S full-size gradients
+        for k_i, v_i, den_i in zip(sk.unbind(2), vf.unbind(2), den.unbind(2)):  # (B, H_kv, N, D or D_v or 1)
             if M is None:  # no memory yet: the retrieval term of Eq. 9 is 0
-                Ms.append(sk.new_zeros(b, hk, d, vf.shape[-1]))  # placeholder, never read
-                zs.append(sk.new_zeros(b, hk, d))
-                M, z = k_i.transpose(-1, -2) @ v_i, dz[:, :, i]
+                Ms.append(sk.new_zeros(b, hk, d, vf.shape[-1], dtype=torch.float32))  # placeholder, never read
+                M = (k_i.transpose(-1, -2) @ v_i).float()
             else:
                 Ms.append(M)
-                zs.append(z)
-                old = (k_i @ M) / (k_i @ z.unsqueeze(-1))  # what the memory already holds for these keys
-                M = M + k_i.transpose(-1, -2) @ (v_i - old)  # Eq. 9
-                z = z + dz[:, :, i]
-        M_prev, z_prev = torch.stack(Ms, dim=2), torch.stack(zs, dim=2)
-        new_state = MemoryState(M, z)
+                new = torch.addcdiv(v_i, k_i @ M.to(k_i.dtype), den_i, value=-1.0)  # V - what the memory holds
+                M = M + (k_i.transpose(-1, -2) @ new).float()  # Eq. 9
+        M_prev = torch.stack(Ms, dim=2)
+        new_state = MemoryState(M, z_prev[:, :, -1] + dz[:, :, -1])
     return M_prev, z_prev, new_state
 
 
@@ -119,12 +127,13 @@ def memory_read(q: Tensor, state: MemoryState) -> Tensor:
     b, h, length, d = q.shape
     hk = state.M.shape[1]
     sq = sigma(q).reshape(b, hk, h // hk, length, d)
-    return _retrieve(sq, state.M, state.z).reshape(b, h, length, -1)
+    num, den = _retrieve(sq, state.M.unsqueeze(2), state.z)
+    return (num.float() / den.float()).reshape(b, h, length, -1)
 
 
 def memory_write(k: Tensor, v: Tensor, rule: str, state: MemoryState | None) -> MemoryState:
     """Eq. 8 or 9 for one segment: k (B, H_kv, L, D), v (B, H_kv, L, D_v), L <= segment_len."""
-    _, _, new_state = _memory_writes(sigma(k).unsqueeze(2), v.float().unsqueeze(2), rule, state)
+    _, _, new_state = _memory_writes(sigma(k).unsqueeze(2), v.unsqueeze(2), rule, state)
     return new_state
 
 
@@ -169,16 +178,20 @@ def infini_attention(
     if rule == "none":
         return a_dot, None
 
-    s, g = t // n, h // hk
-    M_prev, z_prev, new_state = _memory_writes(_split_segments(sigma(k), n), _split_segments(v.float(), n),
-                                               rule, state)
+    s, g, dv = t // n, h // hk, v.shape[-1]
+    M_prev, z_prev, new_state = _memory_writes(_split_segments(sigma(k), n), _split_segments(v, n), rule, state)
     # Segments with memory to read: all of them, or all but the first at the start of a document.
     first = 0 if state is not None else 1
     if s == first:
         return a_dot, new_state
     sq = _split_segments(sigma(q[:, :, first * n:]), n).reshape(b, hk, g, s - first, n, d)  # un-rotated q
-    a_mem = _retrieve(sq, M_prev[:, :, first:], z_prev[:, :, first:]).reshape(b, h, t - first * n, v.shape[-1])
-    gate = torch.sigmoid(beta.float()).view(1, h, 1, 1)
-    mixed = gate * a_mem + (1.0 - gate) * a_dot[:, :, first * n:].float()  # Eq. 10
-    out = torch.cat([a_dot[:, :, : first * n].float(), mixed], dim=2)  # no memory yet: A = A_dot
+    # Eq. 10 with Eq. 7 inside: sigmoid(beta) A_mem = sigma(q) (sigmoid(beta) M) / (sigma(q) z), so the gate
+    # scales the small memories, not the T x D_v retrievals; the mix is then one fused addcdiv.
+    gate = torch.sigmoid(beta.float()).view(1, hk, g, 1, 1, 1)
+    num, den = _retrieve(sq, M_prev[:, :, first:].unsqueeze(2) * gate, z_prev[:, :, first:])
+    local = a_dot[:, :, first * n:].reshape(b, hk, g, s - first, n, dv)
+    mixed = torch.addcdiv(local * (1.0 - gate).to(local.dtype), num, den)  # (B, H_kv, G, S', N, D_v)
+    # Assembled as (B, T, H, D_v) in memory, so the output projection's reshape needs no copy.
+    out = torch.cat([a_dot[:, :, : first * n].transpose(1, 2),
+                     mixed.reshape(b, h, t - first * n, dv).transpose(1, 2)], dim=1).transpose(1, 2)
     return out.to(q.dtype), new_state

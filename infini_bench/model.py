@@ -108,6 +108,15 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves with the model but stays fp32: model.to(bfloat16) would round the frequencies, and the angles
+        of late positions drift (0.17 relative error on the rotated vector at position 2047)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if not inv_freq.is_meta:  # from meta (to_empty) there is nothing to keep; pretrained.py refills it
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def _cos_sin(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._cache is None or self._cache[0] < length or self._cache[1] != device:
             pos = torch.arange(length, device=device, dtype=torch.float32)

@@ -115,6 +115,26 @@ def test_bf16_inputs_finite_and_state_fp32(rule):
     torch.testing.assert_close(state.M.double(), M, rtol=2e-2, atol=2e-2 * M.abs().max().item())
 
 
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_state_stays_fp32_under_autocast(rule):
+    """Training runs under bf16 autocast, which turns matmul outputs into bf16: the memory must not follow."""
+    q, k, v, beta = make_inputs(t=64, d=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = infini_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta, segment_len=16, rule=rule)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert state.M.dtype == torch.float32 and state.z.dtype == torch.float32
+    ref, M, _ = naive(q, k, v, beta, 16, rule)
+    assert ((out.double() - ref).norm() / ref.norm()) < 2e-2
+    torch.testing.assert_close(state.M.double(), M, rtol=2e-2, atol=2e-2 * M.abs().max().item())
+
+
+def test_output_is_laid_out_for_the_output_projection():
+    """(B, H, T, D_v) viewed from (B, T, H, D_v) memory: the model's transpose + reshape before W_O is free."""
+    q, k, v, beta = make_inputs(t=40)
+    out, _ = infini_attention(q, k, v, beta, segment_len=8, rule="linear")
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def test_first_segment_is_local_attention_only():
     q, k, v, beta = make_inputs(t=16)
     out, _ = infini_attention(q, k, v, torch.full_like(beta, 5.0), segment_len=8, rule="linear")

@@ -112,3 +112,11 @@ def test_bad_flavour_and_rule():
         build_model("huge")
     with pytest.raises(ValueError, match="memory.rule: 'foo' is not one of linear, delta, none"):
         build_model("tiny", rule="foo")
+
+
+def test_rotary_frequencies_stay_fp32_in_a_bf16_model():
+    x = torch.randn(1, 1, 2048, 32)
+    ref = build_model("tiny").rotary(x)
+    model = build_model("tiny").to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rotary(x.bfloat16()).float(), ref, rtol=2e-2, atol=2e-2)
