@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 # The CPU wheel on CI machines; users with GPUs get PyPI's CUDA build of the same version, or pass their own.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# The GPU machine may have no network: use its python if .venv was not made there.
+BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+BENCH_OUT ?= outputs/bench.json
+BENCH_MD ?= docs/BENCHMARKS.md
+NGPU ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 
 .DEFAULT_GOAL := help
 
@@ -26,4 +31,23 @@ run: install ## the embedded default main job on CPU (python run.py)
 test: install ## run the test suite (no network, a few minutes on 2 CPU cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)
 
-.PHONY: help install run test
+bench: ## the issue-6 benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
+	$(BENCH_PYTHON) -m bench.bench all --compile --compile-sections train --out $(BENCH_OUT) --write-md $(BENCH_MD) $(ARGS)
+
+bench-cpu: install ## the same benchmarks at tiny sizes on the CPU (CI runs them through tests/test_bench.py)
+	$(BIN)/python -m bench.bench --cpu all --out outputs/bench-cpu.json $(ARGS)
+
+fsdp-bench: ## FSDP2 throughput and memory of the 1B and 8B shapes on all local GPUs (torchrun)
+	$(BENCH_PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/fsdp_bench.py \
+		--runs 1b:4096:4 1b:32768:1 8b:8192:1 --out outputs/fsdp.json $(ARGS)
+
+reproduce-all: install ## the paper's runs (Tables 2-4): needs GPUs and hub access; see README
+	$(BIN)/python run.py -m experiment=table2_pg19,table2_arxiv_math memory=linear,delta,none $(ARGS)
+	$(BIN)/python run.py -m experiment=table3_passkey_1b memory=linear,delta task.zero_shot=true,false $(ARGS)
+	$(BIN)/python run.py -m experiment=table4_booksum memory=linear,delta $(ARGS)
+	$(MAKE) report
+
+report: install ## our numbers next to the paper's, from every results.json under outputs/ and multirun/
+	$(BIN)/python -m infini_bench.report outputs multirun --out docs/REPORT.md
+
+.PHONY: help install run test bench bench-cpu fsdp-bench reproduce-all report
