@@ -119,10 +119,11 @@ class Rotary(nn.Module):
 
     def _cos_sin(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._cache is None or self._cache[0] < length or self._cache[1] != device:
-            pos = torch.arange(length, device=device, dtype=torch.float32)
-            ang = torch.outer(pos, self.inv_freq.to(device))  # (L, D/2)
-            ang = torch.cat([ang, ang], dim=-1)  # (L, D)
-            self._cache = (length, device, ang.cos(), ang.sin())
+            with torch.inference_mode(False):  # a cache built while decoding must still serve training
+                pos = torch.arange(length, device=device, dtype=torch.float32)
+                ang = torch.outer(pos, self.inv_freq.to(device))  # (L, D/2)
+                ang = torch.cat([ang, ang], dim=-1)  # (L, D)
+                self._cache = (length, device, ang.cos(), ang.sin())
         return self._cache[2], self._cache[3]
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:

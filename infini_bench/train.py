@@ -129,20 +129,20 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def _checkpoint_path(ckpt_dir: Path) -> Path:
+def checkpoint_path(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir) / "last"
 
 
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Restore model (and optimizer) from the DCP folder ckpt_dir/last, saved on any number of GPUs; returns
     the number of steps already done."""
-    return int(distributed.load_checkpoint(_checkpoint_path(ckpt_dir), model, optimizer)["step"])
+    return int(distributed.load_checkpoint(checkpoint_path(ckpt_dir), model, optimizer)["step"])
 
 
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> None:
     """Every rank writes its shards (a collective: all ranks call it); step and trainer go to extra.json."""
-    distributed.save_checkpoint(_checkpoint_path(ckpt_dir), model, optimizer,
+    distributed.save_checkpoint(checkpoint_path(ckpt_dir), model, optimizer,
                                 extra={"step": step, "trainer": asdict(cfg)})
 
 
@@ -162,10 +162,10 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
                                                 (dist.get_rank() + 1) * cfg.batch_size // world)
     optimizer = make_optimizer(model, cfg)
     step = 0
-    if cfg.resume and _checkpoint_path(ckpt_dir).exists():
+    if cfg.resume and checkpoint_path(ckpt_dir).exists():
         step = load_checkpoint(ckpt_dir, model, optimizer)
         run.truncate_metrics(step)
-        tqdm.write(f"resumed from {_checkpoint_path(ckpt_dir)} at step {step}")
+        tqdm.write(f"resumed from {checkpoint_path(ckpt_dir)} at step {step}")
     base_lrs = [cfg.gate_lr if g["name"] == "gate" else cfg.lr for g in optimizer.param_groups]
     summary: dict[str, float] = {}
     tokens_per_step = 0
@@ -186,7 +186,7 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             tokens_per_step = ids.numel() * cfg.grad_accum * world
         if not math.isfinite(loss_sum):
             bar.close()
-            kept = _checkpoint_path(ckpt_dir)
+            kept = checkpoint_path(ckpt_dir)
             where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(f"train/loss is {loss_sum} at step {step + 1}; stopped, {where}")
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)).item()

@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2, help="per length and depth")
     p.add_argument("--rule", default="linear", choices=("linear", "delta", "none"))
     p.add_argument("--segment-len", type=int, default=64)
+    p.add_argument("--key-range", default="1,50000", help="keys drawn from this range (the tiny default: 1,9)")
     p.add_argument("--checkpoint", type=Path, default=None, help="safetensors of a tiny model (else random init)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -40,9 +41,10 @@ def main() -> None:
         from safetensors.torch import load_model
 
         load_model(model, str(args.checkpoint), strict=True)
+    key_range = tuple(int(x) for x in args.key_range.split(","))
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
-        samples = [make_sample(length, depth, 1000 + i, tokenizer) for depth in DEPTHS.values()
+        samples = [make_sample(length, depth, 1000 + i, tokenizer, key_range=key_range) for depth in DEPTHS.values()
                    for i in range(args.samples)]
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -60,7 +62,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                     "torch": torch.__version__, "rule": args.rule, "segment_len": args.segment_len,
-                                    "checkpoint": str(args.checkpoint), "rows": rows}, indent=2))
+                                    "checkpoint": str(args.checkpoint), "key_range": key_range, "rows": rows}, indent=2))
     print("| length | samples | s/sample | tokens/s | peak MiB | token acc | exact |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -120,3 +120,12 @@ def test_rotary_frequencies_stay_fp32_in_a_bf16_model():
     model = build_model("tiny").to(torch.bfloat16)
     assert model.rotary.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.rotary(x.bfloat16()).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_model_trains_after_decoding_in_inference_mode():
+    model = tiny("linear")
+    with torch.inference_mode():  # builds the rotary cache, as generation does
+        model.stream(tokens(40))
+    model.train()
+    model(tokens(40)).logits.sum().backward()  # the cached cos/sin must not be inference tensors
+    assert model.layers[0].attn.wq.weight.grad is not None
