@@ -29,6 +29,7 @@ from infini_bench.distributed import is_distributed  # noqa: E402
 from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
 from infini_bench.model import InfiniTransformer  # noqa: E402
+from infini_bench.plots import human_tokens as length_label  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
@@ -278,13 +279,6 @@ def summarise(outcomes: Sequence[Outcome]) -> dict:
         "exact_same": _mean([o.exact for o in same]),
         "segments_back": _mean([o.segments_back for o in outcomes]),
     }
-
-
-def length_label(n: int) -> str:
-    """32768 -> '32K', 1048576 -> '1M', 1000 -> '1000': the paper's names for lengths."""
-    if n >= 2**20 and n % 2**20 == 0:
-        return f"{n // 2**20}M"
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def evaluate_grid(model: InfiniTransformer, tokenizer: Tokenizer, lengths: Sequence[int], depths: dict[str, float],
