@@ -62,6 +62,9 @@ class TrainConfig:
         check_choice("trainer.precision", self.precision, PRECISIONS)
         for key in ("batch_size", "grad_accum", "lr", "eval_every", "ckpt_every", "log_every"):
             check_positive(f"trainer.{key}", getattr(self, key))
+        for key in ("resume", "progress", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"trainer.{key}", f"{getattr(self, key)!r} is not one of true, false")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError("trainer.steps", f"{self.steps!r} must be an integer >= 0")
 

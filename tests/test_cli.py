@@ -27,6 +27,7 @@ def cli(*args, tmp_path):
     (["task=lm", "task.seq_len=100000000"], "task.seq_len: 100000000 does not fit the training text"),
     (["task=lm", "task.dataset=pg19", "task.fallback_offline=false"], "task.dataset: 'pg19' (emozilla/pg19) is unavailable"),
     (["task=lm", "trainer.stepz=3"], "trainer.stepz"),
+    (["task=lm", "trainer.compile=maybe"], "trainer.compile: 'maybe' is not one of true, false"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
