@@ -24,15 +24,6 @@ from infini_bench.train import lm_loss
 STEPS, GLOBAL_BATCH, T = 3, 4, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one intra-op thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model():
     torch.manual_seed(0)
     # Tied embeddings: the root FSDP unit must keep embed and lm_head one parameter.
