@@ -15,15 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from infini_bench.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 EMBEDDED = ("embedded_pg19", "embedded_math", "embedded")
-HUB = {"pg19": "emozilla/pg19", "arxiv_math": "hoskinson-center/proof-pile"}
+HUB = {"pg19": "emozilla/pg19", "arxiv_math": "hoskinson-center/proof-pile", "c4": "allenai/c4"}
 _PG_HELD_OUT = {"validation": ["pg16"], "test": ["pg11"]}
 
 
@@ -60,23 +62,35 @@ def embedded_documents(corpus: str, split: str) -> tuple[Document, ...]:
     return (Document(f"whitehead-{split}", text[:cut] if split == "validation" else text[cut:]),)
 
 
-def hub_documents(name: str, split: str, max_docs: int) -> tuple[Document, ...]:
-    """The first `max_docs` documents of a hub data set, streamed (needs network access to the hub)."""
-    try:
-        from datasets import load_dataset
+def _hub_rows(name: str, split: str):
+    """Rows of a hub data set, streamed, as dicts with a "text" field."""
+    from datasets import load_dataset
 
-        if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
-            rows = load_dataset(HUB[name], split=split, streaming=True)
-        else:  # proof-pile is script-based: read its json files directly, keep the arXiv part
-            folder = {"train": "train", "validation": "dev", "test": "test"}[split]
-            files = f"hf://datasets/{HUB[name]}/{folder}/*.jsonl.gz"
-            rows = (r for r in load_dataset("json", data_files=files, split="train", streaming=True)
-                    if '"arxiv"' in str(r.get("meta", "")))
-        docs = []
-        for i, row in enumerate(rows):
-            if i >= max_docs:
-                break
-            docs.append(Document(str(row.get("short_book_title") or i), row["text"]))
+    if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
+        return load_dataset(HUB[name], split=split, streaming=True)
+    if name == "c4":  # English C4; its held-out split is called validation, and it has no test split
+        return load_dataset(HUB[name], "en", split="validation" if split == "test" else split, streaming=True)
+    # proof-pile is script-based: read its json files directly, keep the arXiv part
+    folder = {"train": "train", "validation": "dev", "test": "test"}[split]
+    files = f"hf://datasets/{HUB[name]}/{folder}/*.jsonl.gz"
+    rows = load_dataset("json", data_files=files, split="train", streaming=True)
+    return (r for r in rows if '"arxiv"' in str(r.get("meta", "")))
+
+
+def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0) -> tuple[Document, ...]:
+    """The first `max_docs` documents of at least `min_bytes` UTF-8 bytes of a hub data set, streamed (needs
+    network access to the hub). Short documents are skipped while streaming: a token covers at least one
+    byte, so a document under n bytes can't reach n tokens."""
+    docs = []
+    try:
+        with tqdm(desc=f"{name} {split}", unit=" docs", leave=False, dynamic_ncols=True, delay=2) as bar:
+            for i, row in enumerate(_hub_rows(name, split)):
+                bar.update(1)
+                if len(docs) >= max_docs:
+                    break
+                if len(row["text"].encode("utf-8")) >= min_bytes:
+                    docs.append(Document(str(row.get("short_book_title") or row.get("url") or i), row["text"]))
+                    bar.set_postfix(kept=len(docs))
     except Exception as err:  # offline, missing, renamed: one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ConfigError("task.dataset", f"{name!r} ({HUB[name]}) is unavailable ({reason}); use "
@@ -86,14 +100,15 @@ def hub_documents(name: str, split: str, max_docs: int) -> tuple[Document, ...]:
     return tuple(docs)
 
 
-def load_documents(dataset: str, split: str, max_docs: int = 1000) -> tuple[Document, ...]:
-    """Documents by data set name: one of the embedded corpora or a hub data set."""
+def load_documents(dataset: str, split: str, max_docs: int = 1000, min_bytes: int = 0) -> tuple[Document, ...]:
+    """Documents by data set name: one of the embedded corpora or a hub data set (`min_bytes` prefilters
+    only the hub's streams; the embedded documents are all long)."""
     if split not in SPLITS:
         raise ConfigError("split", f"{split!r} is not one of {', '.join(SPLITS)}")
     if dataset in EMBEDDED:
         return embedded_documents(dataset, split)
     if dataset in HUB:
-        return hub_documents(dataset, split, max_docs)
+        return hub_documents(dataset, split, max_docs, min_bytes)
     raise ConfigError("task.dataset", f"{dataset!r} is not one of {', '.join(EMBEDDED + tuple(HUB))}")
 
 
@@ -101,21 +116,87 @@ class TokenStream:
     """Tokenized training documents, sampled as fixed-length windows that depend only on (seed, index).
 
     Because window i is a pure function of i, a resumed run sees exactly the batches it would have seen.
+    With `min_doc_tokens` = 0 the documents are packed end to end (an EOS between them) and a window may
+    span two; with `min_doc_tokens` > 0 (the paper's continual pre-training: documents longer than 4K)
+    documents shorter than that, or than one window, are dropped and every window lies inside one document.
     """
 
-    def __init__(self, docs: tuple[Document, ...], tokenizer, seq_len: int, batch_size: int, seed: int):
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.eos = tokenizer.eos_id
-        tokens = []
+    def __init__(self, docs: Sequence[Document], tokenizer, seq_len: int, batch_size: int, seed: int,
+                 min_doc_tokens: int = 0):
+        within_docs = min_doc_tokens > 0
+        shortest = max(min_doc_tokens, seq_len + 1) if within_docs else 0
+        pieces = []
         for d in docs:
-            tokens.extend(tokenizer.encode(d.text))
-            tokens.append(tokenizer.eos_id)
-        self.tokens = torch.tensor(tokens, dtype=torch.long)
-        if len(self.tokens) <= seq_len + 1:
-            raise ConfigError("task.seq_len", f"{seq_len} does not fit the training text ({len(self.tokens)} tokens)")
+            ids = tokenizer.encode(d.text) + ([] if within_docs else [tokenizer.eos_id])
+            if len(ids) >= shortest:
+                pieces.append(torch.tensor(ids, dtype=torch.int32))  # int32: half the RAM of a book corpus
+        if not pieces:
+            raise ConfigError("task.min_doc_tokens", f"{min_doc_tokens} drops all {len(docs)} training documents")
+        self._setup(torch.cat(pieces), torch.tensor([len(p) for p in pieces]), within_docs, seq_len, batch_size,
+                    seed)
+        self.n_dropped = len(docs) - len(pieces)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor | bool | int], seq_len: int, batch_size: int, seed: int):
+        """The stream `state()` saved: tokenized once, then reused by other ranks and by a resumed run."""
+        stream = cls.__new__(cls)
+        stream._setup(state["tokens"], state["lengths"], bool(state["within_docs"]), seq_len, batch_size, seed)
+        stream.n_dropped = int(state["n_dropped"])
+        return stream
+
+    def state(self) -> dict[str, Tensor | bool | int]:
+        return {"tokens": self.tokens, "lengths": self.lengths, "within_docs": self.within_docs,
+                "n_dropped": self.n_dropped}
+
+    def _setup(self, tokens: Tensor, lengths: Tensor, within_docs: bool, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.lengths, self.within_docs = tokens, lengths, within_docs
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.n_docs = len(lengths)
+        if not within_docs and len(tokens) <= seq_len + 1:
+            raise ConfigError("task.seq_len", f"{seq_len} does not fit the training text ({len(tokens)} tokens)")
+        if within_docs and int(lengths.min()) <= seq_len:
+            raise ConfigError("task.seq_len", f"{seq_len} is longer than a training document")
+        # Valid window starts: document d offers lengths[d] - seq_len of them, from its first token on; packed
+        # text is one long document whose last token only ever appears as a label.
+        if not within_docs:
+            lengths = torch.tensor([len(tokens) - 1])
+        self._starts_per_doc, self._first = lengths - seq_len, torch.cumsum(lengths, 0) - lengths
+        self._cum = torch.cumsum(self._starts_per_doc, 0)
+
+    def windows(self, n: int, g: torch.Generator) -> Tensor:
+        """n windows of seq_len + 1 tokens, every valid start equally likely."""
+        flat = torch.randint(0, int(self._cum[-1]), (n,), generator=g)
+        doc = torch.searchsorted(self._cum, flat, right=True)
+        starts = self._first[doc] + flat - (self._cum[doc] - self._starts_per_doc[doc])
+        return torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()]).long()
 
     def __call__(self, index: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=g)
-        windows = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
-        return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
+        w = self.windows(self.batch_size, g)
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+
+class MixtureStream:
+    """Training windows from several sources: each row of a batch picks its source with probability
+    proportional to `weights`, then a window of it. Like TokenStream, batch i depends only on (seed, i)."""
+
+    def __init__(self, streams: dict[str, TokenStream], weights: dict[str, float], batch_size: int, seed: int):
+        if sorted(streams) != sorted(weights):
+            raise ValueError(f"streams {sorted(streams)} and weights {sorted(weights)} name different sources")
+        self.names = sorted(streams)
+        self.streams, self.weights, self.batch_size, self.seed = streams, dict(weights), batch_size, seed
+        self.probs = torch.tensor([float(weights[n]) for n in self.names], dtype=torch.float64)
+        self.probs = self.probs / self.probs.sum()
+
+    def _draw(self, index: int) -> tuple[torch.Generator, list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return g, torch.multinomial(self.probs, self.batch_size, True, generator=g).tolist()
+
+    def sources(self, index: int) -> list[str]:
+        """Which source each row of batch `index` comes from."""
+        return [self.names[i] for i in self._draw(index)[1]]
+
+    def __call__(self, index: int) -> dict[str, Tensor]:
+        g, picks = self._draw(index)
+        w = torch.cat([self.streams[self.names[i]].windows(1, g) for i in picks])
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}

@@ -15,14 +15,17 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
+
+T = TypeVar("T")
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -110,6 +113,15 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return x / dist.get_world_size()
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """The largest x over ranks (x itself in a single process)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def full_tensor(x: Tensor) -> Tensor:
     """A DTensor (an FSDP parameter, a gradient norm from clip_grad_norm_) gathered whole; other tensors as is."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
@@ -122,6 +134,27 @@ def _is_rank0() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def main_first(fn: Callable[[], T], timeout_h: float = 12.0) -> T | None:
+    """Run fn on rank 0 only while the other ranks wait, for hours if need be (streaming a data set from the hub
+    outlasts NCCL's timeout, so the wait is on a CPU group). Every rank gets rank 0's result or, if fn raised,
+    its exception; returns None on ranks other than 0, which then read what rank 0 wrote."""
+    if not is_distributed():
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=timeout_h))
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - handed to every rank below
+            error = err
+    message = [error]
+    dist.broadcast_object_list(message, src=0, group=group)
+    dist.destroy_process_group(group)
+    if message[0] is not None:
+        raise message[0]
+    return result
 
 
 def cleanup() -> None:

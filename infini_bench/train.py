@@ -207,8 +207,12 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         bar.set_postfix(loss=f"{loss_sum:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
-            run.log({"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
-                     "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}, step=step)
+            metrics = {"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                       "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            if device.type == "cuda":  # the highest of any rank, so a near-OOM on one GPU is visible
+                peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                metrics["train/peak_memory_gib"] = distributed.all_reduce_max(peak).item()
+            run.log(metrics, step=step)
             t0, window_tokens = time.perf_counter(), 0
         summary["train/loss"] = loss_sum
         if eval_fn is not None and step % cfg.eval_every == 0 and step < cfg.steps:  # the task evaluates the end

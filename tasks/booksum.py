@@ -35,7 +35,7 @@ from infini_bench.metrics import rouge
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
-from tasks.common import build_model_and_tokenizer, checkpoint_dir, log_gates, train_config
+from tasks.common import build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -261,6 +261,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
 
     summary = train(model, tcfg, BatchFn(train_examples, tcfg.batch_size, tcfg.seed, **tokens), run,
                     checkpoint_dir(run), eval_fn=evaluate)
+    if tcfg.steps:
+        export_weights(model, run)  # for model.init_from
     model.eval()
 
     # Figure 4: one summary per book and input length; the same sampling seed per book at every length.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -36,12 +37,21 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
 
 
 def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
-    """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour."""
+    """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
+    with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
     if cfg.model.get("pretrained"):
         from infini_bench.pretrained import load_pretrained
 
-        return load_pretrained(cfg.model.pretrained, segment_len=cfg.model.segment_len, rule=cfg.memory.rule,
-                               gate_init=cfg.model.gate_init)
+        model, tokenizer = load_pretrained(cfg.model.pretrained, segment_len=cfg.model.segment_len,
+                                           rule=cfg.memory.rule, gate_init=cfg.model.gate_init)
+    else:
+        model, tokenizer = _random_model(cfg)
+    if cfg.model.get("init_from"):
+        load_weights(model, cfg.model.init_from)
+    return model, tokenizer
+
+
+def _random_model(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     except (OSError, ValueError) as err:
@@ -49,6 +59,39 @@ def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, objec
                           f"({str(err).splitlines()[0][:120]}); use byte or a local tokenizer directory") from None
     torch.manual_seed(cfg.seed)
     return InfiniTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
+
+
+def load_weights(model: InfiniTransformer, path: str) -> None:
+    """Weights from the model.safetensors an earlier run exported (a path, or relative to the repository)."""
+    from safetensors.torch import load_model
+
+    found = Path(path).expanduser()
+    if not found.exists() and not found.is_absolute():
+        found = Path(__file__).resolve().parents[1] / path
+    if not found.is_file():
+        raise ConfigError("model.init_from", f"{path!r} is not a file; null starts from model.pretrained or random")
+    try:
+        load_model(model, str(found), device=str(model.embed.weight.device))
+    except (RuntimeError, KeyError) as err:
+        raise ConfigError("model.init_from", f"{path!r} does not fit this model "
+                          f"({str(err).splitlines()[0][:160]})") from None
+
+
+def export_weights(model: InfiniTransformer, run) -> Path:
+    """The trained weights as <run>/model.safetensors (fp32, gathered from every rank under FSDP), written
+    atomically by rank 0, for model.init_from. A collective under torchrun: every rank calls it."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    path = Path(run.out_dir) / "model.safetensors"
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.is_main:
+        if model.lm_head.weight is model.embed.weight:  # tied: one tensor, stored once
+            state.pop("lm_head.weight", None)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+    return path
 
 
 def train_config(cfg: DictConfig, **overrides) -> TrainConfig:

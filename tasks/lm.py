@@ -2,31 +2,110 @@
 perplexity and bits per byte over whole held-out documents, streamed with the memory carried through."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+
+import torch
 
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from infini_bench.data import EMBEDDED, HUB, TokenStream, load_documents
+from infini_bench.data import EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
+from infini_bench.distributed import main_first
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
-from tasks.common import build_model_and_tokenizer, checkpoint_dir, log_gates, train_config
+from tasks.common import build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config
 
-_STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math"}
+_STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
 
 
-def _documents(t: DictConfig, split: str):
-    """Documents of a split; a hub data set that can't be reached falls back to its embedded stand-in."""
+def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
+    """Documents of a split and the data set they came from; a hub data set that can't be reached falls back
+    to its embedded stand-in (None when it has none: C4)."""
     try:
-        return load_documents(t.dataset, split, t.max_train_docs), t.dataset
+        return load_documents(dataset, split, t.max_train_docs, min_bytes), dataset
     except ConfigError as err:
-        if t.dataset not in HUB or not t.fallback_offline:
+        if dataset not in HUB or not t.fallback_offline:
             raise
-        tqdm.write(f"warning: {err}; falling back to {_STAND_IN[t.dataset]}")
-        return load_documents(_STAND_IN[t.dataset], split), _STAND_IN[t.dataset]
+        stand_in = _STAND_IN[dataset]
+        tqdm.write(f"warning: {err}; " + (f"falling back to {stand_in}" if stand_in else "leaving it out"))
+        return (load_documents(stand_in, split) if stand_in else ()), stand_in
+
+
+def _mixture(t: DictConfig) -> dict[str, float]:
+    """task.mix as {data set: weight}, checked; {task.dataset: 1} when there is no mix."""
+    if t.get("mix") is None:
+        return {t.dataset: 1.0}
+    if not isinstance(t.mix, DictConfig) or not len(t.mix):
+        raise ConfigError("task.mix", f"{t.mix!r} must map data sets to weights, e.g. {{pg19: 1, c4: 1}}")
+    for name, weight in t.mix.items():
+        check_choice("task.mix", name, EMBEDDED + tuple(HUB))
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"task.mix.{name}", f"{weight!r} must be a number > 0")
+    return {str(k): float(v) for k, v in t.mix.items()}
+
+
+def training_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int):
+    """Training batches from the data sets in `mix` (by weight), and where each of them came from."""
+    streams, weights, sources = {}, {}, {}
+    for name, weight in mix.items():
+        docs, source = _documents(t, name, "train", min_bytes=min_tokens)
+        sources[name] = source
+        if source is None:
+            continue
+        if source in streams:  # two hub data sets fell back to one stand-in: it keeps both weights
+            weights[source] += weight
+            continue
+        streams[source] = TokenStream(docs, tokenizer, t.seq_len, batch_size, seed, min_tokens)
+        weights[source] = weight
+    if not streams:
+        key = "task.mix" if t.get("mix") is not None else "task.dataset"
+        raise ConfigError(key, f"none of {', '.join(mix)} could be reached, and C4 has no embedded stand-in")
+    if len(streams) == 1 and t.get("mix") is None:
+        return next(iter(streams.values())), sources
+    return MixtureStream(streams, weights, batch_size, seed), sources
+
+
+def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int,
+                    cache: Path, fresh: bool):
+    """The training stream, tokenized once per run. Rank 0 streams and tokenizes the documents and saves the
+    tokens to `cache`; the other ranks read that file, and so does a resumed run, which then trains on exactly
+    the same tokens even if the hub's copy has changed meanwhile. `fresh` (trainer.resume=false) rebuilds it."""
+    key = json.dumps({"mix": mix, "min_tokens": min_tokens, "seq_len": t.seq_len, "max_docs": t.max_train_docs,
+                      "tokenizer": type(tokenizer).__name__, "vocab": tokenizer.vocab_size}, sort_keys=True)
+
+    def stored() -> dict | None:
+        if fresh or not cache.exists():
+            return None
+        state = torch.load(cache, weights_only=True, mmap=True)  # mmap: the ranks share one copy in RAM
+        return state if state["key"] == key else None
+
+    def build() -> tuple[object, dict] | None:
+        if stored() is not None:
+            return None
+        stream, sources = training_stream(t, mix, min_tokens, tokenizer, batch_size, seed)
+        parts = stream.streams if isinstance(stream, MixtureStream) else {next(iter(mix)): stream}
+        weights = stream.weights if isinstance(stream, MixtureStream) else None
+        state = {"key": key, "sources": sources, "weights": weights,
+                 "streams": {name: s.state() for name, s in parts.items()}}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, cache)
+        return stream, sources
+
+    built = main_first(build)  # rank 0 builds (unless a run before it did); every rank waits for the file
+    if built is not None:
+        return built
+    state = torch.load(cache, weights_only=True, mmap=True)  # rank 0 has written it, or found it current
+    streams = {name: TokenStream.from_state(s, t.seq_len, batch_size, seed) for name, s in state["streams"].items()}
+    if state["weights"] is None:
+        return next(iter(streams.values())), state["sources"]
+    return MixtureStream(streams, state["weights"], batch_size, seed), state["sources"]
 
 
 def run_task(cfg: DictConfig, run: Run) -> dict:
@@ -35,16 +114,22 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     check_choice("task.eval_split", t.eval_split, ("validation", "test"))
     check_positive("task.seq_len", t.seq_len)
     check_positive("task.eval_max_docs", t.eval_max_docs)
+    mix, min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
+    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+        raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
     model, tokenizer = build_model_and_tokenizer(cfg)
-    train_docs, source = _documents(t, "train")
-    eval_docs = _documents(t, t.eval_split)[0][: t.eval_max_docs]
+    eval_docs = _documents(t, t.dataset, t.eval_split)[0][: t.eval_max_docs]
+    if not eval_docs:
+        raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
+                          "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
     overrides = {}
     if t.train_segments is not None:  # training length counted in segments
         check_positive("task.train_segments", t.train_segments)
         per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * max(1, t.seq_len // model.cfg.segment_len)
         overrides["steps"] = -(-t.train_segments // per_step)
     tcfg = train_config(cfg, **overrides)
-    stream = TokenStream(train_docs, tokenizer, t.seq_len, tcfg.batch_size, tcfg.seed)
+    stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
+                                      Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
 
     def evaluate(m, step):
         r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
@@ -52,11 +137,13 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         return {"val/loss": r["loss"], "val/ppl": r["ppl"], "val/bpb": r["bpb"]}
 
     summary = train(model, tcfg, stream, run, checkpoint_dir(run), eval_fn=evaluate)
+    if tcfg.steps:
+        export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
     final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
                f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
-               "train/steps": tcfg.steps, "data/source": source,
+               "train/steps": tcfg.steps, "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                "model/params": sum(p.numel() for p in model.parameters()),
                "model/memory_floats": model.cfg.memory_floats,  # paper Table 1: d_key (d_value + 1) H l
                f"{split}/loss_by_segment": final["loss_by_segment"]}

@@ -20,7 +20,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig  # noqa: E402
-from safetensors.torch import load_model, save_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -33,7 +32,9 @@ from infini_bench.plots import human_tokens as length_label  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
-from tasks.common import build_model_and_tokenizer, checkpoint_dir, log_gates, train_config  # noqa: E402
+from tasks.common import (  # noqa: E402
+    build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config,
+)
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -439,20 +440,6 @@ class _StepOffset:
         self._run.truncate_metrics(self._shift(after_step))
 
 
-def load_weights(model: InfiniTransformer, path: str) -> None:
-    """Weights from a model.safetensors that an earlier run wrote (a path, or relative to the repository)."""
-    found = Path(path).expanduser()
-    if not found.exists() and not found.is_absolute():
-        found = Path(__file__).resolve().parents[1] / path
-    if not found.is_file():
-        raise ConfigError("task.init_from", f"{path!r} is not a file; null trains from scratch")
-    try:
-        load_model(model, str(found), device=str(model.embed.weight.device))
-    except (RuntimeError, KeyError) as err:
-        raise ConfigError("task.init_from", f"{path!r} does not fit this model "
-                          f"({str(err).splitlines()[0][:160]})") from None
-
-
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
     model, tokenizer = build_model_and_tokenizer(cfg)
@@ -460,8 +447,6 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     tcfg = train_config(cfg)
     depths = depth_grid(t)
     key_range = _int_pair(t, "key_range", 1, 99999)
-    if t.init_from:
-        load_weights(model, t.init_from)
     model.to(run.device)
 
     def grid(m: InfiniTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
@@ -497,8 +482,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on, t.train_haystack,
                                  key_range)
         summary = train(model, tcfg, batches, logged, checkpoint_dir(run), eval_fn=validate)
-    if (warmup or steps) and not is_distributed():  # weights only, a few MB for the tiny model: for task.init_from
-        save_model(model, str(Path(run.out_dir) / "model.safetensors"))
+    if warmup or steps:
+        export_weights(model, run)  # for model.init_from
 
     rows, outcomes = grid(model, list(t.lengths), depths, t.samples, progress=tcfg.progress)
     overall = summarise(outcomes)

@@ -9,17 +9,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from infini_bench.data import TokenStream, embedded_documents
 from infini_bench.distributed import (
-    DistInfo, all_reduce_mean, cleanup, full_tensor, init_distributed, load_checkpoint,
+    DistInfo, all_reduce_mean, cleanup, full_tensor, init_distributed, load_checkpoint, main_first,
     save_checkpoint, shard_model,
 )
 from infini_bench.model import build_model
+from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.train import lm_loss
+from tasks.common import export_weights, load_weights
 
 STEPS, GLOBAL_BATCH, T = 3, 4, 48
 
@@ -78,6 +82,7 @@ def worker(out: Path) -> None:
     losses = [sharded_step(model, optimizer, step, info) for step in range(STEPS)]
     save_checkpoint(out / "ckpt", model, optimizer, extra={"step": STEPS})
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    export_weights(model, SimpleNamespace(out_dir=out, is_main=info.is_main))  # for model.init_from
     after = sharded_step(model, optimizer, STEPS, info)  # the step a resumed run must reproduce
     bf16 = shard_model(tiny_model(), param_dtype=torch.bfloat16, activation_checkpointing=False)
     ids, labels = batch(0)
@@ -87,10 +92,28 @@ def worker(out: Path) -> None:
     bf16.layers[1].register_forward_pre_hook(
         lambda _, args: state_dtypes.append(args[1].M.dtype) if args[1] is not None else None)
     bf16.stream(ids[my_rows(info)])
+    data_prep_checks(out, info)
     if info.is_main:
         torch.save({"losses": losses, "after": after, "model": full, "bf16_loss": bf16_loss,
                     "state_dtypes": state_dtypes, "tied": model.lm_head.weight is model.embed.weight}, out / "dist.pt")
     cleanup()
+
+
+def data_prep_checks(out: Path, info: DistInfo) -> None:
+    """Rank 0 alone prepares data while rank 1 waits; an error there stops both; both train on one token file."""
+    from omegaconf import OmegaConf
+
+    from tasks.lm import prepared_stream
+
+    result = main_first(lambda: (out / f"built_by_rank{info.rank}").write_text("") or "done")
+    try:
+        main_first(lambda: 1 / 0)
+        raised = False
+    except ZeroDivisionError:
+        raised = True
+    t = OmegaConf.create({"dataset": "embedded_math", "seq_len": 32, "max_train_docs": 1, "fallback_offline": True})
+    stream, _ = prepared_stream(t, {"embedded_math": 1.0}, 0, ByteTokenizer(), 4, 0, out / "tokens.pt", fresh=False)
+    torch.save({"result": result, "raised": raised, "batch": stream(3)["input_ids"]}, out / f"prep{info.rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +188,28 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(two_ranks, reference):
     resumed = plain_step(model, optimizer, STEPS)
     torch.testing.assert_close(resumed, plain_step(ref_model, ref_opt, STEPS), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(resumed, dist_out["after"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rank0_prepares_data_and_both_ranks_read_it(two_ranks):
+    out, _ = two_ranks
+    ranks = [torch.load(out / f"prep{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["result"] for r in ranks] == ["done", None]  # rank 1 waited and got no result of its own
+    assert (out / "built_by_rank0").exists() and not (out / "built_by_rank1").exists()
+    assert all(r["raised"] for r in ranks)  # rank 0's error reached rank 1 instead of leaving it waiting
+    expected = TokenStream(embedded_documents("embedded_math", "train"), ByteTokenizer(), 32, 4, seed=0)(3)
+    for r in ranks:
+        assert torch.equal(r["batch"], expected["input_ids"])
+
+
+@pytest.mark.slow
+def test_weights_exported_from_two_ranks_load_into_one_process(two_ranks):
+    out, dist_out = two_ranks
+    model = build_model("tiny", segment_len=16, rule="delta", tie_embeddings=True)
+    load_weights(model, str(out / "model.safetensors"))
+    assert model.lm_head.weight is model.embed.weight
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, dist_out["model"][name]), name
 
 
 def test_single_process_checkpoint_round_trip(tmp_path):

@@ -289,10 +289,10 @@ def test_end_to_end_smoke(tmp_path):
 
     # Zero-shot from the weights the run wrote: the gates are the trained ones, not the initial 0.5.
     weights = run.out_dir / "model.safetensors"
-    cfg = config(*small, "task.zero_shot=true", f"task.init_from={weights}")
+    cfg = config(*small, "task.zero_shot=true", f"model.init_from={weights}")
     again = Run(tmp_path / "zero_shot", {}, device="cpu")
     zero_shot = passkey.run_task(cfg, again)
     assert zero_shot["train/steps"] == 0 and not (again.out_dir / "model.safetensors").exists()
     assert last_gates(again.out_dir) == pytest.approx(trained, abs=1e-6)
-    with pytest.raises(ConfigError, match="task.init_from"):
-        passkey.run_task(config(*small, f"task.init_from={tmp_path / 'missing.safetensors'}"), again)
+    with pytest.raises(ConfigError, match="model.init_from"):
+        passkey.run_task(config(*small, f"model.init_from={tmp_path / 'missing.safetensors'}"), again)
