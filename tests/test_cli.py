@@ -28,6 +28,8 @@ def cli(*args, tmp_path):
     (["task=lm", "task.dataset=pg19", "task.fallback_offline=false"], "task.dataset: 'pg19' (emozilla/pg19) is unavailable"),
     (["task=lm", "trainer.stepz=3"], "trainer.stepz"),
     (["task=lm", "trainer.compile=maybe"], "trainer.compile: 'maybe' is not one of true, false"),
+    (["task=lm", "model.arch={dimm:64}"], "model.arch.dimm: is not a model field"),
+    (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -63,3 +65,22 @@ def test_every_task_model_memory_composes(task, model, memory):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"memory={memory}"])
     assert cfg.task.name == task and cfg.memory.rule == memory and cfg.model.name == model
+
+
+def test_model_arch_overrides_any_flavour_field():
+    from tasks.common import model_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=lm_paper", "model.arch={dim:64,n_layers:3}"])
+    arch = model_config(cfg)
+    assert (arch.dim, arch.n_layers, arch.n_heads) == (64, 3, 8)  # the rest stays the flavour's
+
+
+@pytest.mark.parametrize("experiment, seq_len", [("continual_1b", 4096), ("continual_8b", 8192)])
+def test_continual_recipes_are_the_papers(experiment, seq_len):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"])
+    assert cfg.task.name == "lm" and cfg.model.segment_len == 2048 and cfg.task.seq_len == seq_len
+    assert cfg.trainer.batch_size * cfg.trainer.grad_accum == 64 and cfg.trainer.steps == 30000
+    assert cfg.trainer.lr == 1e-4 and cfg.task.min_doc_tokens == 4096
+    assert sorted(cfg.task.mix) == ["arxiv_math", "c4", "pg19"]
