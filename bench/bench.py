@@ -289,9 +289,8 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
         flops_rule = "none" if rule == "full" else rule
         with torch.device(device):
             model = InfiniTransformer(cfg)
-        if name.endswith("+compile"):  # regional compilation: the identical blocks share one graph
-            for block in model.layers:
-                block.compile()
+        if name.endswith("+compile"):  # regional compilation, as trainer.compile=true
+            model.compile_blocks()
             note = "torch.compile per block"
 
         def fwd_bwd() -> Tensor:
@@ -480,8 +479,7 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
         with torch.device(device):
             model = build_model(base, rule=rule).to(dtype).eval()
         if name.endswith("+compile"):
-            for block in model.layers:
-                block.compile()
+            model.compile_blocks()
         # Warm-up: a first segment (no memory yet) and a second one (with memory), the two shapes streamed.
         _stream(model, torch.randint(0, base.vocab_size, (1, 2 * base.segment_len), device=device))
         for t in sizes.prefill_lengths:

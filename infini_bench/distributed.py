@@ -127,7 +127,7 @@ def full_tensor(x: Tensor) -> Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
-def _is_rank0() -> bool:
+def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
@@ -189,13 +189,13 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    if _is_rank0():
+    if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     with _single_process_ok():
         dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not is_distributed())
     barrier()
-    if _is_rank0():
+    if is_main_process():
         (tmp / "extra.json").write_text(json.dumps(extra or {}, indent=1))
         old = final.with_name(final.name + ".old")
         if final.exists():

@@ -228,6 +228,17 @@ class InfiniTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (regional compilation: the identical blocks share one graph).
+        Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent."""
+        if getattr(self, "_blocks_compiled", False):
+            return
+        weight = self.embed.weight  # fill the rotary cache first, outside the compiled graphs
+        self.rotary(torch.zeros(1, self.cfg.segment_len, self.cfg.head_dim, device=weight.device))
+        for block in self.layers:
+            block.compile()
+        self._blocks_compiled = True
+
     def gates(self) -> Tensor:
         """sigmoid(beta) per layer and head, (L, H): the paper's Figure 3."""
         return torch.stack([torch.sigmoid(b.attn.gate.detach().float()) for b in self.layers])

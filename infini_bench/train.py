@@ -164,9 +164,7 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         distributed.shard_model(model, param_dtype=torch.bfloat16 if bf16 else None, activation_checkpointing=False,
                                 compile=cfg.compile)
     elif cfg.compile:
-        model.rotary(torch.zeros(1, model.cfg.segment_len, model.cfg.head_dim, device=device))  # fill its cache first
-        for block in model.layers:
-            block.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        model.compile_blocks()
     rows = slice(None) if world == 1 else slice(dist.get_rank() * cfg.batch_size // world,
                                                 (dist.get_rank() + 1) * cfg.batch_size // world)
     optimizer = make_optimizer(model, cfg)

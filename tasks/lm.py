@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from infini_bench.data import EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
-from infini_bench.distributed import main_first
+from infini_bench.distributed import is_main_process, main_first
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
 from infini_bench.plots import line_plot
@@ -32,7 +32,8 @@ def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
         if dataset not in HUB or not t.fallback_offline:
             raise
         stand_in = _STAND_IN[dataset]
-        tqdm.write(f"warning: {err}; " + (f"falling back to {stand_in}" if stand_in else "leaving it out"))
+        if is_main_process():  # once, not once per rank
+            tqdm.write(f"warning: {err}; " + (f"falling back to {stand_in}" if stand_in else "leaving it out"))
         return (load_documents(stand_in, split) if stand_in else ()), stand_in
 
 

@@ -448,6 +448,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     depths = depth_grid(t)
     key_range = _int_pair(t, "key_range", 1, 99999)
     model.to(run.device)
+    if tcfg.compile and not is_distributed():  # the streamed evaluation runs compiled too (2x at 1M tokens)
+        model.compile_blocks()
 
     def grid(m: InfiniTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
         m.eval()

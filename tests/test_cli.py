@@ -84,3 +84,14 @@ def test_continual_recipes_are_the_papers(experiment, seq_len):
     assert cfg.trainer.batch_size * cfg.trainer.grad_accum == 64 and cfg.trainer.steps == 30000
     assert cfg.trainer.lr == 1e-4 and cfg.task.min_doc_tokens == 4096
     assert sorted(cfg.task.mix) == ["arxiv_math", "c4", "pg19"]
+
+
+def test_the_run_folder_names_the_experiment(tmp_path):
+    """Two recipes with the same other overrides must not share a folder (and so resume each other's runs)."""
+    args = ["experiment=lm_cpu", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1",
+            "task.eval_max_tokens=64", "trainer.progress=false", "logger=none"]
+    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/${{hydra:job.override_dirname}}"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = [p.name for p in tmp_path.iterdir()]
+    assert "experiment=lm_cpu" in folder and "logger" not in folder

@@ -129,3 +129,21 @@ def test_model_trains_after_decoding_in_inference_mode():
     model.train()
     model(tokens(40)).logits.sum().backward()  # the cached cos/sin must not be inference tensors
     assert model.layers[0].attn.wq.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_compiled_blocks_stream_the_same_function():
+    """model.compile_blocks (trainer.compile=true; 2x faster 1M-token prefill on an H200) changes no number
+    beyond fp32 rounding and no parameter name (checkpoints stay loadable). About 15 s of compiling on CPU."""
+    torch.manual_seed(0)
+    model = build_model("tiny", segment_len=16, n_layers=1, rule="delta").eval()
+    ids = torch.randint(0, 259, (2, 48))
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.compile_blocks()
+        model.compile_blocks()  # idempotent
+        streamed = torch.cat([out.logits for out in model.segments(ids)], dim=1)
+    assert all(hasattr(block, "_compiled_call_impl") and block._compiled_call_impl for block in model.layers)
+    torch.testing.assert_close(streamed, expected, rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in model.named_parameters()] == names
