@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig, build_model
+from infini_bench.paper import length_label
 
 SECTIONS = ("train", "prefill", "decode")
 DATASHEET = {"device": "H200 SXM", "bf16_tflops": 989.0, "hbm_tb_s": 4.8}  # dense bf16, HBM3e (vendor)
@@ -516,7 +517,7 @@ def extrapolate_full(rows: list[dict], lengths: tuple[int, ...]) -> list[dict]:
     (t1, s1), (t2, s2) = pts[-2:]
     b = max((s2 / t2 - s1 / t1) / (t2 - t1), 0.0)
     a = s1 / t1 - b * t1
-    fit = f"a T + b T^2 through {fmt_len(t1)} and {fmt_len(t2)}"
+    fit = f"a T + b T^2 through {length_label(t1)} and {length_label(t2)}"
     return [{"name": "full (extrapolated)", "length": t, "seconds": a * t + b * t * t,
              "tokens_per_s": t / (a * t + b * t * t), "extrapolated": fit} for t in lengths if t > t2]
 
@@ -540,12 +541,12 @@ def prefill_targets(rows: list[dict], sizes: Sizes, names: list[str]) -> list[di
                             "met": r["seconds"] <= 12})
         if small in by_len and r["peak_gib"] is not None:
             ratio = r["peak_gib"] / by_len[small]["peak_gib"]
-            targets.append({"target": f"{rule}: peak memory at {fmt_len(big)} <= 1.05 x at {fmt_len(small)}",
+            targets.append({"target": f"{rule}: peak memory at {length_label(big)} <= 1.05 x at {length_label(small)}",
                             "measured": ratio, "met": ratio <= 1.05})
         if big in fulls:
             speedup = fulls[big]["seconds"] / r["seconds"]
             how = " (extrapolated)" if "extrapolated" in fulls[big] else ""
-            targets.append({"target": f"{rule}: >= 10 x faster than full attention at {fmt_len(big)}{how}",
+            targets.append({"target": f"{rule}: >= 10 x faster than full attention at {length_label(big)}{how}",
                             "measured": speedup, "met": speedup >= 10})
     return targets
 
@@ -611,7 +612,7 @@ def bench_decode(device: torch.device, sizes: Sizes, ceilings: dict) -> dict:
     if len(done) >= 2:
         lo, hi = done[0], done[-1]
         ratio = hi["median_ms"] / lo["median_ms"]
-        targets.append({"target": f"latency at {fmt_len(hi['context'])} <= 2 x at {fmt_len(lo['context'])}",
+        targets.append({"target": f"latency at {length_label(hi['context'])} <= 2 x at {length_label(lo['context'])}",
                         "measured": ratio, "met": ratio <= 2})
     return {"config": {"flavour": sizes.decode_flavour, "rule": sizes.decode_rule, "batch": 1, "segment_len": n,
                        "precision": f"model.to({str(dtype).removeprefix('torch.')}), memory state fp32, "
@@ -637,15 +638,6 @@ class _StepFeeder:
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def fmt_len(t: int) -> str:
-    """32768 -> '32K', 1048576 -> '1M', 500 -> '500'."""
-    if t >= 2**20 and t % 2**20 == 0:
-        return f"{t // 2**20}M"
-    if t >= 1024 and t % 1024 == 0:
-        return f"{t // 1024}K"
-    return str(t)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -711,7 +703,7 @@ def render_train(sec: dict) -> str:
 def render_prefill(sec: dict) -> str:
     cfg = sec["config"]
     rows = table(sec["rows"], [
-        ("row", "name"), ("tokens", lambda r: fmt_len(r["length"])), ("seconds", "seconds"),
+        ("row", "name"), ("tokens", lambda r: length_label(r["length"])), ("seconds", "seconds"),
         ("tokens/s", "tokens_per_s"), ("TFLOP", "tflop"), ("floor s", "floor_s"), ("MFU", lambda r: pct(r.get("mfu"))),
         ("peak GiB", "peak_gib"), ("above weights GiB", "above_weights_gib"), ("note", "extrapolated")])
     return (f"Config: `{cfg['flavour']}` (random init), {cfg['layers']} layers, {cfg['heads']} heads, "
@@ -723,7 +715,7 @@ def render_prefill(sec: dict) -> str:
 def render_decode(sec: dict) -> str:
     cfg = sec["config"]
     rows = table(sec["rows"], [
-        ("context", lambda r: fmt_len(r["context"])), ("median ms/token", "median_ms"), ("mean ms", "mean_ms"),
+        ("context", lambda r: length_label(r["context"])), ("median ms/token", "median_ms"), ("mean ms", "mean_ms"),
         ("p90 ms", "p90_ms"), ("max ms", "max_ms"), ("floor ms", "floor_ms"), ("prompt s", "prefill_s"),
         ("peak GiB", "peak_gib")])
     return (f"Config: `{cfg['flavour']}` (random init), rule {cfg['rule']}, B = {cfg['batch']}, "

@@ -1,4 +1,15 @@
-"""Every number the paper reports for the benchmarks reproduced here (arXiv 2404.07143 v2)."""
+"""Every number the paper reports for the benchmarks reproduced here (arXiv 2404.07143 v2), and its names for
+input lengths."""
+
+
+def length_label(n: int) -> str:
+    """A token count as the paper writes it: 32768 -> '32K', 1048576 -> '1M', 500000 -> '500K', 300 -> '300'."""
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    for unit in (1024, 1000):  # binary first (32K = 32768); BookSum's 500K input is decimal
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}K"
+    return str(n)
 
 # Table 2: average token-level perplexity, 12-layer LM trained at 32K (16 segments of 2K).
 TABLE2 = {

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
+from infini_bench.paper import length_label  # noqa: E402
+
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head") -> Path:
     """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only."""
@@ -29,7 +31,7 @@ def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: s
         ax.plot(x if x is not None else range(len(ys)), ys, marker="o", markersize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: human_tokens(int(v))))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: length_label(int(v))))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -37,14 +39,6 @@ def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: s
     if len(series) > 1:
         ax.legend()
     return _save(fig, path)
-
-
-def human_tokens(n: int) -> str:
-    """1024 -> '1K', 1048576 -> '1M', 500000 -> '500000'."""
-    for unit, size in (("M", 2**20), ("K", 2**10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
 
 
 def _save(fig, path: Path) -> Path:

@@ -32,6 +32,7 @@ from infini_bench.data import load_documents
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.generate import generate
 from infini_bench.metrics import rouge
+from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
@@ -58,14 +59,6 @@ class Book:
     title: str
     text: str
     references: tuple[str, ...]
-
-
-def length_label(n: int) -> str:
-    """16384 -> '16K', 500000 -> '500K', 256 -> '256': the paper's names for input lengths."""
-    for unit in (1024, 1000):
-        if n >= unit and n % unit == 0:
-            return f"{n // unit}K"
-    return str(n)
 
 
 def truncate(ids: Sequence[int], n: int, mode: str) -> list[int]:

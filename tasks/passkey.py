@@ -28,7 +28,7 @@ from infini_bench.distributed import is_distributed  # noqa: E402
 from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
 from infini_bench.model import InfiniTransformer  # noqa: E402
-from infini_bench.plots import human_tokens as length_label  # noqa: E402
+from infini_bench.paper import length_label  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402

@@ -14,8 +14,7 @@ from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
 from tasks import booksum
-from tasks.booksum import (BatchFn, Example, group_by_book, length_label, make_batch, summary_loss, synthetic_books,
-                           truncate)
+from tasks.booksum import BatchFn, Example, group_by_book, make_batch, summary_loss, synthetic_books, truncate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -37,8 +36,11 @@ def test_truncate_keeps_the_configured_part():
             assert truncate(truncate(ids, 8, mode), n, mode) == truncate(ids, n, mode)
 
 
-def test_length_labels():
-    assert [length_label(n) for n in (16384, 131072, 500000, 2048, 256)] == ["16K", "128K", "500K", "2K", "256"]
+def test_length_labels_are_the_papers():
+    from infini_bench.paper import length_label
+
+    lengths = (16384, 131072, 500000, 1048576, 2 * 1048576, 3000, 2048, 256, 1536)
+    assert [length_label(n) for n in lengths] == ["16K", "128K", "500K", "1M", "2M", "3K", "2K", "256", "1536"]
 
 
 def events_of(book):

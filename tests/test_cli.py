@@ -95,3 +95,12 @@ def test_the_run_folder_names_the_experiment(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (folder,) = [p.name for p in tmp_path.iterdir()]
     assert "experiment=lm_cpu" in folder and "logger" not in folder
+
+
+@pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
+def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        default = compose("config", overrides=[f"task={task}"])
+        chosen = compose("config", overrides=[f"task={task}", "trainer=continual"])
+    assert default.trainer.steps < 1000  # each task's CPU-sized preset
+    assert (chosen.trainer.steps, chosen.trainer.lr, chosen.trainer.batch_size) == (30000, 1e-4, 64)
