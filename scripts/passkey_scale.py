@@ -1,7 +1,7 @@
 """Passkey retrieval streamed at growing lengths: time and peak memory per length (issue 3's GPU run).
 
     python scripts/passkey_scale.py --lengths 32768,131072,262144,524288,1048576 --out passkey_scale.json
-    python scripts/passkey_scale.py --checkpoint tasks/assets/passkey_tiny_linear.safetensors ...
+    python scripts/passkey_scale.py --key-range 1,9 --checkpoint outputs/passkey/<run>/model.safetensors ...
 
 Each sample's prompt goes through the model one segment at a time (`tasks.passkey.evaluate_samples`), so
 peak memory must not grow with the length. Prints a markdown table; writes the rows as JSON.
