@@ -10,6 +10,7 @@ grow with the context: the cache never holds more than one segment.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -146,6 +147,104 @@ def decode_step(model: InfiniTransformer, token: Tensor, state: DecodeState) -> 
     return _extend(model, token.view(-1, 1).to(model.embed.weight.device), state, last_only=True)[:, -1]
 
 
+class StaticDecoder:
+    """decode_step with fixed shapes and addresses, so that on a GPU one step is captured as a CUDA graph and
+    replayed for every token: one launch instead of several hundred small kernels, which is what an eager
+    step of a 1B model spends its time on at batch 1 (docs/BENCHMARKS.md, decode section).
+
+    The step attends over the whole one-segment KV cache with a mask up to the current position, and reads
+    the memory from fixed buffers, with a flag for "no segment finished yet" (then A = A_dot, as in
+    decode_step). The position lives on the device. Once every N tokens the finished segment is written to
+    memory outside the graph, as decode_step does. It owns `state` while it decodes: feed it no other way.
+    """
+
+    def __init__(self, model: InfiniTransformer, state: DecodeState, graph: bool | None = None):
+        cfg = model.cfg
+        self.model, self.state = model, state
+        device = model.embed.weight.device
+        batch = state.layers[0].k.shape[0]
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(cfg.segment_len, device=device)
+        self.has_memory = torch.tensor(state.layers[0].memory is not None, device=device)
+        self.memory: list[MemoryState] = []
+        for cache in state.layers:
+            shape_m = (batch, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim)
+            fixed = MemoryState(torch.zeros(shape_m, dtype=torch.float32, device=device),
+                                torch.zeros(shape_m[:3], dtype=torch.float32, device=device))
+            if cache.memory is not None:
+                fixed.M.copy_(cache.memory.M)
+                fixed.z.copy_(cache.memory.z)
+                cache.memory = fixed
+            self.memory.append(fixed)
+        model.rotary.table(cfg.segment_len, device)
+        self.graph = None
+        self._warm_up_and_capture(graph if graph is not None else device.type == "cuda")
+
+    @torch.inference_mode()
+    def _warm_up_and_capture(self, capture: bool) -> None:
+        """Two steps (kernel selection, lazy inits; on a side stream, as capturing needs), then the capture.
+        They write the caches at the *next* position only, which the first real step overwrites before
+        anything reads it; they run on the CPU too, so the tests cover that."""
+        self.pos.fill_(self.state.pos)
+        side = torch.cuda.Stream() if capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(2):
+                self._step()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    def _step(self) -> Tensor:
+        model, cfg = self.model, self.model.cfg
+        x = model.embed(self.token)
+        b = x.shape[0]
+        visible = (self.slots <= self.pos).view(1, 1, 1, -1)  # slots 0 .. pos of the current segment
+        at = self.pos.view(1)
+        for block, cache, memory in zip(model.layers, self.state.layers, self.memory):
+            attn = block.attn
+            q, k, v = attn.qkv(block.attn_norm(x))
+            cache.k_rot.index_copy_(2, at, model.rotary(k, offset=self.pos))
+            cache.k.index_copy_(2, at, k)
+            cache.v.index_copy_(2, at, v)
+            out = F.scaled_dot_product_attention(model.rotary(q, offset=self.pos), cache.k_rot, cache.v,
+                                                 attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
+            if cfg.rule != "none":
+                gate = torch.sigmoid(attn.gate.float()).view(1, -1, 1, 1)
+                mixed = gate * memory_read(q, memory) + (1.0 - gate) * out.float()  # Eq. 10
+                out = torch.where(self.has_memory, mixed, out.float()).to(q.dtype)
+            x = x + attn.wo(out.transpose(1, 2).reshape(b, 1, -1))
+            x = x + block.ffn(block.ffn_norm(x))
+        return model.lm_head(model.norm(x))[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token: Tensor) -> Tensor:
+        """One new token per row, token (B,) -> logits of the next one (B, V); advances the state."""
+        state, cfg = self.state, self.model.cfg
+        self.token.copy_(token.view(-1, 1))
+        self.pos.fill_(state.pos)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+        else:
+            logits = self._step()
+        state.pos, state.length = state.pos + 1, state.length + 1
+        if state.pos == cfg.segment_len:  # the segment is finished: write it to memory, as decode_step does
+            if cfg.rule != "none":
+                for cache, fixed in zip(state.layers, self.memory):
+                    written = memory_write(cache.k, cache.v, cfg.rule, cache.memory)
+                    fixed.M.copy_(written.M)
+                    fixed.z.copy_(written.z)
+                    cache.memory = fixed
+                self.has_memory.fill_(True)
+            state.pos = 0
+        return logits
+
+
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches top_p."""
     if top_p >= 1.0:
@@ -179,10 +278,12 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     return_logits: bool = False,
+    cuda_graph: bool | None = None,
 ) -> Generation:
     """Continue prompts (B, T) of equal length; the paper decodes with temperature 0.5, top-p 0.95, 1024 steps.
 
-    Rows stop at `eos_id` or after `max_new_tokens`; sampling is reproducible by `seed`.
+    Rows stop at `eos_id` or after `max_new_tokens`; sampling is reproducible by `seed`. Decoding runs through
+    a StaticDecoder, captured as a CUDA graph on a GPU unless cuda_graph=False.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -190,6 +291,7 @@ def generate(
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     logits, state = prefill(model, prompt_ids)
+    decoder = StaticDecoder(model, state, graph=cuda_graph) if max_new_tokens > 1 else None
     tokens: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     steps: list[Tensor] = []
@@ -206,5 +308,5 @@ def generate(
                 tokens[row].append(tok)
         if all(done) or i == max_new_tokens - 1:
             break
-        logits = decode_step(model, nxt, state)
+        logits = decoder.step(nxt)
     return Generation(tokens, done, torch.stack(steps, dim=1) if return_logits and steps else None)

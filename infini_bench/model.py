@@ -117,6 +117,10 @@ class Rotary(nn.Module):
             self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
+    def table(self, length: int, device: torch.device) -> None:
+        """Make sure the cos/sin table covers positions 0 .. length - 1 on `device`."""
+        self._cos_sin(length, device)
+
     def _cos_sin(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._cache is None or self._cache[0] < length or self._cache[1] != device:
             with torch.inference_mode(False):  # a cache built while decoding must still serve training
@@ -126,11 +130,19 @@ class Rotary(nn.Module):
                 self._cache = (length, device, ang.cos(), ang.sin())
         return self._cache[2], self._cache[3]
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Rotate x (..., L, D) as if its tokens sat at positions offset .. offset + L - 1."""
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """Rotate x (..., L, D) as if its tokens sat at positions offset .. offset + L - 1.
+
+        `offset` may be a 0-dim tensor on x's device (graph-captured decoding: no host sync); then the table
+        must already cover it, which `table(segment_len)` ensures."""
         length = x.shape[-2]
-        cos, sin = self._cos_sin(offset + length, x.device)
-        cos, sin = cos[offset: offset + length].to(x.dtype), sin[offset: offset + length].to(x.dtype)
+        if isinstance(offset, Tensor):
+            cos, sin = self._cache[2], self._cache[3]
+            at = offset + torch.arange(length, device=x.device)
+            cos, sin = cos.index_select(0, at).to(x.dtype), sin.index_select(0, at).to(x.dtype)
+        else:
+            cos, sin = self._cos_sin(offset + length, x.device)
+            cos, sin = cos[offset: offset + length].to(x.dtype), sin[offset: offset + length].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -233,8 +245,7 @@ class InfiniTransformer(nn.Module):
         Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent."""
         if getattr(self, "_blocks_compiled", False):
             return
-        weight = self.embed.weight  # fill the rotary cache first, outside the compiled graphs
-        self.rotary(torch.zeros(1, self.cfg.segment_len, self.cfg.head_dim, device=weight.device))
+        self.rotary.table(self.cfg.segment_len, self.embed.weight.device)  # built outside the compiled graphs
         for block in self.layers:
             block.compile()
         self._blocks_compiled = True

@@ -74,10 +74,12 @@ def test_prefill_streams_every_length_and_extrapolates_full_attention(run):
 
 def test_decode_latency_at_every_context(run):
     rows = run[0]["decode"]["rows"]
-    assert [r["context"] for r in rows] == list(bench.Sizes.tiny().decode_contexts)
+    contexts = list(bench.Sizes.tiny().decode_contexts)
+    assert [(r["context"], r["step"]) for r in rows] == [(c, s) for c in contexts for s in ("eager", "static")]
     for r in rows:
         assert all(positive(r[k]) for k in ("median_ms", "mean_ms", "p90_ms", "max_ms", "floor_ms", "prefill_s"))
-    assert run[0]["decode"]["targets"][0]["target"].startswith("latency at 1K <= 2 x at 128")
+    targets = [t["target"] for t in run[0]["decode"]["targets"]]
+    assert targets == ["eager: latency at 1K <= 2 x at 128", "static: latency at 1K <= 2 x at 128"]
 
 
 def test_markdown_sections_replace_in_place_and_keep_hand_written_text(run):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from infini_bench.generate import decode_step, feed, generate, new_state, prefill, top_p_filter
+from infini_bench.generate import StaticDecoder, decode_step, feed, generate, new_state, prefill, top_p_filter
 from infini_bench.model import build_model
 
 N = 16  # segment length: every test below crosses several segment boundaries
@@ -34,6 +34,22 @@ def test_teacher_forced_decode_equals_parallel(rule, prompt_len):
     decoded = torch.stack(steps, dim=1)  # logits for positions prompt_len - 1 .. T - 1
     torch.testing.assert_close(decoded, parallel[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
     assert state.length == ids.shape[1] and state.pos == ids.shape[1] % N
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta", "none"])
+@pytest.mark.parametrize("prompt_len", [37, 32, 5])
+def test_static_decoder_equals_parallel(rule, prompt_len):
+    """The fixed-shape step a CUDA graph captures (here run eagerly): whole-cache attention under a mask, the
+    position on the device, memory in fixed buffers behind a flag, across several memory writes."""
+    model, ids = tiny(rule), tokens(85)
+    with torch.no_grad():
+        parallel = model(ids).logits
+    last, state = prefill(model, ids[:, :prompt_len])
+    decoder = StaticDecoder(model, state, graph=False)
+    steps = [last] + [decoder.step(ids[:, t]) for t in range(prompt_len, ids.shape[1])]
+    torch.testing.assert_close(torch.stack(steps, dim=1), parallel[:, prompt_len - 1:], rtol=1e-4, atol=1e-4)
+    assert state.length == ids.shape[1] and state.pos == ids.shape[1] % N
+    assert decoder.has_memory.item() == (rule != "none")
 
 
 @pytest.mark.parametrize("rule", ["linear", "delta"])
