@@ -41,10 +41,20 @@ fsdp-bench: ## FSDP2 throughput and memory of the 1B and 8B shapes on all local 
 	$(BENCH_PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/fsdp_bench.py \
 		--runs 1b:4096:4 1b:32768:1 8b:8192:1 --out outputs/fsdp.json $(ARGS)
 
-reproduce-all: install ## the paper's runs (Tables 2-4): needs GPUs and hub access; see README
-	$(BIN)/python run.py -m experiment=table2_pg19,table2_arxiv_math memory=linear,delta,none $(ARGS)
-	$(BIN)/python run.py -m experiment=table3_passkey_1b memory=linear,delta task.zero_shot=true,false $(ARGS)
-	$(BIN)/python run.py -m experiment=table4_booksum memory=linear,delta $(ARGS)
+# One process per GPU under torchrun when there are several GPUs, else a plain process.
+LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node=$(NGPU),$(BIN)/python)
+CONTINUAL = outputs/continual
+
+reproduce-all: install ## the paper's runs (Tables 2-4), continual pre-training first: GPUs, hub access, days
+	@set -e; for m in linear delta none; do for e in table2_pg19 table2_arxiv_math; do \
+		$(LAUNCH) run.py experiment=$$e memory=$$m $(ARGS); done; done
+	@set -e; for m in linear delta; do \
+		$(LAUNCH) run.py experiment=continual_1b memory=$$m hydra.run.dir=$(CONTINUAL)/1b-$$m $(ARGS); \
+		for z in true false; do $(LAUNCH) run.py experiment=table3_passkey_1b memory=$$m task.zero_shot=$$z \
+			model.init_from=$(CONTINUAL)/1b-$$m/model.safetensors $(ARGS); done; \
+		$(LAUNCH) run.py experiment=continual_8b memory=$$m hydra.run.dir=$(CONTINUAL)/8b-$$m $(ARGS); \
+		$(LAUNCH) run.py experiment=table4_booksum memory=$$m model.init_from=$(CONTINUAL)/8b-$$m/model.safetensors $(ARGS); \
+	done
 	$(MAKE) report
 
 report: install ## our numbers next to the paper's, from every results.json under outputs/ and multirun/

@@ -28,9 +28,11 @@ from torch.distributed.device_mesh import init_device_mesh
 T = TypeVar("T")
 
 try:  # public since torch 2.6
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 except ImportError:  # torch 2.5
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed._composable.fsdp import (
+        FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method,
+    )
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,34 @@ def shard_model(
         model.rotary(torch.zeros(1, 1, cfg.segment_len, cfg.head_dim, device=model.rotary.inv_freq.device))
     register_fsdp_forward_method(model, "hidden")  # `train.lm_loss` calls hidden(), not forward()
     return model
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """The whole model as a plain replica on every rank, for inference code that calls submodules directly
+    (the cached decoding steps): a collective, so every rank enters it and runs the same calls. The replica
+    is fp32 like the sharded master weights and is freed on exit; without FSDP, the model itself."""
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        yield model
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # whole, on every rank
+    with torch.device("meta"):  # no second copy: the replica takes the gathered tensors themselves
+        replica = type(model)(model.cfg)
+    replica.load_state_dict(state, assign=True)
+    del state
+    if model.cfg.tie_embeddings:
+        replica.lm_head.weight = replica.embed.weight
+    replica.rotary.inv_freq = model.rotary.inv_freq.clone()  # a non-persistent buffer: not in the state dict
+    device = replica.embed.weight.device
+    replica.train(model.training)
+    try:
+        yield replica
+    finally:
+        del replica
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:

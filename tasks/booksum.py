@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from infini_bench.data import load_documents
 from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.distributed import gathered
 from infini_bench.generate import generate
 from infini_bench.metrics import rouge
+from infini_bench.model import InfiniTransformer
 from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
@@ -237,6 +239,29 @@ def summary_loss(model, examples: list[Example], tokens: dict, device: torch.dev
     return total / max(count, 1)
 
 
+def summarise_books(model: InfiniTransformer, tokenizer, books, lengths: list[int], tokens: dict, t: DictConfig,
+                    device: torch.device, tcfg) -> tuple[dict[int, list[str]], dict[int, list[int]]]:
+    """Figure 4: one summary per book and input length, and the input tokens used; the same sampling seed per
+    book at every length. Truncating to the longest input first, then to each length, equals one truncation
+    (tests check it)."""
+    book_ids = [truncate(tokenizer.encode(b.text), lengths[-1], t.truncate) for b in books]
+    per_length: dict[int, list[str]] = {n: [] for n in lengths}
+    used: dict[int, list[int]] = {n: [] for n in lengths}
+    bar = tqdm(total=len(lengths) * len(books), desc="summarise", disable=not tcfg.progress)
+    for n in lengths:
+        for i, ids in enumerate(book_ids):
+            kept = truncate(ids, n, t.truncate)
+            prompt = torch.tensor([tokens["prefix"] + kept + tokens["prompt"]], device=device)
+            with autocast(device, tcfg.precision):
+                out = generate(model, prompt, t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
+                               greedy=t.greedy, eos_id=tokenizer.eos_id, seed=t.seed + i)
+            per_length[n].append(tokenizer.decode(out.tokens[0]).strip())
+            used[n].append(len(kept))
+            bar.update(1)
+    bar.close()
+    return per_length, used
+
+
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
     lengths = _check(t)
@@ -256,25 +281,10 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                     checkpoint_dir(run), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from
-    model.eval()
-
-    # Figure 4: one summary per book and input length; the same sampling seed per book at every length.
-    # Truncating to the longest input first, then to each length, equals one truncation (tests check it).
-    book_ids = [truncate(tokenizer.encode(b.text), lengths[-1], t.truncate) for b in eval_books]
-    per_length: dict[int, list[str]] = {n: [] for n in lengths}
-    used: dict[int, list[int]] = {n: [] for n in lengths}
-    bar = tqdm(total=len(lengths) * len(eval_books), desc="summarise", disable=not tcfg.progress)
-    for n in lengths:
-        for i, ids in enumerate(book_ids):
-            kept = truncate(ids, n, t.truncate)
-            prompt = torch.tensor([tokens["prefix"] + kept + tokens["prompt"]], device=run.device)
-            with autocast(run.device, tcfg.precision):
-                out = generate(model, prompt, t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                               greedy=t.greedy, eos_id=tokenizer.eos_id, seed=t.seed + i)
-            per_length[n].append(tokenizer.decode(out.tokens[0]).strip())
-            used[n].append(len(kept))
-            bar.update(1)
-    bar.close()
+    with gathered(model) as whole:  # under FSDP, decoding needs the whole model on every rank
+        whole.eval()
+        per_length, used = summarise_books(whole, tokenizer, eval_books, lengths, tokens, t, run.device, tcfg)
+        val_loss = summary_loss(whole, val_examples, tokens, run.device, tcfg.precision)
 
     refs = [list(b.references) for b in eval_books]
     scores = {n: rouge(per_length[n], refs) for n in lengths}
@@ -284,7 +294,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     for n in lengths:
         results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
         results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])
-    results.update({"val/summary_loss": summary_loss(model, val_examples, tokens, run.device, tcfg.precision),
+    results.update({"val/summary_loss": val_loss,
                     "train/loss": summary.get("train/loss"), "train/steps": tcfg.steps, "data/source": t.source,
                     "booksum/books": len(eval_books)})
     run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=tcfg.steps)

@@ -24,7 +24,7 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from infini_bench.data import corpus_dir  # noqa: E402
-from infini_bench.distributed import is_distributed  # noqa: E402
+from infini_bench.distributed import gathered, is_distributed  # noqa: E402
 from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
 from infini_bench.model import InfiniTransformer  # noqa: E402
@@ -452,10 +452,10 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         model.compile_blocks()
 
     def grid(m: InfiniTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
-        m.eval()
-        with autocast(run.device, tcfg.precision):
-            return evaluate_grid(m, tokenizer, lengths, names, n, t.seed, t.haystack, key_range, t.eval_batch,
-                                 progress)
+        with gathered(m) as whole, autocast(run.device, tcfg.precision):  # under FSDP: a whole replica
+            whole.eval()
+            return evaluate_grid(whole, tokenizer, lengths, names, n, t.seed, t.haystack, key_range,
+                                 t.eval_batch, progress)
 
     warmup = 0 if t.zero_shot else t.warmup_steps
     steps = 0 if t.zero_shot else tcfg.steps

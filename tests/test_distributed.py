@@ -93,6 +93,7 @@ def worker(out: Path) -> None:
         lambda _, args: state_dtypes.append(args[1].M.dtype) if args[1] is not None else None)
     bf16.stream(ids[my_rows(info)])
     data_prep_checks(out, info)
+    decoding_checks(out, info)
     if info.is_main:
         torch.save({"losses": losses, "after": after, "model": full, "bf16_loss": bf16_loss,
                     "state_dtypes": state_dtypes, "tied": model.lm_head.weight is model.embed.weight}, out / "dist.pt")
@@ -114,6 +115,27 @@ def data_prep_checks(out: Path, info: DistInfo) -> None:
     t = OmegaConf.create({"dataset": "embedded_math", "seq_len": 32, "max_train_docs": 1, "fallback_offline": True})
     stream, _ = prepared_stream(t, {"embedded_math": 1.0}, 0, ByteTokenizer(), 4, 0, out / "tokens.pt", fresh=False)
     torch.save({"result": result, "raised": raised, "batch": stream(3)["input_ids"]}, out / f"prep{info.rank}.pt")
+
+
+def decoding_checks(out: Path, info: DistInfo) -> None:
+    """Passkey scoring and generation under FSDP: they call the blocks' parts directly (cached decoding), so
+    they run inside gathered(); afterwards the model is sharded again and trains on."""
+    from infini_bench.distributed import gathered
+    from infini_bench.generate import generate
+    from tasks.passkey import evaluate_samples, make_sample
+
+    model = shard_model(tiny_model(), param_dtype=None, activation_checkpointing=False)
+    optimizer = make_optimizer(model)
+    model.eval()
+    samples = [make_sample(300, 0.0, i, ByteTokenizer(), key_range=(1, 9)) for i in range(2)]
+    with gathered(model) as whole, torch.no_grad():
+        outcomes = evaluate_samples(whole, samples, ByteTokenizer())
+        text = generate(whole, torch.tensor([[1, 2, 3]]), max_new_tokens=20, greedy=True).tokens
+    resharded = all(hasattr(p, "full_tensor") for p in model.parameters())
+    model.train()
+    after = sharded_step(model, optimizer, 0, info)  # training goes on after decoding
+    torch.save({"acc": [o.token_acc for o in outcomes], "text": text, "resharded": resharded, "step": after},
+               out / f"decode{info.rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +232,25 @@ def test_weights_exported_from_two_ranks_load_into_one_process(two_ranks):
     assert model.lm_head.weight is model.embed.weight
     for name, p in model.state_dict().items():
         assert torch.equal(p, dist_out["model"][name]), name
+
+
+@pytest.mark.slow
+def test_decoding_under_fsdp_equals_one_process(two_ranks):
+    from infini_bench.generate import generate
+    from tasks.passkey import evaluate_samples, make_sample
+
+    out, _ = two_ranks
+    model = tiny_model().eval()
+    samples = [make_sample(300, 0.0, i, ByteTokenizer(), key_range=(1, 9)) for i in range(2)]
+    with torch.no_grad():
+        acc = [o.token_acc for o in evaluate_samples(model, samples, ByteTokenizer())]
+        text = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=20, greedy=True).tokens
+    step = plain_step(model.train(), make_optimizer(model), 0)
+    for rank in range(2):
+        got = torch.load(out / f"decode{rank}.pt", weights_only=False)
+        assert got["acc"] == pytest.approx(acc) and got["text"] == text
+        assert got["resharded"]  # back to DTensor shards afterwards
+        torch.testing.assert_close(got["step"], step, rtol=1e-5, atol=1e-5)
 
 
 def test_single_process_checkpoint_round_trip(tmp_path):
