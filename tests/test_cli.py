@@ -107,6 +107,8 @@ def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
 
 
 TORCHRUN_CASES = {
+    "lm": ["task=lm", "trainer.steps=2", "trainer.batch_size=4", "task.seq_len=128", "task.mix={pg19:1,c4:1}",
+           "task.min_doc_tokens=1000", "task.eval_max_docs=1", "task.eval_max_tokens=256", "trainer.eval_every=1"],
     "passkey": ["task=passkey", "trainer.steps=2", "task.warmup_steps=0", "task.lengths=[300]", "task.samples=2",
                 "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2", "trainer.eval_every=1"],
     "booksum": ["task=booksum", "trainer.steps=2", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
