@@ -160,6 +160,8 @@ def test_tokenizer_round_trip(llama_gqa):
         assert encoded == reference.encode(text, add_special_tokens=False)
         assert tok.decode(encoded) == text
     assert tok.eos_id == reference.convert_tokens_to_ids("</s>")
+    texts = TEXTS + ["unseen wörds, 12345 and ümlauts!"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]  # the batched path TokenStream uses
 
 
 LLAMA_3_2_1B = {  # the published config.json of Llama-3.2-1B (transformers 4.45 layout)
