@@ -205,8 +205,8 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         bar.set_postfix(loss=f"{loss_sum:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
-            metrics = {"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
-                       "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            metrics = {"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"],
+                       "train/grad_norm": grad_norm, "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             if device.type == "cuda":  # the highest of any rank, so a near-OOM on one GPU is visible
                 peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
                 metrics["train/peak_memory_gib"] = distributed.all_reduce_max(peak).item()

@@ -29,8 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from infini_bench.data import load_documents
-from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.distributed import gathered
+from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.generate import generate
 from infini_bench.metrics import rouge
 from infini_bench.model import InfiniTransformer

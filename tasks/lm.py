@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -77,7 +76,8 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
     tokens to `cache`; the other ranks read that file, and so does a resumed run, which then trains on exactly
     the same tokens even if the hub's copy has changed meanwhile. `fresh` (trainer.resume=false) rebuilds it."""
     key = json.dumps({"mix": mix, "min_tokens": min_tokens, "seq_len": t.seq_len, "max_docs": t.max_train_docs,
-                      "tokenizer": type(tokenizer).__name__, "vocab": tokenizer.vocab_size}, sort_keys=True)
+                      "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+                      "vocab": tokenizer.vocab_size}, sort_keys=True)
 
     def stored() -> dict | None:
         if fresh or not cache.exists():

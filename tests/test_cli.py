@@ -90,8 +90,9 @@ def test_the_run_folder_names_the_experiment(tmp_path):
     """Two recipes with the same other overrides must not share a folder (and so resume each other's runs)."""
     args = ["experiment=lm_cpu", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1",
             "task.eval_max_tokens=64", "trainer.progress=false", "logger=none"]
-    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp_path}/${{hydra:job.override_dirname}}"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    folder = f"hydra.run.dir={tmp_path}/${{hydra:job.override_dirname}}"
+    proc = subprocess.run([sys.executable, "run.py", *args, folder], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     (folder,) = [p.name for p in tmp_path.iterdir()]
     assert "experiment=lm_cpu" in folder and "logger" not in folder
