@@ -30,6 +30,8 @@ def cli(*args, tmp_path):
     (["task=lm", "trainer.compile=maybe"], "trainer.compile: 'maybe' is not one of true, false"),
     (["task=lm", "model.arch={dimm:64}"], "model.arch.dimm: is not a model field"),
     (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
+    (["task=lm", "task.min_doc_tokens=-1"], "task.min_doc_tokens: -1 must be an integer >= 0"),
+    (["task=lm", "model.init_from=nowhere.safetensors"], "model.init_from: 'nowhere.safetensors' is not a file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
