@@ -286,7 +286,7 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
             with amp:
                 return wrapper(ids, backward=True)  # splits into segments, backward inside
     else:
-        cfg = replace(base, rule="none", segment_len=t) if rule == "full" else replace(base, rule=rule)
+        cfg = replace(base, memory="none", segment_len=t) if rule == "full" else replace(base, memory=rule)
         flops_rule = "none" if rule == "full" else rule
         with torch.device(device):
             model = InfiniTransformer(cfg)
@@ -478,7 +478,7 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
         rule = name.removesuffix("+compile")
         torch.manual_seed(0)
         with torch.device(device):
-            model = build_model(base, rule=rule).to(dtype).eval()
+            model = build_model(base, memory=rule).to(dtype).eval()
         if name.endswith("+compile"):
             model.compile_blocks()
         # Warm-up: a first segment (no memory yet) and a second one (with memory), the two shapes streamed.
@@ -490,7 +490,7 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
     longest = max(sizes.prefill_lengths + sizes.full_lengths)
     torch.manual_seed(0)
     with torch.device(device):
-        full = build_model(base, rule="none", segment_len=longest).to(dtype).eval()
+        full = build_model(base, memory="none", segment_len=longest).to(dtype).eval()
     _whole(full, torch.randint(0, base.vocab_size, (1, min(sizes.full_lengths)), device=device))  # warm-up
     for t in sizes.full_lengths:
         measure("full", full, partial(_whole, full), t, "none", t, reps=3 if t <= 32768 else 2)
@@ -570,7 +570,7 @@ def bench_decode(device: torch.device, sizes: Sizes, ceilings: dict) -> dict:
     from infini_bench.generate import StaticDecoder, decode_step, prefill
 
     clock, mem = Clock(device), PeakMemory(device)
-    cfg = replace(FLAVOURS[sizes.decode_flavour], rule=sizes.decode_rule)
+    cfg = replace(FLAVOURS[sizes.decode_flavour], memory=sizes.decode_rule)
     n = cfg.segment_len
     dtype = compute_dtype(device)
     static_name = "graph" if device.type == "cuda" else "static"

@@ -2,7 +2,7 @@
 
 
 class ConfigError(ValueError):
-    """Bad input, named by its config key: `ConfigError("memory.rule", "'foo' is not one of linear, delta, none")`."""
+    """Bad input, named by its config key: `ConfigError("memory", "'foo' is not one of delta, linear, none")`."""
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

@@ -98,9 +98,9 @@ def _extend(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only
     h = model.norm(x[:, -1:] if last_only else x)
     state.pos, state.length = pos + length, state.length + length
     if state.pos == n:  # the segment is finished: write it to memory as the parallel path would, clear the cache
-        if model.cfg.rule != "none":
+        if model.cfg.memory != "none":
             for cache in state.layers:
-                cache.memory = memory_write(cache.k, cache.v, model.cfg.rule, cache.memory)
+                cache.memory = memory_write(cache.k, cache.v, model.cfg.memory, cache.memory)
         state.pos = 0
     return model.lm_head(h)
 
@@ -213,7 +213,7 @@ class StaticDecoder:
             cache.v.index_copy_(2, at, v)
             out = F.scaled_dot_product_attention(model.rotary(q, offset=self.pos), cache.k_rot, cache.v,
                                                  attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
-            if cfg.rule != "none":
+            if cfg.memory != "none":
                 gate = torch.sigmoid(attn.gate.float()).view(1, -1, 1, 1)
                 mixed = gate * memory_read(q, memory) + (1.0 - gate) * out.float()  # Eq. 10
                 out = torch.where(self.has_memory, mixed, out.float()).to(q.dtype)
@@ -234,9 +234,9 @@ class StaticDecoder:
             logits = self._step()
         state.pos, state.length = state.pos + 1, state.length + 1
         if state.pos == cfg.segment_len:  # the segment is finished: write it to memory, as decode_step does
-            if cfg.rule != "none":
+            if cfg.memory != "none":
                 for cache, fixed in zip(state.layers, self.memory):
-                    written = memory_write(cache.k, cache.v, cfg.rule, cache.memory)
+                    written = memory_write(cache.k, cache.v, cfg.memory, cache.memory)
                     fixed.M.copy_(written.M)
                     fixed.z.copy_(written.z)
                     cache.memory = fixed

@@ -21,7 +21,7 @@ from infini_bench.errors import ConfigError, check_choice
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of an Infini-Transformer; `segment_len` and `rule` are the Infini-attention knobs."""
+    """Architecture of the decoder; `segment_len`, `memory` and `memory_args` choose its memory."""
 
     vocab_size: int = 259
     dim: int = 128
@@ -31,7 +31,8 @@ class ModelConfig:
     head_dim: int = 32
     ffn_dim: int = 384
     segment_len: int = 64
-    rule: str = "linear"
+    memory: str = "linear"
+    memory_args: dict | None = None
     gate_init: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -41,7 +42,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("memory.rule", self.rule, RULES)
+        check_choice("memory", self.memory, RULES)
         if not isinstance(self.segment_len, int) or self.segment_len <= 0:
             raise ConfigError("model.segment_len", f"{self.segment_len!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
@@ -184,7 +185,7 @@ class InfiniAttentionLayer(nn.Module):
     def forward(self, x: Tensor, state: MemoryState | None, rotary: Rotary) -> tuple[Tensor, MemoryState | None]:
         b, t, _ = x.shape
         q, k, v = self.qkv(x)
-        out, state = infini_attention(q, k, v, self.gate, segment_len=self.cfg.segment_len, rule=self.cfg.rule,
+        out, state = infini_attention(q, k, v, self.gate, segment_len=self.cfg.segment_len, rule=self.cfg.memory,
                                       state=state, rotary=rotary)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1)), state  # Eq. 11
 

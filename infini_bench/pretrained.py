@@ -64,7 +64,8 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return theta, None if kind == "default" else dict(scaling)
 
 
-def config_from_hf(hf: dict, *, segment_len: int, rule: str, gate_init: float = 0.0) -> ModelConfig:
+def config_from_hf(hf: dict, *, segment_len: int, memory: str, memory_args: dict | None = None,
+                   gate_init: float = 0.0) -> ModelConfig:
     """A Hugging Face config.json (as a dict) -> our ModelConfig, or a ConfigError naming what is unsupported."""
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
@@ -83,7 +84,7 @@ def config_from_hf(hf: dict, *, segment_len: int, rule: str, gate_init: float = 
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_dim=hf["intermediate_size"],
-        segment_len=segment_len, rule=rule, gate_init=gate_init, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        segment_len=segment_len, memory=memory, memory_args=memory_args, gate_init=gate_init, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta, rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2",
     )
@@ -149,7 +150,8 @@ def load_pretrained(
     name_or_path: str,
     *,
     segment_len: int,
-    rule: str,
+    memory: str,
+    memory_args: dict | None = None,
     gate_init: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -159,8 +161,8 @@ def load_pretrained(
     root = resolve(name_or_path, revision)
     if not (root / "config.json").is_file():
         raise _unreachable(name_or_path, f"no config.json in {root}")
-    cfg = config_from_hf(json.loads((root / "config.json").read_text()), segment_len=segment_len, rule=rule,
-                         gate_init=gate_init)
+    cfg = config_from_hf(json.loads((root / "config.json").read_text()), segment_len=segment_len, memory=memory,
+                         memory_args=memory_args, gate_init=gate_init)
     sd = load_state_dict(root, cfg, dtype, device)
     with torch.device("meta"):  # no random init of billions of weights that are overwritten at once
         model = InfiniTransformer(cfg)

@@ -42,10 +42,10 @@ def lm_table(runs: list[dict]) -> list[str]:
         split = "test" if "test/ppl" in res else "val"
         data = res.get("data/source", c["task"].get("dataset"))
         hub = data.removeprefix("embedded_") if data in ("pg19", "arxiv_math") else None
-        paper = TABLE2.get(TABLE2_RULE.get(c["memory"]["rule"], ""), {}).get(hub) if hub else None
+        paper = TABLE2.get(TABLE2_RULE.get(c["memory"]["name"], ""), {}).get(hub) if hub else None
         segs = c["task"]["seq_len"] // c["model"]["segment_len"]
         lines.append(f"| `{Path(r['path']).name or r['path']}` | {data} ({split}) | {c['model']['name']} | "
-                     f"{c['memory']['rule']} | {segs} x {c['model']['segment_len']} | {res.get('train/steps')} | "
+                     f"{c['memory']['name']} | {segs} x {c['model']['segment_len']} | {res.get('train/steps')} | "
                      f"{_fmt(res.get(f'{split}/ppl'))} | {_fmt(res.get(f'{split}/bpb'))} | {_fmt(paper)} |")
     return lines
 
@@ -63,7 +63,7 @@ def passkey_table(runs: list[dict]) -> list[str]:
         mode = "zero-shot" if c["task"].get("zero_shot") else f"fine-tuned {res.get('train/steps')} steps"
         cells = ["/".join(_fmt(None if grid.get((lab, d)) is None else 100 * grid[(lab, d)]) for d in DEPTHS)
                  for lab in labels]
-        lines.append(f"| ours: {c['model']['name']} {c['memory']['rule']} {mode} (lengths {', '.join(labels)}) | "
+        lines.append(f"| ours: {c['model']['name']} {c['memory']['name']} {mode} (lengths {', '.join(labels)}) | "
                      + " | ".join(cells) + " |")
         if res.get("passkey/acc/earlier_segment") is not None or res.get("passkey/acc/same_segment") is not None:
             lines.append(f"|  needle in an earlier segment: {_fmt(_pct(res.get('passkey/acc/earlier_segment')))}%, "
@@ -84,7 +84,7 @@ def booksum_table(runs: list[dict]) -> list[str]:
     for r in runs:
         c, res = r["config"], r["results"]
         src = c["task"].get("source", "")
-        lines.append(f"| ours: {c['model']['name']} {c['memory']['rule']} ({src}) | "
+        lines.append(f"| ours: {c['model']['name']} {c['memory']['name']} ({src}) | "
                      + " | ".join(_fmt(res.get(f"booksum/{k}")) for k in ("rouge1", "rouge2", "rougeL", "overall"))
                      + " |")
     return lines

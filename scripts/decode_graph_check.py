@@ -34,7 +34,7 @@ def main() -> None:
     for rule in ("linear", "delta"):
         torch.manual_seed(0)
         with torch.device("cuda"):
-            reference = build_model("1b", rule=rule).eval()
+            reference = build_model("1b", memory=rule).eval()
             for layer in reference.layers:  # gates away from 0.5, so that the memory matters
                 layer.attn.gate.data.normal_(0, 2)
         n = reference.cfg.segment_len

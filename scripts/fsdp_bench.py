@@ -57,7 +57,7 @@ def max_over_ranks(x: float) -> float:
 
 def bench(info: DistInfo, flavour: str, seq_len: int, batch: int, args: argparse.Namespace) -> dict:
     cuda = info.device.type == "cuda"
-    overrides = {"rule": args.rule}
+    overrides = {"memory": args.memory}
     if args.segment_len:
         overrides["segment_len"] = args.segment_len
     torch.manual_seed(args.seed)  # the same init on every rank: fully_shard keeps each rank's slice
@@ -97,7 +97,7 @@ def bench(info: DistInfo, flavour: str, seq_len: int, batch: int, args: argparse
     tokens_per_gpu = batch * seq_len * args.steps / elapsed
     result = {
         "flavour": flavour, "seq_len": seq_len, "segment_len": cfg.segment_len, "batch_per_gpu": batch,
-        "rule": cfg.rule, "world_size": info.world_size, "params": cfg.num_params(),
+        "memory": cfg.memory, "world_size": info.world_size, "params": cfg.num_params(),
         "dtype": args.dtype, "activation_checkpointing": not args.no_ac, "compile": args.compile,
         "steps": args.steps, "step_s": elapsed / args.steps, "tokens_per_s_per_gpu": tokens_per_gpu,
         "mfu": tokens_per_gpu * flops_per_token(cfg, seq_len) / (args.peak_tflops * 1e12) if cuda else None,
@@ -133,7 +133,7 @@ def main() -> None:
                                                                                          "8b:8192:1")])
     p.add_argument("--out", type=Path, required=True, help="JSON results file (rank 0 writes it after every run)")
     p.add_argument("--segment-len", type=int, default=None, help="default: the flavour's (2048)")
-    p.add_argument("--rule", default="linear", choices=["linear", "delta", "none"])
+    p.add_argument("--memory", default="linear", choices=["linear", "delta", "none"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="FSDP param_dtype (compute)")

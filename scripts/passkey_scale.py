@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="32768,131072,262144,524288,1048576")
     p.add_argument("--samples", type=int, default=2, help="per length and depth")
-    p.add_argument("--rule", default="linear", choices=("linear", "delta", "none"))
+    p.add_argument("--memory", default="linear", choices=("linear", "delta", "none"))
     p.add_argument("--segment-len", type=int, default=64)
     p.add_argument("--key-range", default="1,50000", help="keys drawn from this range (the tiny default: 1,9)")
     p.add_argument("--checkpoint", type=Path, default=None, help="safetensors of a tiny model (else random init)")
@@ -36,7 +36,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = ByteTokenizer()
     torch.manual_seed(0)
-    model = build_model("tiny", rule=args.rule, segment_len=args.segment_len).to(device).eval()
+    model = build_model("tiny", memory=args.memory, segment_len=args.segment_len).to(device).eval()
     if args.checkpoint is not None:
         from safetensors.torch import load_model
 
@@ -61,7 +61,7 @@ def main() -> None:
                      "peak_mib": peak, "acc": s["acc"], "exact": s["exact"], "segments_back": s["segments_back"]})
         print(json.dumps(rows[-1]), flush=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                    "torch": torch.__version__, "rule": args.rule, "segment_len": args.segment_len,
+                                    "torch": torch.__version__, "memory": args.memory, "segment_len": args.segment_len,
                                     "checkpoint": str(args.checkpoint), "key_range": key_range, "rows": rows}, indent=2))
     print("| length | samples | s/sample | tokens/s | peak MiB | token acc | exact |")
     print("|---|---|---|---|---|---|---|")

@@ -306,7 +306,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
                    "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(eval_books)],
     })
-    plot = line_plot({cfg.memory.rule: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
+    plot = line_plot({cfg.memory.name: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
                      "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
                      "Summary quality against input length (paper Figure 4)", x=lengths, logx=True)
     run.log_image("booksum/length_sweep", plot, step=tcfg.steps)

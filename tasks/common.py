@@ -16,8 +16,14 @@ from infini_bench.train import TrainConfig
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
 
 
+def memory_fields(cfg: DictConfig) -> dict:
+    """ModelConfig's memory and memory_args from the memory config group (its name and its parameters)."""
+    args = {k: v for k, v in OmegaConf.to_container(cfg.memory, resolve=True).items() if k != "name"}
+    return {"memory": cfg.memory.name, "memory_args": args or None}
+
+
 def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
-    """The flavour's architecture with the run-time knobs, memory.rule and model.arch applied."""
+    """The flavour's architecture with the run-time knobs, memory and model.arch applied."""
     check_choice("model.flavour", cfg.model.flavour, list(FLAVOURS))
     base = FLAVOURS[cfg.model.flavour]
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True) if cfg.model.get("arch") else {}
@@ -26,7 +32,7 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
     if unknown:
         raise ConfigError(f"model.arch.{unknown[0]}", f"is not a model field; accepted: {', '.join(sorted(fields))}")
     knobs = {k: cfg.model[k] for k in _MODEL_KNOBS if cfg.model.get(k) is not None}
-    out = dataclasses.replace(base, **arch, **knobs, rule=cfg.memory.rule)
+    out = dataclasses.replace(base, **arch, **knobs, **memory_fields(cfg))
     if vocab_size is not None and vocab_size > out.vocab_size:
         if cfg.model.flavour == "tiny":  # the tiny flavour follows its tokenizer
             out = dataclasses.replace(out, vocab_size=vocab_size)
@@ -43,7 +49,7 @@ def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, objec
         from infini_bench.pretrained import load_pretrained
 
         model, tokenizer = load_pretrained(cfg.model.pretrained, segment_len=cfg.model.segment_len,
-                                           rule=cfg.memory.rule, gate_init=cfg.model.gate_init)
+                                           **memory_fields(cfg), gate_init=cfg.model.gate_init)
     else:
         model, tokenizer = _random_model(cfg)
     if cfg.model.get("init_from"):

@@ -152,7 +152,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     # Does the loss fall later in a book, as the memory fills? A table W&B can plot, and a PNG.
     run.log_table(f"{split}/loss_by_segment", ["segment", "loss"],
                   [[k, v] for k, v in enumerate(final["loss_by_segment"])], step=tcfg.steps)
-    curve = line_plot({cfg.memory.rule: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
+    curve = line_plot({cfg.memory.name: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
                       "segment index in document", "mean token loss (nats)", "Loss by segment position")
     run.log_image(f"{split}/loss_by_segment", curve, step=tcfg.steps)
     log_gates(model, run, tcfg.steps)

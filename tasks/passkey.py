@@ -500,7 +500,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                "n_same", "acc_same"]
     run.log_table("passkey/grid", columns, [[r[c] for c in columns] for r in rows])
     mode = "zero-shot" if not steps else f"{steps} training steps"
-    title = f"passkey token accuracy, memory={cfg.memory.rule}, {mode}"
+    title = f"passkey token accuracy, memory={cfg.memory.name}, {mode}"
     run.log_image("passkey/heatmap", grid_heatmap(rows, Path(run.out_dir) / "passkey_heatmap.png", title), step=steps)
     log_gates(model, run, steps)
     return results

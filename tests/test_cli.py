@@ -47,7 +47,7 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["memory"]["rule"] == "linear"
+    assert results["config"]["memory"]["name"] == "linear"
     r = results["results"]
     assert r["val/ppl"] > 1 and r["val/bpb"] > 0 and r["model/memory_floats"] == 32 * 33 * 2 * 2
     assert len(r["val/loss_by_segment"]) == 4  # 256 tokens in segments of 64
@@ -66,7 +66,7 @@ def test_every_task_model_memory_composes(task, model, memory):
         pytest.skip(f"task {task} not configured")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"task={task}", f"model={model}", f"memory={memory}"])
-    assert cfg.task.name == task and cfg.memory.rule == memory and cfg.model.name == model
+    assert cfg.task.name == task and cfg.memory.name == memory and cfg.model.name == model
 
 
 def test_model_arch_overrides_any_flavour_field():

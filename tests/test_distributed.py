@@ -31,7 +31,7 @@ STEPS, GLOBAL_BATCH, T = 3, 4, 48
 def tiny_model():
     torch.manual_seed(0)
     # Tied embeddings: the root FSDP unit must keep embed and lm_head one parameter.
-    return build_model("tiny", segment_len=16, rule="delta", tie_embeddings=True)
+    return build_model("tiny", segment_len=16, memory="delta", tie_embeddings=True)
 
 
 def make_optimizer(model):
@@ -227,7 +227,7 @@ def test_rank0_prepares_data_and_both_ranks_read_it(two_ranks):
 @pytest.mark.slow
 def test_weights_exported_from_two_ranks_load_into_one_process(two_ranks):
     out, dist_out = two_ranks
-    model = build_model("tiny", segment_len=16, rule="delta", tie_embeddings=True)
+    model = build_model("tiny", segment_len=16, memory="delta", tie_embeddings=True)
     load_weights(model, str(out / "model.safetensors"))
     assert model.lm_head.weight is model.embed.weight
     for name, p in model.state_dict().items():
@@ -259,7 +259,7 @@ def test_single_process_checkpoint_round_trip(tmp_path):
     plain_step(model, optimizer, 0)
     optimizer.param_groups[0]["lr"] = 3e-3  # as a schedule would: not a tensor, restored all the same
     save_checkpoint(tmp_path / "ckpt", model, optimizer, extra={"step": 1, "tokens": 192})
-    fresh = build_model("tiny", segment_len=16, rule="delta", tie_embeddings=True)
+    fresh = build_model("tiny", segment_len=16, memory="delta", tie_embeddings=True)
     fresh_opt = make_optimizer(fresh)
     assert load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt) == {"step": 1, "tokens": 192}
     assert fresh_opt.param_groups[0]["lr"] == 3e-3

@@ -12,7 +12,7 @@ from infini_bench.tokenizer import ByteTokenizer
 
 def test_streaming_perplexity_equals_parallel_forward():
     torch.manual_seed(0)
-    model = build_model("tiny", segment_len=16, rule="delta").eval()
+    model = build_model("tiny", segment_len=16, memory="delta").eval()
     doc = Document("d", "It was the best of times, it was the worst of times, it was the age of wisdom. " * 3)
     res = evaluate_lm(model, (doc,), ByteTokenizer(), torch.device("cpu"))
     ids = torch.tensor(ByteTokenizer().encode(doc.text))

@@ -10,7 +10,7 @@ N = 16  # segment length: every test below crosses several segment boundaries
 
 def tiny(rule="linear"):
     torch.manual_seed(0)
-    model = build_model("tiny", rule=rule, segment_len=N).eval()
+    model = build_model("tiny", memory=rule, segment_len=N).eval()
     with torch.no_grad():  # open the gates away from 0.5 so the memory path matters
         for layer in model.layers:
             layer.attn.gate.normal_(0, 2)

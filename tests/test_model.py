@@ -7,7 +7,7 @@ from infini_bench.model import FLAVOURS, build_model
 
 def tiny(rule="linear", **kw):
     torch.manual_seed(0)
-    model = build_model("tiny", rule=rule, segment_len=16, **kw).eval()
+    model = build_model("tiny", memory=rule, segment_len=16, **kw).eval()
     with torch.no_grad():  # open the gates away from 0.5 so the memory path matters
         for layer in model.layers:
             layer.attn.gate.normal_(0, 2)
@@ -110,8 +110,8 @@ def test_paper_memory_footprint():
 def test_bad_flavour_and_rule():
     with pytest.raises(ValueError, match="model.flavour: 'huge' is not one of tiny"):
         build_model("huge")
-    with pytest.raises(ValueError, match="memory.rule: 'foo' is not one of linear, delta, none"):
-        build_model("tiny", rule="foo")
+    with pytest.raises(ValueError, match="memory: 'foo' is not one of linear, delta, none"):
+        build_model("tiny", memory="foo")
 
 
 def test_rotary_frequencies_stay_fp32_in_a_bf16_model():
@@ -136,7 +136,7 @@ def test_compiled_blocks_stream_the_same_function():
     """model.compile_blocks (trainer.compile=true; 2x faster 1M-token prefill on an H200) changes no number
     beyond fp32 rounding and no parameter name (checkpoints stay loadable). About 15 s of compiling on CPU."""
     torch.manual_seed(0)
-    model = build_model("tiny", segment_len=16, n_layers=1, rule="delta").eval()
+    model = build_model("tiny", segment_len=16, n_layers=1, memory="delta").eval()
     ids = torch.randint(0, 259, (2, 48))
     names = [n for n, _ in model.named_parameters()]
     with torch.no_grad():

@@ -146,7 +146,7 @@ def test_summary_splits_by_where_the_key_sat():
 
 def tiny_model(rule="linear", segment_len=32, **arch):
     torch.manual_seed(0)
-    model = build_model("tiny", rule=rule, segment_len=segment_len, **arch).eval()
+    model = build_model("tiny", memory=rule, segment_len=segment_len, **arch).eval()
     with torch.no_grad():
         for layer in model.layers:
             layer.attn.gate.normal_(0, 2)

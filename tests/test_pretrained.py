@@ -85,7 +85,7 @@ def test_gqa_llama3_rope_sharded_equals_transformers(llama_gqa):
     path, hf = llama_gqa
     assert (path / "model.safetensors.index.json").is_file()  # the sharded layout is what gets read
     x = ids()
-    logits, model = ours(path, x, segment_len=64, rule="none")
+    logits, model = ours(path, x, segment_len=64, memory="none")
     assert model.cfg.n_kv_heads == 2 and model.cfg.rope_scaling["rope_type"] == "llama3"
     assert all(p.requires_grad and not p.is_meta for p in model.parameters())  # trainable, nothing left on meta
     assert not model.rotary.inv_freq.is_meta
@@ -97,7 +97,7 @@ def test_closed_gates_equal_transformers_per_segment(llama_gqa, rule):
     """Segments shorter than the input: with the gates shut, each segment is HF on that segment alone."""
     path, hf = llama_gqa
     x = ids()
-    logits, _ = ours(path, x, segment_len=16, rule=rule, gate_init=-40.0)  # sigmoid(-40) ~ 4e-18
+    logits, _ = ours(path, x, segment_len=16, memory=rule, gate_init=-40.0)  # sigmoid(-40) ~ 4e-18
     expected = hf_segmentwise(hf, x, 16)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert (expected - hf_logits(hf, x))[:, 16:].abs().max() > 1e-2  # and that differs from full attention
@@ -107,7 +107,7 @@ def test_open_gates_differ(llama_gqa):
     """The memory path is live once the gates open: the comparison above is not vacuous."""
     path, hf = llama_gqa
     x = ids()
-    logits, _ = ours(path, x, segment_len=16, rule="linear", gate_init=0.0)
+    logits, _ = ours(path, x, segment_len=16, memory="linear", gate_init=0.0)
     assert (logits - hf_segmentwise(hf, x, 16))[:, 16:].abs().max() > 1e-3
 
 
@@ -118,7 +118,7 @@ def test_tied_embeddings_equal_transformers(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in f.keys()
     x = ids()
-    logits, model = ours(tmp_path, x, segment_len=48, rule="none")
+    logits, model = ours(tmp_path, x, segment_len=48, memory="none")
     assert model.lm_head.weight is model.embed.weight
     torch.testing.assert_close(logits, hf_logits(hf, x), rtol=1e-4, atol=1e-4)
 
@@ -126,7 +126,7 @@ def test_tied_embeddings_equal_transformers(tmp_path):
 def test_qwen2_qkv_bias_equals_transformers(tmp_path):
     hf = save_hf_model(tmp_path, kind="qwen2", num_key_value_heads=2, tie_word_embeddings=True)
     x = ids()
-    logits, model = ours(tmp_path, x, segment_len=64, rule="none")
+    logits, model = ours(tmp_path, x, segment_len=64, memory="none")
     assert model.cfg.qkv_bias and model.layers[0].attn.wq.bias is not None
     torch.testing.assert_close(logits, hf_logits(hf, x), rtol=1e-4, atol=1e-4)
 
@@ -135,16 +135,16 @@ def test_mistral_sliding_window_equals_transformers(tmp_path):
     """A window at least one segment long never masks anything inside a segment."""
     hf = save_hf_model(tmp_path, kind="mistral", num_key_value_heads=1, sliding_window=32)
     x = ids()
-    logits, _ = ours(tmp_path, x, segment_len=16, rule="linear", gate_init=-40.0)
+    logits, _ = ours(tmp_path, x, segment_len=16, memory="linear", gate_init=-40.0)
     torch.testing.assert_close(logits, hf_segmentwise(hf, x, 16), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="sliding_window=32 is shorter than model.segment_len=64"):
-        load_pretrained(str(tmp_path), segment_len=64, rule="linear")
+        load_pretrained(str(tmp_path), segment_len=64, memory="linear")
 
 
 def test_bf16_load_close_to_fp32(llama_gqa):
     path, hf = llama_gqa
     x = ids()
-    model, _ = load_pretrained(str(path), segment_len=64, rule="none", dtype=torch.bfloat16)
+    model, _ = load_pretrained(str(path), segment_len=64, memory="none", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with torch.no_grad():
         logits = model.eval()(x).logits.float()
@@ -153,7 +153,7 @@ def test_bf16_load_close_to_fp32(llama_gqa):
 
 def test_tokenizer_round_trip(llama_gqa):
     path, _ = llama_gqa
-    _, tok = load_pretrained(str(path), segment_len=64, rule="none")
+    _, tok = load_pretrained(str(path), segment_len=64, memory="none")
     reference = transformers.AutoTokenizer.from_pretrained(str(path))
     for text in TEXTS + ["unseen wörds, 12345 and ümlauts!"]:
         encoded = tok.encode(text)
@@ -175,11 +175,11 @@ LLAMA_3_2_1B = {  # the published config.json of Llama-3.2-1B (transformers 4.45
 
 
 def test_config_matches_1b_flavour_in_both_layouts():
-    cfg = config_from_hf(LLAMA_3_2_1B, segment_len=2048, rule="linear")
-    assert cfg == replace(FLAVOURS["1b"], segment_len=2048, rule="linear")
+    cfg = config_from_hf(LLAMA_3_2_1B, segment_len=2048, memory="linear")
+    assert cfg == replace(FLAVOURS["1b"], segment_len=2048, memory="linear")
     v5 = {k: v for k, v in LLAMA_3_2_1B.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {**LLAMA_3_2_1B["rope_scaling"], "rope_theta": 500000.0}
-    assert config_from_hf(v5, segment_len=2048, rule="linear") == cfg
+    assert config_from_hf(v5, segment_len=2048, memory="linear") == cfg
 
 
 @pytest.mark.parametrize("change, words", [
@@ -189,7 +189,7 @@ def test_config_matches_1b_flavour_in_both_layouts():
 ])
 def test_unsupported_configs_name_the_key(change, words):
     with pytest.raises(ConfigError, match="model.pretrained") as err:
-        config_from_hf({**LLAMA_3_2_1B, **change}, segment_len=2048, rule="linear")
+        config_from_hf({**LLAMA_3_2_1B, **change}, segment_len=2048, memory="linear")
     assert words in str(err.value)
 
 
@@ -198,7 +198,7 @@ def test_unsupported_architecture_on_disk(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma"}))
     with pytest.raises(ConfigError, match="model.pretrained: model_type 'gemma' is not supported"):
-        load_pretrained(str(tmp_path), segment_len=64, rule="linear")
+        load_pretrained(str(tmp_path), segment_len=64, memory="linear")
 
 
 @pytest.mark.parametrize("name", ["/nonexistent/checkpoint", "infini-bench-tests/no-such-model"])
@@ -210,7 +210,7 @@ def test_unreachable_checkpoint_is_one_line(name, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ConfigError) as err:
-        load_pretrained(name, segment_len=64, rule="linear")
+        load_pretrained(name, segment_len=64, memory="linear")
     message = str(err.value)
     assert message.startswith(f"model.pretrained: {name!r} could not be loaded: ")
     assert "\n" not in message
