@@ -1,42 +1,31 @@
 """Streaming generation: constant-memory prompt encoding, then one token at a time with a one-segment KV cache.
 
-The decoder state holds, per layer, the compressive memory written by every finished segment and a KV cache
-of the *current* segment only (at most `segment_len` tokens, preallocated). A token at position p of its
-segment attends to the cached keys 0..p with RoPE offset p (positions restart at 0 in every segment, as in
-the parallel path) and reads the memory of earlier segments (Eq. 7). When the segment fills up, it is written
-to the memory (Eq. 8 or 9) exactly as the segment-parallel path writes it, and the cache is cleared. So the
-logits of prefill + decode equal one parallel forward over the same tokens, and the cost of a step does not
-grow with the context: the cache never holds more than one segment.
+The decoder state holds, per layer, the memory state written by every finished segment (whatever the memory:
+Infini-attention's M and z, Transformer-XL's cache, ...) and the keys and values of the *current* segment
+(at most `segment_len` tokens, preallocated). New tokens go through the model's own blocks with that cache
+(`InfiniTransformer.hidden(..., cache=, pos=)`), so decoding shares one definition of the block with training.
+When the segment fills up, each layer's memory writes it exactly as the segment-parallel path does, and the
+cache starts over. So the logits of prefill + decode equal one parallel forward over the same tokens.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from infini_bench.attention import MemoryState, memory_read, memory_write
-from infini_bench.model import InfiniAttentionLayer, InfiniTransformer, Rotary
-
-
-@dataclass
-class LayerCache:
-    """One layer's view of the past: memory of finished segments, keys and values of the current one."""
-
-    memory: MemoryState | None  # None: no segment finished yet (or rule 'none')
-    k_rot: Tensor  # (B, H_kv, N, D) keys rotated at their position in the segment, for local attention
-    k: Tensor  # (B, H_kv, N, D) un-rotated keys, for the memory write
-    v: Tensor  # (B, H_kv, N, D_v)
+from infini_bench.model import InfiniTransformer, LocalCache
 
 
 @dataclass
 class DecodeState:
-    """Everything a decoder needs to continue a sequence: constant size in the sequence length."""
+    """Everything a decoder needs to continue a sequence (constant size unless the memory grows, as full's)."""
 
-    layers: list[LayerCache]
+    states: list[Any]  # per layer: the memory state after the finished segments (None: nothing yet)
+    cache: list[LocalCache]  # per layer: keys and values of the current segment
     pos: int = 0  # tokens of the current segment already in the caches, 0 <= pos < segment_len
     length: int = 0  # tokens consumed so far
 
@@ -49,41 +38,24 @@ class Generation(NamedTuple):
 
 def new_state(model: InfiniTransformer, batch_size: int = 1) -> DecodeState:
     """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly)."""
+    if model.stack_memory is not None:
+        return model.stack_memory.new_decode_state(model, batch_size)
     cfg = model.cfg
     p = model.embed.weight
     shape = (batch_size, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
-
-    def buf() -> Tensor:
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
-
-    return DecodeState([LayerCache(None, buf(), buf(), buf()) for _ in range(cfg.n_layers)])
+    cache = [LocalCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                        torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
+    return DecodeState([None] * cfg.n_layers, cache)
 
 
-def _attend(attn: InfiniAttentionLayer, x: Tensor, cache: LayerCache, pos: int, rotary: Rotary) -> Tensor:
-    """Infini-attention for L new tokens at segment positions pos .. pos+L-1, against the cached segment.
-
-    x (B, L, dim) -> (B, L, dim). Writes the new keys and values into the cache.
-    """
-    b, length, _ = x.shape
-    q, k, v = attn.qkv(x)  # (B, H, L, D), (B, H_kv, L, D), (B, H_kv, L, D_v)
-    end = pos + length
-    cache.k_rot[:, :, pos:end] = rotary(k, offset=pos)
-    cache.k[:, :, pos:end] = k
-    cache.v[:, :, pos:end] = v
-    keys, values = cache.k_rot[:, :, :end], cache.v[:, :, :end]  # (B, H_kv, end, D)
-    mask = None
-    if length > 1:  # query i sits at segment position pos + i and sees keys 0 .. pos + i (Eq. 6, causal)
-        rows = torch.arange(pos, end, device=x.device)[:, None]
-        mask = torch.arange(end, device=x.device)[None, :] <= rows  # (L, end)
-    a_dot = F.scaled_dot_product_attention(rotary(q, offset=pos), keys, values, attn_mask=mask,
-                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, H, L, D_v)
-    if cache.memory is None:  # start of the document (or rule 'none'): A = A_dot
-        out = a_dot
+def _end_segment(model: InfiniTransformer, state: DecodeState) -> None:
+    """The segment is full: every layer's memory writes it, as the segment-parallel path would."""
+    if model.stack_memory is not None:
+        model.stack_memory.end_decode_segment(model, state)
     else:
-        a_mem = memory_read(q, cache.memory)  # Eq. 7, un-rotated q, fp32
-        gate = torch.sigmoid(attn.gate.float()).view(1, -1, 1, 1)
-        out = (gate * a_mem + (1.0 - gate) * a_dot.float()).to(q.dtype)  # Eq. 10
-    return attn.wo(out.transpose(1, 2).reshape(b, length, -1))  # Eq. 11
+        state.states = [block.attn.memory.write(s, c.k, c.v)
+                        for block, s, c in zip(model.layers, state.states, state.cache)]
+    state.pos = 0
 
 
 def _extend(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: bool) -> Tensor:
@@ -91,18 +63,11 @@ def _extend(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only
     n = model.cfg.segment_len
     pos, length = state.pos, ids.shape[1]
     assert pos + length <= n, "a chunk must not cross a segment boundary"
-    x = model.embed(ids)
-    for block, cache in zip(model.layers, state.layers):
-        x = x + _attend(block.attn, block.attn_norm(x), cache, pos, model.rotary)
-        x = x + block.ffn(block.ffn_norm(x))
-    h = model.norm(x[:, -1:] if last_only else x)
+    h, _ = model.hidden(ids, state.states, cache=state.cache, pos=pos)
     state.pos, state.length = pos + length, state.length + length
-    if state.pos == n:  # the segment is finished: write it to memory as the parallel path would, clear the cache
-        if model.cfg.memory != "none":
-            for cache in state.layers:
-                cache.memory = memory_write(cache.k, cache.v, model.cfg.memory, cache.memory)
-        state.pos = 0
-    return model.lm_head(h)
+    if state.pos == n:
+        _end_segment(model, state)
+    return model.lm_head(h[:, -1:] if last_only else h)
 
 
 @torch.inference_mode()
@@ -119,10 +84,8 @@ def feed(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: b
     start, t = 0, ids.shape[1]
     while start < t:
         if state.pos == 0 and t - start >= n:
-            seg = ids[:, start: start + n].to(device)
-            res = model(seg, [c.memory for c in state.layers], last_only=last_only)
-            for cache, memory in zip(state.layers, res.states):
-                cache.memory = memory
+            res = model(ids[:, start: start + n].to(device), state.states, last_only=last_only)
+            state.states = res.states
             state.length += n
             logits, start = res.logits, start + n
         else:
@@ -147,39 +110,50 @@ def decode_step(model: InfiniTransformer, token: Tensor, state: DecodeState) -> 
     return _extend(model, token.view(-1, 1).to(model.embed.weight.device), state, last_only=True)[:, -1]
 
 
+def _copy_into(fixed: Any, value: Any) -> None:
+    """Copy a memory state (a NamedTuple of tensors) into preallocated buffers of the same shapes."""
+    for dst, src in zip(fixed, value):
+        dst.copy_(src)
+
+
 class StaticDecoder:
     """decode_step with fixed shapes and addresses, so that on a GPU one step is captured as a CUDA graph and
     replayed for every token: one launch instead of several hundred small kernels, which is what an eager
     step of a 1B model spends its time on at batch 1 (docs/BENCHMARKS.md, decode section).
 
-    The step attends over the whole one-segment KV cache with a mask up to the current position, and reads
-    the memory from fixed buffers, with a flag for "no segment finished yet" (then A = A_dot, as in
-    decode_step). The position lives on the device. Once every N tokens the finished segment is written to
-    memory outside the graph, as decode_step does. It owns `state` while it decodes: feed it no other way.
+    The step runs the model's blocks over the whole one-segment cache with a mask up to the current position
+    (the position lives on the device), reading each layer's memory from fixed buffers that hold an empty
+    state until a segment is finished (the memory's `empty_state`; reads of it fall back to local attention).
+    Once every N tokens the finished segment is written outside the graph, as decode_step does, and copied into
+    the buffers. A memory whose state grows (full attention) cannot be captured: it decodes eagerly, with a
+    warning. It owns `state` while it decodes: feed it no other way.
     """
 
     def __init__(self, model: InfiniTransformer, state: DecodeState, graph: bool | None = None):
         cfg = model.cfg
         self.model, self.state = model, state
         device = model.embed.weight.device
-        batch = state.layers[0].k.shape[0]
+        batch = state.cache[0].k.shape[0] if state.cache else 1
+        self.eager = not all(b.attn.memory.capturable for b in model.layers) or model.stack_memory is not None
+        if self.eager:
+            if graph:
+                warnings.warn(f"memory={cfg.memory} cannot be captured as a CUDA graph: decoding eagerly")
+            self.graph = None
+            return
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
-        self.slots = torch.arange(cfg.segment_len, device=device)
-        self.has_memory = torch.tensor(state.layers[0].memory is not None, device=device)
-        self.memory: list[MemoryState] = []
-        for cache in state.layers:
-            shape_m = (batch, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim)
-            fixed = MemoryState(torch.zeros(shape_m, dtype=torch.float32, device=device),
-                                torch.zeros(shape_m[:3], dtype=torch.float32, device=device))
-            if cache.memory is not None:
-                fixed.M.copy_(cache.memory.M)
-                fixed.z.copy_(cache.memory.z)
-                cache.memory = fixed
-            self.memory.append(fixed)
-        model.rotary.table(cfg.segment_len, device)
+        dtype = model.embed.weight.dtype
+        self.fixed = [b.attn.memory.empty_state(batch, device, dtype) for b in model.layers]
+        self._sync_memory()
+        model.rotary.table(cfg.segment_len + max(b.attn.memory.context_len() for b in model.layers), device)
         self.graph = None
         self._warm_up_and_capture(graph if graph is not None else device.type == "cuda")
+
+    def _sync_memory(self) -> None:
+        """The buffers the step reads take the memory written so far (they stay empty before any write)."""
+        for fixed, real in zip(self.fixed, self.state.states):
+            if fixed is not None and real is not None:
+                _copy_into(fixed, real)
 
     @torch.inference_mode()
     def _warm_up_and_capture(self, capture: bool) -> None:
@@ -200,31 +174,16 @@ class StaticDecoder:
                 self.logits = self._step()
 
     def _step(self) -> Tensor:
-        model, cfg = self.model, self.model.cfg
-        x = model.embed(self.token)
-        b = x.shape[0]
-        visible = (self.slots <= self.pos).view(1, 1, 1, -1)  # slots 0 .. pos of the current segment
-        at = self.pos.view(1)
-        for block, cache, memory in zip(model.layers, self.state.layers, self.memory):
-            attn = block.attn
-            q, k, v = attn.qkv(block.attn_norm(x))
-            cache.k_rot.index_copy_(2, at, model.rotary(k, offset=self.pos))
-            cache.k.index_copy_(2, at, k)
-            cache.v.index_copy_(2, at, v)
-            out = F.scaled_dot_product_attention(model.rotary(q, offset=self.pos), cache.k_rot, cache.v,
-                                                 attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1])
-            if cfg.memory != "none":
-                gate = torch.sigmoid(attn.gate.float()).view(1, -1, 1, 1)
-                mixed = gate * memory_read(q, memory) + (1.0 - gate) * out.float()  # Eq. 10
-                out = torch.where(self.has_memory, mixed, out.float()).to(q.dtype)
-            x = x + attn.wo(out.transpose(1, 2).reshape(b, 1, -1))
-            x = x + block.ffn(block.ffn_norm(x))
-        return model.lm_head(model.norm(x))[:, -1]
+        model = self.model
+        h, _ = model.hidden(self.token, self.fixed, cache=self.state.cache, pos=self.pos)
+        return model.lm_head(h)[:, -1]
 
     @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
         """One new token per row, token (B,) -> logits of the next one (B, V); advances the state."""
-        state, cfg = self.state, self.model.cfg
+        state = self.state
+        if self.eager:
+            return decode_step(self.model, token, state)
         self.token.copy_(token.view(-1, 1))
         self.pos.fill_(state.pos)
         if self.graph is not None:
@@ -233,15 +192,9 @@ class StaticDecoder:
         else:
             logits = self._step()
         state.pos, state.length = state.pos + 1, state.length + 1
-        if state.pos == cfg.segment_len:  # the segment is finished: write it to memory, as decode_step does
-            if cfg.memory != "none":
-                for cache, fixed in zip(state.layers, self.memory):
-                    written = memory_write(cache.k, cache.v, cfg.memory, cache.memory)
-                    fixed.M.copy_(written.M)
-                    fixed.z.copy_(written.z)
-                    cache.memory = fixed
-                self.has_memory.fill_(True)
-            state.pos = 0
+        if state.pos == self.model.cfg.segment_len:  # the segment is finished: write it, as decode_step does
+            _end_segment(self.model, state)
+            self._sync_memory()
         return logits
 
 

@@ -1,8 +1,10 @@
-"""A Llama-style decoder whose every attention layer is Infini-attention.
+"""A Llama-style decoder whose attention layers carry a memory across segments (Infini-attention or a baseline).
 
 RMSNorm, RoPE on the local attention only, SwiGLU, GQA, optional tied embeddings. Sizes are named flavours
-in `FLAVOURS`. The forward pass takes and returns one `MemoryState` per layer, so a sequence of any length
-can be fed whole (segment-parallel, for training) or a segment at a time (streaming, constant memory).
+in `FLAVOURS`; the memory is a registered component (`infini_bench.memories`). The forward pass takes and
+returns one memory state per layer, so a sequence of any length can be fed whole (segment-parallel, for
+training) or a segment at a time (streaming); with a `cache` it continues a partial segment token by token
+(decoding, `infini_bench.generate`). The block is defined once, here, for all three.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from infini_bench.attention import RULES, MemoryState, infini_attention
 from infini_bench.errors import ConfigError, check_choice
+from infini_bench.memories import Footprint, memory_class, resolve_args
+from infini_bench.memories.base import local_attention, mix
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,15 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("memory", self.memory, RULES)
+        resolve_args(self.memory, self.memory_args)  # a registered name and only its own parameters
         if not isinstance(self.segment_len, int) or self.segment_len <= 0:
             raise ConfigError("model.segment_len", f"{self.segment_len!r} must be a positive integer")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("model.n_heads", f"{self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
 
-    @property
-    def memory_floats(self) -> int:
-        """Paper Table 1: d_key (d_value + 1) H l, counted per kv head (one memory per kv head)."""
-        return self.head_dim * (self.head_dim + 1) * self.n_kv_heads * self.n_layers
+    def footprint(self, seq_len: int) -> Footprint:
+        """Memory carried between segments (the paper's Table 1) for sequences of seq_len tokens."""
+        return memory_class(self.memory).footprint(self, resolve_args(self.memory, self.memory_args), seq_len)
 
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) + self.n_heads
@@ -159,10 +161,17 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-class InfiniAttentionLayer(nn.Module):
-    """Projections and gate around the functional Infini-attention core."""
+class LocalCache(NamedTuple):
+    """The current segment's keys and values while decoding: k (B, H_kv, N, D) un-rotated, v (B, H_kv, N, D_v)."""
 
-    def __init__(self, cfg: ModelConfig):
+    k: Tensor
+    v: Tensor
+
+
+class Attention(nn.Module):
+    """Projections, the memory and its gate around local causal attention."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
@@ -170,24 +179,51 @@ class InfiniAttentionLayer(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
-        # Eq. 10: one raw gate logit per query head, sigmoid(0) = 0.5 mixes memory and local attention.
-        self.gate = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_init)))
+        self.memory = memory_class(cfg.memory)(cfg, layer, resolve_args(cfg.memory, cfg.memory_args))
+        # Eq. 10: one raw gate logit per query head; sigmoid(0) = 0.5 mixes the memory and local attention.
+        gated = self.memory.gated and self.memory.active()
+        self.gate = nn.Parameter(torch.full((cfg.n_heads,), float(cfg.gate_init))) if gated else None
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, dim) -> q (B, H, T, D), k and v (B, H_kv, T, D), as strided views of the projections."""
-        b, t, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.wq(x).view(b, t, -1, hd).transpose(1, 2)
-        k = self.wk(x).view(b, t, -1, hd).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, hd).transpose(1, 2)
-        return q, k, v
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, T, heads * D) -> (B, heads, T, D), a strided view."""
+        return x.view(x.shape[0], x.shape[1], -1, self.cfg.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, state: MemoryState | None, rotary: Rotary) -> tuple[Tensor, MemoryState | None]:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x)
-        out, state = infini_attention(q, k, v, self.gate, segment_len=self.cfg.segment_len, rule=self.cfg.memory,
-                                      state=state, rotary=rotary)
+    def forward(self, h: Tensor, state, rotary: Rotary, h_detached: Tensor | None = None,
+                cache: LocalCache | None = None, pos: int | Tensor = 0):
+        """h (B, T, dim) normed -> (B, T, dim) and the memory state after it.
+
+        Without `cache`, T tokens from a segment boundary (segment-parallel). With it, T tokens at positions
+        pos .. pos+T-1 of the current segment, whose earlier keys sit in the cache; the state is not written
+        (the decoder writes it when the segment is full)."""
+        b, t, _ = h.shape
+        q, k, v = self.split_heads(self.wq(h)), self.split_heads(self.wk(h)), self.split_heads(self.wv(h))
+        if cache is None:
+            kv_detached = None
+            if h_detached is not None:  # Transformer-XL: cached rows recomputed from the detached input
+                kv_detached = (self.split_heads(self.wk(h_detached)), self.split_heads(self.wv(h_detached)))
+            out, state = self.memory(q, k, v, self.gate, state, rotary, kv_detached)
+        else:
+            out = cached_attention(self.memory, q, k, v, self.gate, state, cache, pos, rotary)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1)), state  # Eq. 11
+
+
+def cached_attention(memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state, cache: LocalCache,
+                     pos: int | Tensor, rotary: Rotary) -> Tensor:
+    """L new tokens at segment positions pos .. pos+L-1: written into the cache, then local attention over the
+    cache (slots 0 .. pos+i visible to token i) and the memory's context, mixed with its read (Eq. 10).
+
+    Fixed shapes whatever pos is (a 0-dim tensor while graph-captured), so one CUDA graph serves every step."""
+    length = q.shape[2]
+    if isinstance(pos, Tensor):
+        at = pos + torch.arange(length, device=q.device)
+        cache.k.index_copy_(2, at, k)
+        cache.v.index_copy_(2, at, v)
+    else:
+        cache.k[:, :, pos: pos + length] = k
+        cache.v[:, :, pos: pos + length] = v
+    ctx = memory.context(state) if state is not None else None
+    local = local_attention(q, cache.k, cache.v, rotary, ctx, pos=pos)
+    return mix(local, memory.read(q, state) if state is not None else None, gate)
 
 
 class FeedForward(nn.Module):
@@ -204,22 +240,26 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = InfiniAttentionLayer(cfg)
+        self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, state: MemoryState | None, rotary: Rotary) -> tuple[Tensor, MemoryState | None]:
-        h, state = self.attn(self.attn_norm(x), state, rotary)
+    def forward(self, x: Tensor, state, rotary: Rotary, cache: LocalCache | None = None, pos: int | Tensor = 0):
+        """x (B, T, dim) -> (B, T, dim) and the layer's memory state after it (see Attention.forward)."""
+        h_detached = None
+        if cache is None and self.attn.memory.detached_input and torch.is_grad_enabled():
+            h_detached = self.attn_norm(x.detach())  # the cached rows' input: no gradient into earlier segments
+        h, state = self.attn(self.attn_norm(x), state, rotary, h_detached, cache, pos)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
 
 
 class ModelOutput(NamedTuple):
     logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
-    states: list[MemoryState | None]
+    states: list  # one memory state per layer (None: nothing carried yet)
 
 
 class InfiniTransformer(nn.Module):
@@ -227,13 +267,33 @@ class InfiniTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg)
+        memory = memory_class(cfg.memory)
+        # A memory that changes the stack (RMT's memory tokens) drives the segment loop from here.
+        self.stack_memory = memory.build_stack(cfg, resolve_args(cfg.memory, cfg.memory_args)) \
+            if memory.model_level else None
         self.apply(self._init_weights)
+        self.init_memory_parameters()
+
+    def memory_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters a memory adds to a plain decoder (named as in state_dict)."""
+        return [(name, p) for name, p in self.named_parameters()
+                if name.endswith("attn.gate") or ".memory." in name or name.startswith("stack_memory.")]
+
+    def init_memory_parameters(self) -> None:
+        """Gates at cfg.gate_init and the memory's own parameters: the weights a pretrained checkpoint lacks."""
+        with torch.no_grad():
+            for block in self.layers:
+                if block.attn.gate is not None:
+                    block.attn.gate.fill_(float(self.cfg.gate_init))
+                block.attn.memory.reset_parameters()
+            if self.stack_memory is not None:
+                self.stack_memory.reset_parameters()
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -251,23 +311,34 @@ class InfiniTransformer(nn.Module):
             block.compile()
         self._blocks_compiled = True
 
-    def gates(self) -> Tensor:
-        """sigmoid(beta) per layer and head, (L, H): the paper's Figure 3."""
-        return torch.stack([torch.sigmoid(b.attn.gate.detach().float()) for b in self.layers])
+    def gate_layers(self) -> list[int]:
+        """The layers whose memory is mixed in by a gate (all for Infini-attention, one for Memorizing)."""
+        return [i for i, b in enumerate(self.layers) if b.attn.gate is not None]
 
-    def hidden(self, input_ids: Tensor, states: list[MemoryState | None] | None = None
-               ) -> tuple[Tensor, list[MemoryState | None]]:
-        """input_ids (B, T) -> final normed hidden states (B, T, dim) and the memory after token T."""
+    def gates(self) -> Tensor:
+        """sigmoid(beta) per gated layer and head, (len(gate_layers()), H): the paper's Figure 3."""
+        gates = [torch.sigmoid(self.layers[i].attn.gate.detach().float()) for i in self.gate_layers()]
+        return torch.stack(gates) if gates else torch.zeros(0, self.cfg.n_heads)
+
+    def hidden(self, input_ids: Tensor, states: list | None = None, cache: list[LocalCache] | None = None,
+               pos: int | Tensor = 0) -> tuple[Tensor, list]:
+        """input_ids (B, T) -> final normed hidden states (B, T, dim) and the memory states after token T.
+
+        Without `cache`, T tokens from a segment boundary; with one LocalCache per layer, T tokens at
+        positions pos .. of the current segment (decoding; the states are returned unchanged)."""
+        if self.stack_memory is not None:
+            return self.stack_memory.hidden(self, input_ids, states, cache, pos)
         states = list(states) if states is not None else [None] * self.cfg.n_layers
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            if self.cfg.activation_checkpointing and self.training:
+            c = cache[i] if cache is not None else None
+            if self.cfg.activation_checkpointing and self.training and c is None:
                 x, states[i] = checkpoint(layer, x, states[i], self.rotary, use_reentrant=False)
             else:
-                x, states[i] = layer(x, states[i], self.rotary)
+                x, states[i] = layer(x, states[i], self.rotary, c, pos)
         return self.norm(x), states
 
-    def forward(self, input_ids: Tensor, states: list[MemoryState | None] | None = None,
+    def forward(self, input_ids: Tensor, states: list | None = None,
                 last_only: bool = False) -> ModelOutput:
         """Segment-parallel forward over the whole of input_ids (B, T), starting from `states`."""
         h, states = self.hidden(input_ids, states)
@@ -275,7 +346,7 @@ class InfiniTransformer(nn.Module):
             h = h[:, -1:]
         return ModelOutput(self.lm_head(h), states)
 
-    def segments(self, input_ids: Tensor, states: list[MemoryState | None] | None = None,
+    def segments(self, input_ids: Tensor, states: list | None = None,
                  last_only: bool = False) -> Iterator[ModelOutput]:
         """Segment-streaming forward: yields each segment's output, carrying the memory, in constant memory."""
         n = self.cfg.segment_len
@@ -285,7 +356,7 @@ class InfiniTransformer(nn.Module):
             yield out
 
     @torch.no_grad()
-    def stream(self, input_ids: Tensor, states: list[MemoryState | None] | None = None,
+    def stream(self, input_ids: Tensor, states: list | None = None,
                last_only: bool = False) -> ModelOutput:
         """All of `segments`, concatenated (with last_only, only the very last position's logits are kept)."""
         logits = []

@@ -1,8 +1,8 @@
-"""Hugging Face Llama-architecture checkpoints -> `InfiniTransformer`, with the Infini-attention gates added.
+"""Hugging Face Llama-architecture checkpoints -> `InfiniTransformer`, with the memory's own parameters added.
 
 The paper converts existing 1B and 8B LLMs to Infini-attention and continues pre-training (Tables 3, 4).
-Only the gates are new: one logit beta per query head and layer (Eq. 10); every other weight maps one to
-one. HF-format Llama q/k weights already use the half-split rotary convention of our `Rotary`, so no
+Only the memory's parameters are new (Infini-attention's gates: one logit beta per query head and layer,
+Eq. 10; a baseline's gate or memory tokens); every other weight maps one to one. HF-format Llama q/k weights already use the half-split rotary convention of our `Rotary`, so no
 permutation is needed. Reads config.json, safetensors (single file or sharded) and the tokenizer, from a
 local directory or from the hub; never runs remote code. The configs' defaults are ungated copies of Meta's
 base weights: unsloth/Llama-3.2-1B (model=1b) and unsloth/Meta-Llama-3.1-8B (model=8b).
@@ -128,7 +128,7 @@ def _weight_files(root: Path) -> list[Path]:
 
 def load_state_dict(root: Path, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
                     ) -> dict[str, Tensor]:
-    """Our state dict from a checkpoint directory, gates included (filled with cfg.gate_init)."""
+    """Our state dict from a checkpoint directory: every weight the Hugging Face model has."""
     from safetensors import safe_open
 
     sd: dict[str, Tensor] = {}
@@ -140,9 +140,6 @@ def load_state_dict(root: Path, cfg: ModelConfig, dtype: torch.dtype, device: st
                     sd[ours] = f.get_tensor(name).to(device=device, dtype=dtype)  # one tensor at a time
     if cfg.tie_embeddings:  # the file holds one copy (or a duplicate): lm_head is the embedding
         sd["lm_head.weight"] = sd["embed.weight"]
-    for i in range(cfg.n_layers):  # Eq. 10: the only new parameters, absent from any checkpoint
-        sd[f"layers.{i}.attn.gate"] = torch.full((cfg.n_heads,), float(cfg.gate_init), dtype=dtype,
-                                                     device=device)
     return sd
 
 
@@ -166,10 +163,17 @@ def load_pretrained(
     sd = load_state_dict(root, cfg, dtype, device)
     with torch.device("meta"):  # no random init of billions of weights that are overwritten at once
         model = InfiniTransformer(cfg)
-    missing = sorted(set(model.state_dict()) - set(sd))
+    # The memory's own parameters (gates, memory tokens, ...) are the only ones no checkpoint has.
+    own = {name for name, _ in model.memory_parameters()}
+    missing = sorted(set(model.state_dict()) - set(sd) - own)
     if missing:
         raise ConfigError(KEY, f"{name_or_path!r} lacks {len(missing)} weights, e.g. {missing[0]!r}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, strict=False, assign=True)
+    for name in own:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(torch.empty_like(getattr(module, attr), dtype=dtype, device=device)))
+    model.init_memory_parameters()
     if cfg.tie_embeddings:  # assign=True gives each module its own Parameter: tie them again
         model.lm_head.weight = model.embed.weight
     model.rotary.inv_freq = rope_inv_freq(cfg).to(device)  # a non-persistent buffer, still on meta

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from infini_bench.distributed import (  # noqa: E402
     DistInfo, all_reduce_mean, cleanup, init_distributed, shard_model,
 )
+from infini_bench.memories import memory_names  # noqa: E402
 from infini_bench.model import FLAVOURS, build_model  # noqa: E402
 from infini_bench.train import lm_loss  # noqa: E402
 
@@ -133,7 +134,7 @@ def main() -> None:
                                                                                          "8b:8192:1")])
     p.add_argument("--out", type=Path, required=True, help="JSON results file (rank 0 writes it after every run)")
     p.add_argument("--segment-len", type=int, default=None, help="default: the flavour's (2048)")
-    p.add_argument("--memory", default="linear", choices=["linear", "delta", "none"])
+    p.add_argument("--memory", default="linear", choices=memory_names())
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="FSDP param_dtype (compute)")

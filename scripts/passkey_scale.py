@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from infini_bench.memories import memory_names  # noqa: E402
 from infini_bench.model import build_model  # noqa: E402
 from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
 from tasks.passkey import DEPTHS, evaluate_samples, make_sample, summarise  # noqa: E402
@@ -27,7 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="32768,131072,262144,524288,1048576")
     p.add_argument("--samples", type=int, default=2, help="per length and depth")
-    p.add_argument("--memory", default="linear", choices=("linear", "delta", "none"))
+    p.add_argument("--memory", default="linear", choices=memory_names())
     p.add_argument("--segment-len", type=int, default=64)
     p.add_argument("--key-range", default="1,50000", help="keys drawn from this range (the tiny default: 1,9)")
     p.add_argument("--checkpoint", type=Path, default=None, help="safetensors of a tiny model (else random init)")

@@ -38,7 +38,8 @@ from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
-from tasks.common import build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config
+from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
+                          train_config)
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -291,6 +292,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     main = lengths[-1]  # the paper's Table 4 is scored at its longest input, 500K
     results: dict = {f"booksum/{k}": v for k, v in scores[main].items()}
     results["booksum/input_len"] = main
+    results.update(footprint_results(model.cfg, main))
     for n in lengths:
         results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
         results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])

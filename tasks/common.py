@@ -111,6 +111,13 @@ def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+def footprint_results(model_cfg: ModelConfig, seq_len: int) -> dict[str, int]:
+    """The memory carried between segments at seq_len tokens (Table 1), three ways, for results.json."""
+    fp = model_cfg.footprint(seq_len)
+    return {"footprint/paper_floats": fp.paper_floats, "footprint/state_floats": fp.state_floats,
+            "footprint/state_bytes": fp.state_bytes, "footprint/seq_len": seq_len}
+
+
 def checkpoint_dir(run) -> Path:
     return Path(run.out_dir) / "checkpoints"
 

@@ -17,7 +17,8 @@ from infini_bench.evaluate import evaluate_lm
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
-from tasks.common import build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config
+from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
+                          train_config)
 
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
 
@@ -146,7 +147,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
                "train/steps": tcfg.steps, "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                "model/params": sum(p.numel() for p in model.parameters()),
-               "model/memory_floats": model.cfg.memory_floats,  # paper Table 1: d_key (d_value + 1) H l
+               **footprint_results(model.cfg, t.seq_len),  # paper Table 1
                f"{split}/loss_by_segment": final["loss_by_segment"]}
     run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=tcfg.steps)
     # Does the loss fall later in a book, as the memory fills? A table W&B can plot, and a PNG.

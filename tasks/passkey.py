@@ -33,7 +33,7 @@ from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
 from tasks.common import (  # noqa: E402
-    build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config,
+    build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates, train_config,
 )
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -493,7 +493,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if len(tokenizer.encode("0123456789")) == 10:  # one token per digit: the blind guess is well defined
         results["passkey/chance"] = chance_accuracy(key_range)
     steps += warmup
-    results.update({"train/steps": steps, "train/loss": summary.get("train/loss"), "passkey/grid": rows})
+    results.update({"train/steps": steps, "train/loss": summary.get("train/loss"), "passkey/grid": rows,
+                    **footprint_results(model.cfg, max(t.lengths))})
     run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=steps)
 
     columns = ["length", "depth", "depth_value", "n", "acc", "exact", "segments_back", "n_earlier", "acc_earlier",

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from infini_bench.memories import memory_names
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -21,7 +23,7 @@ def cli(*args, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["task=foo"], "task='foo' is not one of booksum, lm, passkey"),
-    (["memory=lstm"], "memory='lstm' is not one of delta, linear, none"),
+    (["memory=lstm"], "memory='lstm' is not one of delta, full, linear"),
     (["task=lm", "model.segment_len=0"], "model.segment_len: 0 must be a positive integer"),
     (["task=lm", "trainer.optimizer=sgd"], "trainer.optimizer: 'sgd' is not one of adamw, adafactor"),
     (["task=lm", "task.seq_len=100000000"], "task.seq_len: 100000000 does not fit the training text"),
@@ -49,7 +51,7 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["memory"]["name"] == "linear"
     r = results["results"]
-    assert r["val/ppl"] > 1 and r["val/bpb"] > 0 and r["model/memory_floats"] == 32 * 33 * 2 * 2
+    assert r["val/ppl"] > 1 and r["val/bpb"] > 0 and r["footprint/state_floats"] == 32 * 33 * 2 * 2
     assert len(r["val/loss_by_segment"]) == 4  # 256 tokens in segments of 64
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ppl" in row for row in rows) and any("gates/L0/H0" in row for row in rows)
@@ -60,7 +62,7 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
 @pytest.mark.parametrize("model", ["tiny", "lm_paper"])
-@pytest.mark.parametrize("memory", ["linear", "delta", "none"])
+@pytest.mark.parametrize("memory", memory_names())
 def test_every_task_model_memory_composes(task, model, memory):
     if not (ROOT / "conf" / "task" / f"{task}.yaml").exists():
         pytest.skip(f"task {task} not configured")

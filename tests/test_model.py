@@ -10,7 +10,8 @@ def tiny(rule="linear", **kw):
     model = build_model("tiny", memory=rule, segment_len=16, **kw).eval()
     with torch.no_grad():  # open the gates away from 0.5 so the memory path matters
         for layer in model.layers:
-            layer.attn.gate.normal_(0, 2)
+            if layer.attn.gate is not None:
+                layer.attn.gate.normal_(0, 2)
     return model
 
 
@@ -104,13 +105,15 @@ def test_activation_checkpointing_gives_same_gradients():
 
 
 def test_paper_memory_footprint():
-    assert FLAVOURS["lm_paper"].memory_floats == 128 * 129 * 8 * 12  # 1.59M, paper Table 2
+    fp = FLAVOURS["lm_paper"].footprint(32768)
+    assert fp.paper_floats == fp.state_floats == 128 * 129 * 8 * 12  # 1.59M, paper Table 2
+    assert fp.state_bytes == 4 * fp.state_floats  # M and z are fp32
 
 
 def test_bad_flavour_and_rule():
     with pytest.raises(ValueError, match="model.flavour: 'huge' is not one of tiny"):
         build_model("huge")
-    with pytest.raises(ValueError, match="memory: 'foo' is not one of linear, delta, none"):
+    with pytest.raises(ValueError, match="memory: 'foo' is not one of delta, full, linear, none"):
         build_model("tiny", memory="foo")
 
 

@@ -149,7 +149,8 @@ def tiny_model(rule="linear", segment_len=32, **arch):
     model = build_model("tiny", memory=rule, segment_len=segment_len, **arch).eval()
     with torch.no_grad():
         for layer in model.layers:
-            layer.attn.gate.normal_(0, 2)
+            if layer.attn.gate is not None:
+                layer.attn.gate.normal_(0, 2)
     return model
 
 

@@ -1,0 +1,11 @@
+"""Every memory behind one contract (`base.Memory`), registered by name: `memory=<name>` on the command line.
+
+Importing this package registers the built-in memories; `memory_names()` lists them for the configs, the
+tests, the benchmark and the report. docs/EXTENDING.md says how to add one.
+"""
+from infini_bench.memories.base import (MEMORIES, Context, Footprint, Memory, memory_class, memory_names,
+                                        register_memory, resolve_args)
+from infini_bench.memories import infini, txl  # noqa: F401  (registration)
+
+__all__ = ["MEMORIES", "Context", "Footprint", "Memory", "memory_class", "memory_names", "register_memory",
+           "resolve_args"]

@@ -1,0 +1,196 @@
+"""The contract every memory meets, and the registry that lists them.
+
+A memory is what a layer's attention sees beyond the current segment. Per layer it owns a small state
+(a NamedTuple of tensors, one row per batch item, `None` at a document start) and answers four questions:
+
+- `context(state)`: extra keys and values the local attention sees before the segment (Transformer-XL's
+  cache, full attention's whole past), with a validity mask; they sit at positions 0 .. M-1 and the segment
+  at M .. M+N-1, so RoPE stays window-local;
+- `read(q, state)`: a retrieval mixed into the local attention's output by a learned gate per head, Eq. 10
+  of the Infini-attention paper (the compressive memory's Eq. 7, or a kNN top-k);
+- `write(state, k, v)`: the state after a segment's un-rotated keys and values were added to it;
+- `forward(...)`: a whole sequence from `state`, segment-parallel where the memory's math allows. The base
+  class computes it segment by segment from the three methods above, which is also the definition the fast
+  paths are tested against.
+
+Memories that change the stack rather than a layer (RMT's memory tokens) set `model_level = True` and are
+driven by the model's segment loop (see `infini_bench.model`).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from infini_bench.errors import ConfigError, check_choice
+
+
+class Context(NamedTuple):
+    """Keys and values before the segment: k (B, H_kv, M, D) un-rotated, v (B, H_kv, M, D_v), valid (B, M)."""
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+
+
+class Footprint(NamedTuple):
+    """Memory a model carries between segments (the paper's Table 1), three ways."""
+
+    paper_floats: int  # the paper's formula (multi-head H = n_heads, as the paper counts)
+    state_floats: int  # the floats of the state this implementation carries (GQA counts kv heads)
+    state_bytes: int  # its bytes
+
+
+class Memory(nn.Module):
+    """One layer's memory. Subclasses set `name`, `defaults` and override what differs from local attention."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # accepted memory_args and their defaults
+    gated: ClassVar[bool] = False  # read() is mixed in by a per-head gate (Eq. 10)
+    model_level: ClassVar[bool] = False  # changes the stack, not the layer (RMT)
+    capturable: ClassVar[bool] = True  # fixed-shape state: decoding can be captured as a CUDA graph
+    whole_sequence: ClassVar[bool] = False  # ignores segment_len (full attention)
+    detached_input: bool = False  # forward() wants k, v recomputed from the layer's detached input (TXL)
+
+    def __init__(self, cfg, layer: int, args: dict[str, Any]):
+        super().__init__()
+        self.cfg, self.layer, self.args = cfg, layer, args
+
+    # ---- per-layer state -----------------------------------------------------------------------------------
+    def context_len(self) -> int:
+        """M: the positions the context occupies before the segment (fixed, so shapes stay static)."""
+        return 0
+
+    def context(self, state: Any) -> Context | None:
+        return None
+
+    def read(self, q: Tensor, state: Any) -> tuple[Tensor, Tensor] | None:
+        """q (B, H, L, D) un-rotated -> (A_mem (B, H, L, D_v) fp32, has (B, H, 1 or L, 1) bool), or None."""
+        return None
+
+    def write(self, state: Any, k: Tensor, v: Tensor) -> Any:
+        """The state after a segment: k (B, H_kv, L, D) un-rotated, v (B, H_kv, L, D_v)."""
+        return state
+
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """A fixed-shape state that reads as empty (for the CUDA-graph decoder); None where state is None."""
+        return None
+
+    def active(self) -> bool:
+        """Whether this layer carries anything between segments (a memory may sit at one layer only)."""
+        return True
+
+    def reset_parameters(self) -> None:
+        """Initialise the memory's own parameters (none here); also called after loading a pretrained model."""
+
+    @classmethod
+    def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
+        """For model-level memories: the module that runs the model's segment loop (see model.hidden)."""
+        raise NotImplementedError
+
+    # ---- the whole-sequence forward --------------------------------------------------------------------------
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any, rotary,
+                kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
+        """q (B, H, T, D), k and v (B, H_kv, T, D), starting at a segment boundary -> out (B, H, T, D_v), state.
+
+        The reference definition: one segment at a time through context(), read() and write()."""
+        n = self.cfg.segment_len if not self.whole_sequence else q.shape[2]
+        outs = []
+        for start in range(0, q.shape[2], max(n, 1)):
+            sl = slice(start, start + n)
+            out = segment_attention(self, q[:, :, sl], k[:, :, sl], v[:, :, sl], gate, state, rotary)
+            state = self.write(state, k[:, :, sl], v[:, :, sl])
+            outs.append(out)
+        return torch.cat(outs, dim=2), state
+
+    # ---- Table 1 ---------------------------------------------------------------------------------------------
+    @classmethod
+    def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
+        """No state between segments."""
+        return Footprint(0, 0, 0)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None, pos: int | Tensor = 0,
+                    visible: Tensor | None = None) -> Tensor:
+    """Causal softmax attention of L queries at segment positions pos .. pos+L-1 over the context and keys.
+
+    q (B, H, L, D), k and v (B, H_kv, S, D) with S >= pos + L (the segment's keys so far, or a preallocated
+    cache), un-rotated. The context sits at positions 0 .. M-1, the segment at M onwards. `visible` (L, S)
+    overrides the causal mask over the segment's keys (RMT's memory rows). Returns (B, H, L, D_v)."""
+    m = 0 if ctx is None else ctx.k.shape[2]
+    length, s = q.shape[2], k.shape[2]
+    qr, kr = rotary(q, offset=pos + m), rotary(k, offset=m)
+    if visible is None:
+        rows = torch.arange(length, device=q.device)[:, None] + pos
+        visible = torch.arange(s, device=q.device)[None, :] <= rows  # (L, S): causal within the segment
+    if ctx is None:
+        keys, values, mask = kr, v, visible
+    else:
+        keys = torch.cat([rotary(ctx.k, offset=0), kr], dim=2)  # (B, H_kv, M + S, D)
+        values = torch.cat([ctx.v.to(v.dtype), v], dim=2)
+        b = q.shape[0]
+        mask = torch.cat([ctx.valid[:, None, None, :].expand(b, 1, length, m),
+                          visible.expand(b, 1, length, s)], dim=-1)  # (B, 1, L, M + S)
+    return F.scaled_dot_product_attention(qr, keys, values.to(qr.dtype), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None) -> Tensor:
+    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head, A_local where nothing was read."""
+    if read is None or gate is None:
+        return local
+    a_mem, has = read
+    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
+    mixed = g * a_mem + (1.0 - g) * local.float()
+    return torch.where(has, mixed, local.float()).to(local.dtype)
+
+
+def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any,
+                      rotary) -> Tensor:
+    """One segment (or its first L tokens) from a segment boundary: local attention with the memory's context,
+    mixed with its read. q (B, H, L, D), k and v (B, H_kv, L, D) -> (B, H, L, D_v)."""
+    ctx = memory.context(state) if state is not None else None
+    local = local_attention(q, k, v, rotary, ctx)
+    return mix(local, memory.read(q, state) if state is not None else None, gate)
+
+
+# ---- the registry ----------------------------------------------------------------------------------------------
+MEMORIES: dict[str, type[Memory]] = {}
+
+
+def register_memory(cls: type[Memory]) -> type[Memory]:
+    """Class decorator: make a memory available as `memory=<cls.name>` everywhere."""
+    MEMORIES[cls.name] = cls
+    return cls
+
+
+def memory_names() -> list[str]:
+    return sorted(MEMORIES)
+
+
+def memory_class(name: str) -> type[Memory]:
+    check_choice("memory", name, memory_names())
+    return MEMORIES[name]
+
+
+def resolve_args(name: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    """The memory's parameters: its defaults, overridden by `args`; an unknown key is a ConfigError."""
+    cls = memory_class(name)
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(cls.defaults))
+    if unknown:
+        accepted = ", ".join(sorted(cls.defaults)) or "none"
+        raise ConfigError(f"memory.{unknown[0]}", f"is not a parameter of memory={name}; accepted: {accepted}")
+    return {**cls.defaults, **args}
+
+
+def check_nonnegative_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"memory.{key}", f"{value!r} must be an integer >= 0")
+
+
+def check_positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"memory.{key}", f"{value!r} must be a positive integer")

@@ -1,0 +1,79 @@
+"""Infini-attention's compressive memory (linear and delta rules), and `none`: local attention only.
+
+The math lives in `infini_bench.attention` (the functional core and its segment-parallel fast path); these
+classes put it behind the memory contract.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infini_bench.attention import MemoryState, infini_attention, memory_read, memory_write
+from infini_bench.memories.base import Footprint, Memory, register_memory
+
+
+@register_memory
+class NoMemory(Memory):
+    """Causal attention inside each segment and nothing across segments: the ablation every table needs."""
+
+    name = "none"
+
+    def active(self) -> bool:
+        return False
+
+    def forward(self, q, k, v, gate, state, rotary, kv_detached=None):
+        out, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=self.cfg.segment_len,
+                                  rule="none", rotary=rotary)
+        return out, None
+
+
+class CompressiveMemory(Memory):
+    """M (B, H_kv, D, D_v) and z (B, H_kv, D) per layer, fp32; read by Eq. 7, written by Eq. 8 or 9."""
+
+    gated = True
+    rule: str
+
+    def forward(self, q, k, v, gate, state, rotary, kv_detached=None):
+        return infini_attention(q, k, v, gate, segment_len=self.cfg.segment_len, rule=self.rule, state=state,
+                                rotary=rotary)
+
+    def read(self, q: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
+        b, h = q.shape[:2]
+        hk = state.z.shape[1]
+        # Nothing written yet (an empty fixed-shape state): z = 0, and the read is 0 / 0; the mix then keeps
+        # the local output. Once written, z > 0 everywhere because ELU + 1 > 0.
+        has = (state.z.sum(-1) > 0).repeat_interleave(h // hk, dim=1).view(b, h, 1, 1)
+        return memory_read(q, state), has
+
+    def write(self, state: MemoryState | None, k: Tensor, v: Tensor) -> MemoryState:
+        return memory_write(k, v, self.rule, state)
+
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
+        cfg = self.cfg
+        return MemoryState(torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, device=device),
+                           torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, device=device))
+
+    @classmethod
+    def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
+        """Table 1: d_key (d_value + 1) H l, in fp32 (M and z), one memory per kv head here."""
+        per_head = cfg.head_dim * (cfg.head_dim + 1)
+        state = per_head * cfg.n_kv_heads * cfg.n_layers
+        return Footprint(per_head * cfg.n_heads * cfg.n_layers, state, 4 * state)
+
+
+@register_memory
+class LinearMemory(CompressiveMemory):
+    """Eq. 8: M_s = M_{s-1} + sigma(K)^T V."""
+
+    name = "linear"
+    rule = "linear"
+
+
+@register_memory
+class DeltaMemory(CompressiveMemory):
+    """Eq. 9: write only what the memory does not already return for each key."""
+
+    name = "delta"
+    rule = "delta"

@@ -1,0 +1,184 @@
+"""Transformer-XL's segment-level recurrence (Dai et al. 2019), and full causal attention.
+
+Transformer-XL: each layer keeps the keys and values of the last `mem_len` tokens before the segment,
+detached, and the segment's queries attend to them and to the segment causally (the mask is aligned
+bottom-right: query i sees cache + segment keys j <= M + i). The cache sits at positions 0 .. M-1 and the
+segment at M .. M+N-1 (window-local RoPE). With `cache: input` (the paper's) the cached keys and values are
+recomputed in training from the layer's detached input with the current weights, so gradients reach W_k and
+W_v through the cached rows but never the earlier segment; `cache: kv` detaches the projections instead.
+In inference both carry the same values, so the state holds projected keys and values.
+
+Full attention: every query sees every earlier token of the document; its state is the whole KV cache.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from infini_bench.errors import ConfigError
+from infini_bench.memories.base import (Context, Footprint, Memory, check_nonnegative_int, local_attention,
+                                        register_memory)
+
+
+class KVCache(NamedTuple):
+    """Keys (B, H_kv, M, D) un-rotated, values (B, H_kv, M, D_v), which slots hold a token (B, M)."""
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+
+
+def _empty_cache(cfg, batch: int, length: int, device, dtype) -> KVCache:
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch, length, dtype=torch.bool, device=device))
+
+
+def _take(x: Tensor, b: int, s: int, lo: int, hi: int) -> Tensor:
+    """Segments lo .. hi-1 of a (B*S, ...) fold, as ((hi - lo) * B, ...)."""
+    return x.view(b, s, *x.shape[1:])[:, lo:hi].reshape(-1, *x.shape[1:])
+
+
+def _kv_floats(cfg, heads: int, tokens: int) -> int:
+    return 2 * cfg.head_dim * heads * tokens * cfg.n_layers  # (d_key + d_value) H tokens l
+
+
+@register_memory
+class TransformerXL(Memory):
+    name = "txl"
+    defaults = {"mem_len": None, "cache": "input"}  # mem_len None: the segment length
+
+    def __init__(self, cfg, layer: int, args: dict[str, Any]):
+        super().__init__(cfg, layer, args)
+        self.mem_len = self.resolve_mem_len(cfg, args)
+        if args["cache"] not in ("input", "kv"):
+            raise ConfigError("memory.cache", f"{args['cache']!r} is not one of input, kv")
+        self.detached_input = args["cache"] == "input"
+
+    @staticmethod
+    def resolve_mem_len(cfg, args: dict[str, Any]) -> int:
+        mem_len = cfg.segment_len if args.get("mem_len") is None else args["mem_len"]
+        check_nonnegative_int("mem_len", mem_len)
+        return mem_len
+
+    def active(self) -> bool:
+        return self.mem_len > 0
+
+    def context_len(self) -> int:
+        return self.mem_len
+
+    def context(self, state: KVCache) -> Context | None:
+        return Context(state.k, state.v, state.valid) if self.mem_len else None
+
+    def write(self, state: KVCache | None, k: Tensor, v: Tensor) -> KVCache | None:
+        """Shift the segment in, keep the last mem_len tokens (FIFO), detached."""
+        if not self.mem_len:
+            return None
+        if state is None:
+            state = _empty_cache(self.cfg, k.shape[0], self.mem_len, k.device, k.dtype)
+        m = self.mem_len
+        valid = torch.cat([state.valid, state.valid.new_ones(k.shape[0], k.shape[2])], dim=1)
+        return KVCache(torch.cat([state.k, k.detach().to(state.k.dtype)], dim=2)[:, :, -m:],
+                       torch.cat([state.v, v.detach().to(state.v.dtype)], dim=2)[:, :, -m:], valid[:, -m:])
+
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache | None:
+        return _empty_cache(self.cfg, batch, self.mem_len, device, dtype) if self.mem_len else None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: KVCache | None, rotary,
+                kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, KVCache | None]:
+        """All full segments in one SDPA call: segments folded into the batch, each with its window of the
+        mem_len tokens before it (from `state` for the first ones), a shorter last segment after them."""
+        n, m, t = self.cfg.segment_len, self.mem_len, q.shape[2]
+        if m == 0 or t < n or t % n:
+            return super().forward(q, k, v, gate, state, rotary, kv_detached)
+        b, h, _, d = q.shape
+        hk, s = k.shape[1], t // n
+        kd, vd = kv_detached if kv_detached is not None else (k.detach(), v.detach())
+        past = state if state is not None else _empty_cache(self.cfg, b, m, k.device, k.dtype)
+        # The cache as seen by segment j is tokens [jN - M, jN) of [past; sequence]: windows of M at stride N.
+        k_all = torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, : (s - 1) * n + m]  # (B, H_kv, M + (S-1)N, D)
+        v_all = torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, : (s - 1) * n + m]
+        valid = torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, : (s - 1) * n + m]
+
+        def windows(x: Tensor) -> Tensor:  # (B, H_kv, M + (S-1)N, D) -> (B*S, H_kv, M, D)
+            return x.unfold(2, m, n).permute(0, 2, 1, 4, 3).reshape(b * s, hk, m, x.shape[-1])
+
+        def fold(x: Tensor) -> Tensor:  # (B, H, S*N, D) -> (B*S, H, N, D)
+            return x.reshape(b, x.shape[1], s, n, x.shape[-1]).transpose(1, 2).reshape(b * s, x.shape[1], n, -1)
+
+        keys = torch.cat([rotary(windows(k_all), offset=0), rotary(fold(k), offset=m)], dim=2)  # (B*S, H_kv, M+N, D)
+        values = torch.cat([windows(v_all), fold(v)], dim=2)
+        queries = rotary(fold(q), offset=m)
+        win_valid = valid.unfold(1, m, n).reshape(b * s, m)  # (B*S, M)
+        gqa = h != hk
+        # From a document start only the first ceil(M/N) segments can see empty cache slots: those take an
+        # explicit mask, the rest the bottom-right causal bias, which SDPA runs as a flash kernel. (Decided from
+        # shapes alone: no host sync.) From a carried state every segment takes the explicit mask.
+        j = min(s, -(-m // n)) if state is None else s
+        parts = []
+        if j:
+            parts.append(self._masked(_take(queries, b, s, 0, j), _take(keys, b, s, 0, j), _take(values, b, s, 0, j),
+                                      win_valid.view(b, s, m)[:, :j].reshape(-1, m), gqa).view(b, j, h, n, -1))
+        if j < s:
+            parts.append(F.scaled_dot_product_attention(
+                _take(queries, b, s, j, s), _take(keys, b, s, j, s), _take(values, b, s, j, s),
+                attn_mask=causal_lower_right(n, m + n), enable_gqa=gqa).view(b, s - j, h, n, -1))
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, S, H, N, D_v)
+        out = out.transpose(1, 2).reshape(b, h, t, -1)
+        new_state = KVCache(torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, -m:].detach(),
+                            torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, -m:].detach(),
+                            torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, -m:])
+        return out, new_state
+
+    @staticmethod
+    def _masked(q: Tensor, k: Tensor, v: Tensor, ctx_valid: Tensor, gqa: bool) -> Tensor:
+        """Bottom-right causal attention with some cache slots masked: q (X, H, N, D), k (X, H_kv, M+N, D)."""
+        n, m = q.shape[2], k.shape[2] - q.shape[2]
+        causal = torch.ones(n, m + n, dtype=torch.bool, device=q.device).tril(m)  # (N, M+N)
+        mask = causal.expand(q.shape[0], 1, n, m + n).clone()
+        mask[..., :m] &= ctx_valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    @classmethod
+    def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
+        """Table 1: (d_key + d_value) H N l, N the cached tokens; state in the activations' dtype (bf16)."""
+        m = cls.resolve_mem_len(cfg, args)
+        state = _kv_floats(cfg, cfg.n_kv_heads, m)
+        return Footprint(_kv_floats(cfg, cfg.n_heads, m), state, 2 * state)
+
+
+@register_memory
+class FullAttention(Memory):
+    """Causal attention over the whole document; streaming keeps every key and value (the state grows)."""
+
+    name = "full"
+    whole_sequence = True
+    capturable = False  # the cache grows every token
+
+    def context(self, state: KVCache) -> Context:
+        return Context(state.k, state.v, state.valid)
+
+    def write(self, state: KVCache | None, k: Tensor, v: Tensor) -> KVCache:
+        valid = k.new_ones(k.shape[0], k.shape[2], dtype=torch.bool)
+        if state is None:
+            return KVCache(k.detach(), v.detach(), valid)
+        return KVCache(torch.cat([state.k, k.detach()], dim=2), torch.cat([state.v, v.detach()], dim=2),
+                       torch.cat([state.valid, valid], dim=1))
+
+    def forward(self, q, k, v, gate, state, rotary, kv_detached=None):
+        if state is None:  # from a document start: one causal SDPA (flash) over the whole sequence
+            out = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = local_attention(q, k, v, rotary, self.context(state))
+        return out, self.write(state, k, v)
+
+    @classmethod
+    def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
+        """The whole KV cache: (d_key + d_value) H T l, growing with the length T."""
+        state = _kv_floats(cfg, cfg.n_kv_heads, seq_len)
+        return Footprint(_kv_floats(cfg, cfg.n_heads, seq_len), state, 2 * state)
