@@ -38,11 +38,6 @@ def _empty_cache(cfg, batch: int, length: int, device, dtype) -> KVCache:
                    torch.zeros(batch, length, dtype=torch.bool, device=device))
 
 
-def _take(x: Tensor, b: int, s: int, lo: int, hi: int) -> Tensor:
-    """Segments lo .. hi-1 of a (B*S, ...) fold, as ((hi - lo) * B, ...)."""
-    return x.view(b, s, *x.shape[1:])[:, lo:hi].reshape(-1, *x.shape[1:])
-
-
 def _kv_floats(cfg, heads: int, tokens: int) -> int:
     return 2 * cfg.head_dim * heads * tokens * cfg.n_layers  # (d_key + d_value) H tokens l
 
@@ -90,49 +85,61 @@ class TransformerXL(Memory):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: KVCache | None, rotary,
                 kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, KVCache | None]:
-        """All full segments in one SDPA call: segments folded into the batch, each with its window of the
-        mem_len tokens before it (from `state` for the first ones), a shorter last segment after them."""
+        """All segments in one SDPA call: segments folded into the batch, each with its window of the mem_len
+        tokens before it (from `state` for the first ones). Needs whole segments; else the reference loop."""
         n, m, t = self.cfg.segment_len, self.mem_len, q.shape[2]
         if m == 0 or t < n or t % n:
             return super().forward(q, k, v, gate, state, rotary, kv_detached)
         b, h, _, d = q.shape
-        hk, s = k.shape[1], t // n
+        hk, s, dv = k.shape[1], t // n, v.shape[-1]
         kd, vd = kv_detached if kv_detached is not None else (k.detach(), v.detach())
-        past = state if state is not None else _empty_cache(self.cfg, b, m, k.device, k.dtype)
-        # The cache as seen by segment j is tokens [jN - M, jN) of [past; sequence]: windows of M at stride N.
-        k_all = torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, : (s - 1) * n + m]  # (B, H_kv, M + (S-1)N, D)
-        v_all = torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, : (s - 1) * n + m]
-        valid = torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, : (s - 1) * n + m]
 
-        def windows(x: Tensor) -> Tensor:  # (B, H_kv, M + (S-1)N, D) -> (B*S, H_kv, M, D)
-            return x.unfold(2, m, n).permute(0, 2, 1, 4, 3).reshape(b * s, hk, m, x.shape[-1])
+        def fold(x: Tensor) -> Tensor:  # (B, H, S*N, D) -> (B, S, H, N, D)
+            return x.reshape(b, x.shape[1], s, n, x.shape[-1]).transpose(1, 2)
 
-        def fold(x: Tensor) -> Tensor:  # (B, H, S*N, D) -> (B*S, H, N, D)
-            return x.reshape(b, x.shape[1], s, n, x.shape[-1]).transpose(1, 2).reshape(b * s, x.shape[1], n, -1)
+        def windows(x: Tensor, count: int) -> Tensor:  # (B, H_kv, M + (count-1) N, D) -> (B*count, H_kv, M, D)
+            return x.unfold(2, m, n).permute(0, 2, 1, 4, 3).reshape(b * count, hk, m, x.shape[-1])
 
-        keys = torch.cat([rotary(windows(k_all), offset=0), rotary(fold(k), offset=m)], dim=2)  # (B*S, H_kv, M+N, D)
-        values = torch.cat([windows(v_all), fold(v)], dim=2)
-        queries = rotary(fold(q), offset=m)
-        win_valid = valid.unfold(1, m, n).reshape(b * s, m)  # (B*S, M)
+        qs, ks, vs = rotary(fold(q), offset=m), rotary(fold(k), offset=m), fold(v)  # the segment at M .. M+N-1
         gqa = h != hk
-        # From a document start only the first ceil(M/N) segments can see empty cache slots: those take an
-        # explicit mask, the rest the bottom-right causal bias, which SDPA runs as a flash kernel. (Decided from
-        # shapes alone: no host sync.) From a carried state every segment takes the explicit mask.
-        j = min(s, -(-m // n)) if state is None else s
-        parts = []
-        if j:
-            parts.append(self._masked(_take(queries, b, s, 0, j), _take(keys, b, s, 0, j), _take(values, b, s, 0, j),
-                                      win_valid.view(b, s, m)[:, :j].reshape(-1, m), gqa).view(b, j, h, n, -1))
-        if j < s:
-            parts.append(F.scaled_dot_product_attention(
-                _take(queries, b, s, j, s), _take(keys, b, s, j, s), _take(values, b, s, j, s),
-                attn_mask=causal_lower_right(n, m + n), enable_gqa=gqa).view(b, s - j, h, n, -1))
-        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, S, H, N, D_v)
-        out = out.transpose(1, 2).reshape(b, h, t, -1)
-        new_state = KVCache(torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, -m:].detach(),
-                            torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, -m:].detach(),
-                            torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, -m:])
-        return out, new_state
+        if state is None and m <= n:
+            # A document start: segment 0 has an empty cache, so plain causal attention inside it; every later
+            # segment's cache is full, tokens [sN - M, sN) of this sequence, under the bottom-right causal bias
+            # (a flash kernel). Decided from shapes alone: no host sync.
+            out = F.scaled_dot_product_attention(qs[:, 0], ks[:, 0], vs[:, 0], is_causal=True, enable_gqa=gqa)
+            out = out.unsqueeze(1)  # (B, 1, H, N, D_v)
+            if s > 1:
+                cache_k = rotary(windows(kd[:, :, n - m: (s - 1) * n], s - 1), offset=0)
+                cache_v = windows(vd[:, :, n - m: (s - 1) * n], s - 1)
+                keys = torch.cat([cache_k, ks[:, 1:].reshape(-1, hk, n, d)], dim=2)  # (B*(S-1), H_kv, M+N, D)
+                values = torch.cat([cache_v, vs[:, 1:].reshape(-1, hk, n, dv)], dim=2)
+                rest = F.scaled_dot_product_attention(qs[:, 1:].reshape(-1, h, n, d), keys, values,
+                                                      attn_mask=causal_lower_right(n, m + n), enable_gqa=gqa)
+                out = torch.cat([out, rest.view(b, s - 1, h, n, dv)], dim=1)
+            past = None
+        else:  # a carried state (some slots may be empty), or a cache longer than a segment: explicit masks
+            past = state if state is not None else _empty_cache(self.cfg, b, m, k.device, k.dtype)
+            span = (s - 1) * n + m  # segment j's cache is tokens [jN - M, jN) of [past; sequence]
+            k_all = torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, :span]
+            v_all = torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, :span]
+            valid = torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, :span]
+            keys = torch.cat([rotary(windows(k_all, s), offset=0), ks.reshape(-1, hk, n, d)], dim=2)
+            values = torch.cat([windows(v_all, s), vs.reshape(-1, hk, n, dv)], dim=2)
+            out = self._masked(qs.reshape(-1, h, n, d), keys, values, valid.unfold(1, m, n).reshape(b * s, m), gqa)
+            out = out.view(b, s, h, n, dv)
+        out = out.transpose(1, 2).reshape(b, h, t, dv)
+        return out, self._last(past, kd, vd)
+
+    def _last(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
+        """The cache after the sequence: its last mem_len tokens (with `past` in front when it is shorter)."""
+        m, b, t = self.mem_len, kd.shape[0], kd.shape[2]
+        if past is None:
+            past = _empty_cache(self.cfg, b, m, kd.device, kd.dtype)
+        if t >= m:
+            return KVCache(kd[:, :, -m:].detach(), vd[:, :, -m:].detach(), past.valid.new_ones(b, m))
+        return KVCache(torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, -m:].detach(),
+                       torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, -m:].detach(),
+                       torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, -m:])
 
     @staticmethod
     def _masked(q: Tensor, k: Tensor, v: Tensor, ctx_valid: Tensor, gqa: bool) -> Tensor:
