@@ -1,0 +1,43 @@
+"""The one-GPU recipes (experiment=table2_mini, experiment=passkey_gpu) compose to what they promise and run end
+to end at tiny size on the CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run(args: list[str], out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "run.py", *args, "trainer.progress=false", "logger=none",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def test_table2_mini_is_the_papers_lm_on_python_code_for_about_100m_tokens():
+    for memory in sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml")):
+        cfg = composed("experiment=table2_mini", f"memory={memory}")
+        assert cfg.memory.name == memory and cfg.model.flavour == "lm_paper" and cfg.model.segment_len == 2048
+    t, tr = cfg.task, cfg.trainer
+    assert t.dataset == "python_code" and t.seq_len == 32768 and t.eval_split == "validation"
+    tokens = tr.steps * tr.batch_size * tr.grad_accum * t.seq_len
+    assert 80e6 <= tokens <= 120e6 and tr.compile and tr.precision == "bf16" and cfg.model.tokenizer == "byte"
+
+
+def test_table2_mini_runs_at_tiny_size(tmp_path):
+    r = run(["experiment=table2_mini", "model=tiny", "model.segment_len=32", "task.seq_len=128", "trainer.steps=2",
+             "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.compile=false", "trainer.precision=fp32",
+             "task.max_bytes=400000", "task.eval_max_docs=2", "task.eval_max_tokens=128"], tmp_path / "run")
+    assert r["train/steps"] == 2 and 1 < r["val/ppl"] < 259 and r["val/bpb"] > 0
+    assert len(r["val/loss_by_segment"]) == 4  # 128 tokens in segments of 32
+    assert r["data/manifest"]["max_bytes"] == 400000 and sum(r["data/manifest"]["bytes"].values()) <= 400000
