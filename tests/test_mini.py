@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,26 @@ def test_passkey_gpu_runs_at_tiny_size_and_plots_accuracy_by_distance(tmp_path):
     bins = r["passkey/by_segments_back"]
     assert sum(b["n"] for b in bins) == 8 and (out / "passkey_by_distance.png").stat().st_size > 1000
     assert {"passkey/acc_earlier@320", "passkey/exact_earlier@512"} <= set(r)
+
+
+TINY_PASSKEY = ["model.segment_len=32", "model.arch={dim:32,n_layers:1,n_heads:2,n_kv_heads:2,head_dim:16,ffn_dim:64}",
+                "task.lengths=[320]", "task.depth_sweep=2", "task.samples=1", "task.val_samples=1",
+                "task.warmup_steps=0", "task.train_lengths=[250,260]", "task.train_lengths_end=null",
+                "trainer.batch_size=1", "trainer.compile=false", "trainer.precision=fp32"]
+
+
+@pytest.mark.slow
+def test_variants_run_side_by_side_and_a_budget_stops_a_run(tmp_path):
+    """Two variants on two CPU slots at once: one finishes, one would train for ever and is stopped."""
+    out = tmp_path / "variants"
+    cmd = [sys.executable, "scripts/passkey_gpu_variants.py", str(out), "--gpus", "cpu,cpu", "--budget", "25",
+           "--variant", "quick=trainer.steps=1", "--variant", "slow=trainer.steps=1000000", "--", *TINY_PASSKEY]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 1, proc.stderr  # not every variant finished
+    rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert rows["quick"]["status"] == "ok" and rows["slow"]["status"] == "timed out"
+    assert 0.0 <= rows["quick"]["passkey/acc"] <= 1.0 and (out / "quick" / "results.json").exists()
+    assert not (out / "slow" / "results.json").exists() and 25 <= rows["slow"]["wall_s"] < 40
+    assert time.monotonic() - started < rows["quick"]["wall_s"] + rows["slow"]["wall_s"] - 1  # side by side
+    assert "| quick | ok |" in (out / "summary.md").read_text()
