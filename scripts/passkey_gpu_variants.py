@@ -1,11 +1,11 @@
-"""Run variants of experiment=passkey_gpu side by side, one per GPU, each under a wall-clock budget.
+"""Run variants of experiment=passkey_gpu (or of any recipe) side by side, one per GPU, each under a budget.
 
     python scripts/passkey_gpu_variants.py outputs/passkey_variants                 # the four built-in variants
     python scripts/passkey_gpu_variants.py OUT --variant base= --variant delta=memory=delta --budget 600
     python scripts/passkey_gpu_variants.py OUT --variant a=trainer.steps=800 -- trainer.log_every=10
 
 A variant is `name=override override ...`; overrides after `--` go to every variant. Each variant runs
-`run.py experiment=passkey_gpu ...` with CUDA_VISIBLE_DEVICES set to its GPU and its run folder at OUT/<name>
+`run.py experiment=passkey_gpu ...` (`--experiment` picks another recipe, `none` none) with CUDA_VISIBLE_DEVICES set to its GPU and its run folder at OUT/<name>
 (results.json, metrics.jsonl, plots), and is stopped when it outlives --budget seconds. More variants than
 GPUs wait for a free one. OUT/summary.json and OUT/summary.md collect every variant's status and headline
 numbers.
@@ -31,7 +31,7 @@ VARIANTS = {
                      "task.train_lengths_end=[16384,32768]", "trainer.batch_size=8"],
 }
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",
-            "passkey/chance")
+            "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "booksum/rougeL", "booksum/overall")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -52,9 +52,10 @@ def default_slots() -> list[str]:
     return [str(i) for i in range(n)] or ["cpu"]
 
 
-def launch(name: str, overrides: list[str], slot: str, out: Path, python: str) -> subprocess.Popen:
+def launch(name: str, overrides: list[str], slot: str, out: Path, python: str, experiment: str) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot, "WANDB_MODE": "disabled"}
-    cmd = [python, "run.py", "experiment=passkey_gpu", *overrides, "logger=none", "trainer.progress=false",
+    recipe = [] if experiment == "none" else [f"experiment={experiment}"]
+    cmd = [python, "run.py", *recipe, *overrides, "logger=none", "trainer.progress=false",
            f"hydra.run.dir={out / name}"]
     (out / name).mkdir(parents=True, exist_ok=True)
     log = open(out / name / "log.txt", "w")
@@ -74,7 +75,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run_all(variants: dict[str, list[str]], common: list[str], slots: list[str], budget: float, out: Path,
-            python: str = sys.executable, poll: float = 1.0) -> list[dict]:
+            python: str = sys.executable, experiment: str = "passkey_gpu", poll: float = 1.0) -> list[dict]:
     """Every variant to the end or to its budget, at most one per slot at a time; one summary row each."""
     out.mkdir(parents=True, exist_ok=True)
     queue = list(variants.items())
@@ -85,7 +86,7 @@ def run_all(variants: dict[str, list[str]], common: list[str], slots: list[str],
         while queue and free:
             name, overrides = queue.pop(0)
             slot = free.pop(0)
-            running[name] = (launch(name, overrides + common, slots[slot], out, python), slot, time.monotonic())
+            running[name] = (launch(name, overrides + common, slots[slot], out, python, experiment), slot, time.monotonic())
         time.sleep(poll)
         for name, (proc, slot, started) in list(running.items()):
             elapsed = time.monotonic() - started
@@ -115,7 +116,7 @@ def summary_row(name: str, overrides: list[str], slot: str, elapsed: float, code
 
 def write_summary(rows: list[dict], out: Path) -> None:
     """summary.json and a markdown table, each written atomically."""
-    columns = ["variant", "status", "wall_s", *HEADLINE,
+    columns = ["variant", "status", "wall_s", *(k for k in HEADLINE if any(k in r for r in rows)),
                *dict.fromkeys(k for r in rows for k in r if k.startswith("passkey/acc_earlier@"))]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -137,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds per variant (default 600)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices, or 'cpu' (default: every visible GPU)")
     p.add_argument("--python", default=sys.executable, help="the interpreter that runs run.py")
+    p.add_argument("--experiment", default="passkey_gpu", help="the recipe every variant starts from ('none': none)")
     args = p.parse_args(own)
     variants = dict(map(parse_variant, args.variant)) if args.variant else dict(VARIANTS)
     slots = args.gpus.split(",") if args.gpus else default_slots()
-    rows = run_all(variants, common, slots, args.budget, args.out, args.python)
+    rows = run_all(variants, common, slots, args.budget, args.out, args.python, args.experiment)
     print((args.out / "summary.md").read_text())
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
 

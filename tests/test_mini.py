@@ -90,3 +90,14 @@ def test_variants_run_side_by_side_and_a_budget_stops_a_run(tmp_path):
     assert not (out / "slow" / "results.json").exists() and 25 <= rows["slow"]["wall_s"] < 40
     assert time.monotonic() - started < rows["quick"]["wall_s"] + rows["slow"]["wall_s"] - 1  # side by side
     assert "| quick | ok |" in (out / "summary.md").read_text()
+
+
+def test_reproduce_mini_runs_every_memory_in_each_benchmark():
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    proc = subprocess.run(["make", "-n", "reproduce-mini"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
+    assert [r.split("--experiment ")[1].split()[0] for r in runs] == ["table2_mini", "passkey_gpu", "none"]
+    for line in runs:
+        assert "HF_HUB_OFFLINE=1" in line and all(f"--variant {m}=memory={m}" in line for m in memories)
+    assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
