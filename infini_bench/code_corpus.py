@@ -113,7 +113,7 @@ class _Package:
     parts: list[bytes] = field(default_factory=list)
 
     @property
-    def bytes(self) -> int:
+    def size(self) -> int:
         return sum(map(len, self.parts))
 
 
@@ -192,8 +192,8 @@ def build(roots: tuple[str, ...] | None = None, max_bytes: int | None = None, he
     manifest = {
         "dataset": DATASET, "python": python, "roots": list(roots), "held_out": held_out, "max_bytes": max_bytes,
         "sha256": digest.hexdigest(), "sha256_by_split": by_split,
-        "bytes": {s: sum(p.bytes for p in chosen[s]) for s in SPLITS},
-        "packages": [{"name": p.name, "split": p.split, "version": p.version, "bytes": p.bytes, "files": p.files}
+        "bytes": {s: sum(p.size for p in chosen[s]) for s in SPLITS},
+        "packages": [{"name": p.name, "split": p.split, "version": p.version, "bytes": p.size, "files": p.files}
                      for s in SPLITS for p in chosen[s]],
     }
     return CodeCorpus(documents, manifest, available)

@@ -463,10 +463,8 @@ def check_config(t: DictConfig, tokenizer: Tokenizer) -> None:
     check_choice("task.train_haystack", t.train_haystack, HAYSTACKS)
     check_choice("task.loss_on", t.loss_on, LOSSES)
     _int_pair(t, "key_range", 1, 99999)
-    if t.get("train_lengths_end") is not None:
-        for length in _int_pair(t, "train_lengths_end", shortest):
-            if length < shortest:
-                raise ConfigError("task.train_lengths_end", f"{length!r} is shorter than the prompt without filler")
+    if t.get("train_lengths_end") is not None:  # [min, max], each at least the prompt without filler
+        _int_pair(t, "train_lengths_end", shortest)
     for key in ("samples", "eval_batch", "val_samples", "warmup_segment_len"):
         check_positive(f"task.{key}", t[key])
     for key in ("warmup_steps", "key_ramp_steps", "length_ramp_steps"):

@@ -1,10 +1,16 @@
 """The passkey curricula (keys and prompt lengths growing over training) and accuracy by key-question distance."""
 import random
+from pathlib import Path
 
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from infini_bench.errors import ConfigError
 from infini_bench.tokenizer import ByteTokenizer
-from tasks.passkey import Outcome, PasskeyBatches, by_distance
+from tasks.passkey import Outcome, PasskeyBatches, by_distance, check_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOK = ByteTokenizer()
 
@@ -46,3 +52,16 @@ def test_accuracy_by_distance_bins_by_powers_of_two():
         assert r["n"] == len(group)
         assert abs(r["acc"] - sum(o.token_acc for o in group) / len(group)) < 1e-12
         assert abs(r["exact"] - sum(o.exact for o in group) / len(group)) < 1e-12
+
+
+@pytest.mark.parametrize("override, key", [
+    ("task.key_ramp_steps=-1", "task.key_ramp_steps"), ("task.length_ramp_steps=1.5", "task.length_ramp_steps"),
+    ("task.train_lengths_end=[100,300]", "task.train_lengths_end"),
+    ("task.train_lengths_end=[400,300]", "task.train_lengths_end"),
+])
+def test_bad_curriculum_names_the_key(override, key):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=passkey", override])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg.task, TOK)
+    assert err.value.key == key
