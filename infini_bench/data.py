@@ -25,6 +25,7 @@ from infini_bench.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 EMBEDDED = ("embedded_pg19", "embedded_math", "embedded")
+CODE = ("python_code",)  # built at run time from this environment's Python source: infini_bench/code_corpus.py
 HUB = {"pg19": "emozilla/pg19", "arxiv_math": "hoskinson-center/proof-pile", "c4": "allenai/c4"}
 _PG_HELD_OUT = {"validation": ["pg16"], "test": ["pg11"]}
 
@@ -100,16 +101,22 @@ def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0) -> t
     return tuple(docs)
 
 
-def load_documents(dataset: str, split: str, max_docs: int = 1000, min_bytes: int = 0) -> tuple[Document, ...]:
-    """Documents by data set name: one of the embedded corpora or a hub data set (`min_bytes` prefilters
-    only the hub's streams; the embedded documents are all long)."""
+def load_documents(dataset: str, split: str, max_docs: int = 1000, min_bytes: int = 0,
+                   code: dict | None = None) -> tuple[Document, ...]:
+    """Documents by data set name: one of the embedded corpora, the Python code corpus (built with the options
+    in `code`) or a hub data set (`min_bytes` prefilters only the hub's streams; the embedded documents are all
+    long)."""
     if split not in SPLITS:
         raise ConfigError("split", f"{split!r} is not one of {', '.join(SPLITS)}")
     if dataset in EMBEDDED:
         return embedded_documents(dataset, split)
     if dataset in HUB:
         return hub_documents(dataset, split, max_docs, min_bytes)
-    raise ConfigError("task.dataset", f"{dataset!r} is not one of {', '.join(EMBEDDED + tuple(HUB))}")
+    if dataset in CODE:
+        from infini_bench.code_corpus import code_documents  # it imports this module
+
+        return code_documents(split, **(code or {}))
+    raise ConfigError("task.dataset", f"{dataset!r} is not one of {', '.join(EMBEDDED + CODE + tuple(HUB))}")
 
 
 class TokenStream:

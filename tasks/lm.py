@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from infini_bench.data import EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
+from infini_bench.code_corpus import code_manifest
+from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
@@ -23,11 +24,22 @@ from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weig
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
 
 
+def _code_options(t: DictConfig) -> dict:
+    """How task.dataset=python_code is built: which folders, how many bytes, which fraction is held out."""
+    roots = t.get("code_roots")
+    if roots is not None and (isinstance(roots, str) or not all(isinstance(r, str) for r in roots)):
+        raise ConfigError("task.code_roots", f"{roots!r} must be null or a list of folders")
+    return {"roots": None if roots is None else tuple(roots), "max_bytes": t.get("max_bytes"),
+            "held_out": t.get("held_out", 0.05)}
+
+
 def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
     """Documents of a split and the data set they came from; a hub data set that can't be reached falls back
     to its embedded stand-in (None when it has none: C4)."""
+    # python_code: training needs one window of seq_len + 1 tokens, at least as many bytes
+    code = {**_code_options(t), "min_bytes": t.seq_len + 2 if split == "train" else 2} if dataset in CODE else None
     try:
-        return load_documents(dataset, split, t.max_train_docs, min_bytes), dataset
+        return load_documents(dataset, split, t.max_train_docs, min_bytes, code), dataset
     except ConfigError as err:
         if dataset not in HUB or not t.fallback_offline:
             raise
@@ -44,7 +56,7 @@ def _mixture(t: DictConfig) -> dict[str, float]:
     if not isinstance(t.mix, DictConfig) or not len(t.mix):
         raise ConfigError("task.mix", f"{t.mix!r} must map data sets to weights, e.g. {{pg19: 1, c4: 1}}")
     for name, weight in t.mix.items():
-        check_choice("task.mix", name, EMBEDDED + tuple(HUB))
+        check_choice("task.mix", name, EMBEDDED + CODE + tuple(HUB))
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
             raise ConfigError(f"task.mix.{name}", f"{weight!r} must be a number > 0")
     return {str(k): float(v) for k, v in t.mix.items()}
@@ -112,7 +124,7 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
 
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
-    check_choice("task.dataset", t.dataset, EMBEDDED + tuple(HUB))
+    check_choice("task.dataset", t.dataset, EMBEDDED + CODE + tuple(HUB))
     check_choice("task.eval_split", t.eval_split, ("validation", "test"))
     check_positive("task.seq_len", t.seq_len)
     check_positive("task.eval_max_docs", t.eval_max_docs)
@@ -149,6 +161,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                "model/params": sum(p.numel() for p in model.parameters()),
                **footprint_results(model.cfg, t.seq_len),  # paper Table 1
                f"{split}/loss_by_segment": final["loss_by_segment"]}
+    if set(CODE) & {t.dataset, *mix}:  # environments differ: say exactly which source code was read
+        results["data/manifest"] = code_manifest(**_code_options(t))
     run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=tcfg.steps)
     # Does the loss fall later in a book, as the memory fills? A table W&B can plot, and a PNG.
     run.log_table(f"{split}/loss_by_segment", ["segment", "loss"],

@@ -322,7 +322,54 @@ def grid_heatmap(rows: Sequence[dict], path: Path, title: str) -> Path:
     return path
 
 
+def by_distance(outcomes: Sequence[Outcome]) -> list[dict]:
+    """Token accuracy and exact match by how many segments separate the key from the question, in bins 0, 1,
+    2-3, 4-7, ... (powers of two); empty bins are left out."""
+    bins: dict[int, list[Outcome]] = {}
+    for o in outcomes:
+        bins.setdefault(o.segments_back.bit_length(), []).append(o)  # 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ...
+    rows = []
+    for b in sorted(bins):
+        group = bins[b]
+        rows.append({"segments_back_min": 0 if b == 0 else 2 ** (b - 1), "segments_back_max": 2 ** b - 1 if b else 0,
+                     "n": len(group), "acc": _mean([o.token_acc for o in group]),
+                     "exact": _mean([o.exact for o in group])})
+    return rows
+
+
+def distance_plot(rows: Sequence[dict], path: Path, title: str, chance: float | None = None) -> Path:
+    """Accuracy against the number of segments between the key and the question: does the memory hold up?"""
+    labels = [str(r["segments_back_min"]) if r["segments_back_min"] == r["segments_back_max"]
+              else f"{r['segments_back_min']}-{r['segments_back_max']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    x = range(len(rows))
+    ax.plot(x, [100 * r["acc"] for r in rows], marker="o", label="token accuracy")
+    ax.plot(x, [100 * r["exact"] for r in rows], marker="s", label="exact match")
+    if chance is not None:
+        ax.axhline(100 * chance, color="gray", linestyle=":", label="chance (token accuracy)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"n={r['n']}", (i, 100 * r["acc"]), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    ax.set_xticks(list(x), labels, rotation=45 if len(rows) > 8 else 0)
+    ax.set_ylim(-5, 110)
+    ax.set_xlabel("segments between the key and the question (0: the same segment, local attention)")
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ---- fine-tuning data ---------------------------------------------------------------------------------------------
+
+
+def ramp(i: int, span: int) -> float:
+    """How far micro-batch i is through a curriculum of `span` micro-batches: 0 at the start, 1 from `span` on."""
+    return 1.0 if span <= 0 else min(1.0, i / span)
 
 
 class PasskeyBatches:
@@ -330,20 +377,37 @@ class PasskeyBatches:
 
     The length is drawn from `lengths` (min, max), the depth uniformly from [0, 1]. Labels cover the answer
     " {key}." only (`loss_on='answer'`), or every next token of prompt and answer (`'all'`).
+
+    Two curricula, both counted in micro-batches: over the first `key_ramp`, the largest key grows log-uniformly
+    from 9 (one digit) to `key_range`'s maximum; over the first `length_ramp`, the length range moves linearly
+    from `lengths` to `lengths_end`.
     """
 
     def __init__(self, tokenizer: Tokenizer, lengths: tuple[int, int], batch_size: int, seed: int,
-                 loss_on: str = "answer", haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE):
+                 loss_on: str = "answer", haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
+                 key_ramp: int = 0, lengths_end: tuple[int, int] | None = None, length_ramp: int = 0):
         self.tokenizer, self.lengths, self.batch_size, self.seed = tokenizer, lengths, batch_size, seed
         self.loss_on, self.haystack, self.key_range = loss_on, haystack, key_range
+        self.key_ramp, self.lengths_end, self.length_ramp = key_ramp, lengths_end or lengths, length_ramp
         self.pad_id = getattr(tokenizer, "pad_id", tokenizer.eos_id)
+
+    def keys(self, i: int) -> tuple[int, int]:
+        """The key range of micro-batch i."""
+        low, high = self.key_range
+        start = min(max(9, low), high)
+        return low, round(start * (high / start) ** ramp(i, self.key_ramp))
+
+    def length_range(self, i: int) -> tuple[int, int]:
+        """The prompt length range of micro-batch i."""
+        f = ramp(i, self.length_ramp)
+        return tuple(round(a + f * (b - a)) for a, b in zip(self.lengths, self.lengths_end))
 
     def __call__(self, i: int) -> dict[str, Tensor]:
         rng = random.Random(f"passkey-train:{self.seed}:{i}")  # str seeds hash with SHA-512: stable across runs
-        length = rng.randint(*self.lengths)
+        length, keys = rng.randint(*self.length_range(i)), self.keys(i)
         rows, labels = [], []
         for _ in range(self.batch_size):
-            s = make_sample(length, None, rng.getrandbits(62), self.tokenizer, self.haystack, self.key_range)
+            s = make_sample(length, None, rng.getrandbits(62), self.tokenizer, self.haystack, keys)
             ids = s.input_ids + s.answer_ids
             p = len(s.input_ids)
             if self.loss_on == "all":
@@ -399,10 +463,14 @@ def check_config(t: DictConfig, tokenizer: Tokenizer) -> None:
     check_choice("task.train_haystack", t.train_haystack, HAYSTACKS)
     check_choice("task.loss_on", t.loss_on, LOSSES)
     _int_pair(t, "key_range", 1, 99999)
+    if t.get("train_lengths_end") is not None:  # [min, max], each at least the prompt without filler
+        _int_pair(t, "train_lengths_end", shortest)
     for key in ("samples", "eval_batch", "val_samples", "warmup_segment_len"):
         check_positive(f"task.{key}", t[key])
-    if not isinstance(t.warmup_steps, int) or isinstance(t.warmup_steps, bool) or t.warmup_steps < 0:
-        raise ConfigError("task.warmup_steps", f"{t.warmup_steps!r} must be an integer >= 0")
+    for key in ("warmup_steps", "key_ramp_steps", "length_ramp_steps"):
+        value = t.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"task.{key}", f"{value!r} must be an integer >= 0")
 
 
 def _flat(rows: Sequence[dict], overall: dict) -> dict[str, float]:
@@ -416,6 +484,11 @@ def _flat(rows: Sequence[dict], overall: dict) -> dict[str, float]:
             out[f"passkey/acc/{where}_segment"] = overall[f"acc_{where}"]
             out[f"passkey/exact/{where}_segment"] = overall[f"exact_{where}"]
     return out
+
+
+def _cell_lengths(rows: Sequence[dict]) -> list[int]:
+    """The prompt length of every outcome, in evaluate_grid's order (each row's `n` outcomes in turn)."""
+    return [r["length"] for r in rows for _ in range(r["n"])]
 
 
 class _StepOffset:
@@ -469,20 +542,23 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
 
     summary: dict[str, float] = {}
     lengths = _int_pair(t, "train_lengths", 1)
+    lengths_end = _int_pair(t, "train_lengths_end", 1) if t.get("train_lengths_end") is not None else None
+    # The curricula count steps; the batches count micro-batches. Each phase ramps the keys from its own start.
+    key_ramp, length_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum, t.get("length_ramp_steps", 0) * tcfg.grad_accum
     if warmup and is_distributed():
         raise ConfigError("task.warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under torchrun")
     if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
         local = InfiniTransformer(dataclasses.replace(model.cfg, segment_len=t.warmup_segment_len)).to(run.device)
         local.load_state_dict(model.state_dict())
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
-                                 t.train_haystack, key_range)
+                                 t.train_haystack, key_range, key_ramp)
         # A constant learning rate after the ramp: the copy must be learned by the end of the warm-up.
         train(local, dataclasses.replace(tcfg, steps=warmup, schedule="constant", eval_every=warmup + 1), batches,
               run, checkpoint_dir(run) / "warmup")
         model.load_state_dict(local.state_dict())
     if steps:
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on, t.train_haystack,
-                                 key_range)
+                                 key_range, key_ramp, lengths_end, length_ramp)
         summary = train(model, tcfg, batches, logged, checkpoint_dir(run), eval_fn=validate)
     if warmup or steps:
         export_weights(model, run)  # for model.init_from
@@ -490,8 +566,16 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     rows, outcomes = grid(model, list(t.lengths), depths, t.samples, progress=tcfg.progress)
     overall = summarise(outcomes)
     results: dict = {**_flat(rows, overall), "passkey/acc": overall["acc"], "passkey/exact": overall["exact"]}
+    outcome_lengths = _cell_lengths(rows)
+    for length in dict.fromkeys(outcome_lengths):  # what the memory carried, length by length
+        at = summarise([o for o, n in zip(outcomes, outcome_lengths) if n == length])
+        if at["n_earlier"]:
+            results[f"passkey/acc_earlier@{length_label(length)}"] = at["acc_earlier"]
+            results[f"passkey/exact_earlier@{length_label(length)}"] = at["exact_earlier"]
     if len(tokenizer.encode("0123456789")) == 10:  # one token per digit: the blind guess is well defined
         results["passkey/chance"] = chance_accuracy(key_range)
+    distance = by_distance(outcomes)
+    results["passkey/by_segments_back"] = distance
     steps += warmup
     results.update({"train/steps": steps, "train/loss": summary.get("train/loss"), "passkey/grid": rows,
                     **footprint_results(model.cfg, max(t.lengths))})
@@ -503,5 +587,9 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     mode = "zero-shot" if not steps else f"{steps} training steps"
     title = f"passkey token accuracy, memory={cfg.memory.name}, {mode}"
     run.log_image("passkey/heatmap", grid_heatmap(rows, Path(run.out_dir) / "passkey_heatmap.png", title), step=steps)
+    if run.is_main:
+        plot = distance_plot(distance, Path(run.out_dir) / "passkey_by_distance.png",
+                             f"passkey by distance, memory={cfg.memory.name}, {mode}", results.get("passkey/chance"))
+        run.log_image("passkey/by_distance", plot, step=steps)
     log_gates(model, run, steps)
     return results

@@ -1,0 +1,115 @@
+"""The one-GPU recipes (experiment=table2_mini, experiment=passkey_gpu) compose to what they promise and run end
+to end at tiny size on the CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run(args: list[str], out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "run.py", *args, "trainer.progress=false", "logger=none",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "results.json").read_text())["results"]
+
+
+def test_table2_mini_is_the_papers_lm_on_python_code_for_about_100m_tokens():
+    for memory in sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml")):
+        cfg = composed("experiment=table2_mini", f"memory={memory}")
+        assert cfg.memory.name == memory and cfg.model.flavour == "lm_paper" and cfg.model.segment_len == 2048
+    t, tr = cfg.task, cfg.trainer
+    assert t.dataset == "python_code" and t.seq_len == 32768 and t.eval_split == "validation"
+    tokens = tr.steps * tr.batch_size * tr.grad_accum * t.seq_len
+    assert 80e6 <= tokens <= 120e6 and tr.compile and tr.precision == "bf16" and cfg.model.tokenizer == "byte"
+
+
+def test_table2_mini_runs_at_tiny_size(tmp_path):
+    r = run(["experiment=table2_mini", "model=tiny", "model.segment_len=32", "task.seq_len=128", "trainer.steps=2",
+             "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.compile=false", "trainer.precision=fp32",
+             "task.max_bytes=400000", "task.eval_max_docs=2", "task.eval_max_tokens=128"], tmp_path / "run")
+    assert r["train/steps"] == 2 and 1 < r["val/ppl"] < 259 and r["val/bpb"] > 0
+    assert len(r["val/loss_by_segment"]) == 4  # 128 tokens in segments of 32
+    assert r["data/manifest"]["max_bytes"] == 400000 and sum(r["data/manifest"]["bytes"].values()) <= 400000
+
+
+def test_passkey_gpu_is_the_papers_task_with_a_curriculum():
+    cfg = composed("experiment=passkey_gpu", "memory=linear")
+    t = cfg.task
+    assert list(t.key_range) == [1, 50000] and list(t.lengths) == [32768, 131072, 262144, 524288, 1048576]
+    assert t.samples * (t.depth_sweep or len(t.depths)) >= 32 and t.haystack == "repeat"
+    assert t.train_lengths_end[1] // cfg.model.segment_len >= 8  # training prompts span many segments
+    assert t.warmup_segment_len >= t.train_lengths[1] and t.key_ramp_steps > 0 and t.length_ramp_steps > 0
+
+
+def test_passkey_gpu_runs_at_tiny_size_and_plots_accuracy_by_distance(tmp_path):
+    out = tmp_path / "run"
+    r = run(["experiment=passkey_gpu", "model.segment_len=32",
+             "model.arch={dim:32,n_layers:1,n_heads:2,n_kv_heads:2,head_dim:16,ffn_dim:64}",
+             "task.lengths=[320,512]", "task.depth_sweep=2", "task.samples=2", "task.val_samples=1",
+             "task.warmup_steps=1", "task.warmup_segment_len=512", "task.train_lengths=[250,260]",
+             "task.train_lengths_end=[300,320]", "task.length_ramp_steps=2", "task.key_ramp_steps=1",
+             "trainer.steps=2", "trainer.batch_size=2", "trainer.compile=false", "trainer.precision=fp32",
+             "trainer.eval_every=100"], out)
+    assert r["train/steps"] == 3 and len(r["passkey/grid"]) == 4
+    bins = r["passkey/by_segments_back"]
+    assert sum(b["n"] for b in bins) == 8 and (out / "passkey_by_distance.png").stat().st_size > 1000
+    assert {"passkey/acc_earlier@320", "passkey/exact_earlier@512"} <= set(r)
+
+
+FAKE_RUN = """#!{python}
+# Stands in for `python run.py ...`: 'trainer.steps=1' finishes at once, anything else runs until stopped.
+import json, os, sys, time
+from pathlib import Path
+out = Path(next(a for a in sys.argv if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+(out / "device.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"] + " " + " ".join(sys.argv[2:]))
+if "trainer.steps=1" not in sys.argv:
+    time.sleep(600)
+(out / "results.json").write_text(json.dumps({{"results": {{"passkey/acc": 0.5, "passkey/acc_earlier@32K": 0.25}}}}))
+"""
+
+
+def test_variants_share_the_gpus_and_a_budget_stops_a_run(tmp_path):
+    """Three variants on two GPUs: two start at once, the third waits for a free GPU; the one that would run for
+    ever is stopped at the budget and reported, the others' results are collected."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_RUN.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "variants"
+    cmd = [sys.executable, "scripts/passkey_gpu_variants.py", str(out), "--gpus", "0,1", "--budget", "3",
+           "--python", str(fake), "--variant", "quick=trainer.steps=1", "--variant", "slow=trainer.steps=9",
+           "--variant", "next=trainer.steps=1 memory=delta", "--", "task.samples=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr  # not every variant finished
+    rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert [rows[n]["status"] for n in ("quick", "slow", "next")] == ["ok", "timed out", "ok"]
+    assert rows["quick"]["passkey/acc"] == 0.5 and "passkey/acc" not in rows["slow"]
+    assert 3 <= rows["slow"]["wall_s"] < 10
+    devices = {n: (out / n / "device.txt").read_text().split() for n in rows}
+    assert devices["quick"][0] != devices["slow"][0]  # side by side on the two GPUs
+    assert devices["next"][0] == devices["quick"][0]  # then on the GPU that quick freed
+    assert devices["next"][1:] == ["experiment=passkey_gpu", "trainer.steps=1", "memory=delta", "task.samples=2",
+                                   "logger=none", "trainer.progress=false", f"hydra.run.dir={out / 'next'}"]
+    table = (out / "summary.md").read_text()
+    assert "| quick | ok |" in table and "| slow | timed out |" in table and "passkey/acc_earlier@32K" in table
+
+
+def test_reproduce_mini_runs_every_memory_in_each_benchmark():
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    proc = subprocess.run(["make", "-n", "reproduce-mini"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
+    assert [r.split("--experiment ")[1].split()[0] for r in runs] == ["table2_mini", "passkey_gpu", "none"]
+    for line in runs:
+        assert "HF_HUB_OFFLINE=1" in line and all(f"--variant {m}=memory={m}" in line for m in memories)
+    assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
