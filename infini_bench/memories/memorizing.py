@@ -242,6 +242,7 @@ class MemorizingTransformer(TransformerXL):
     @classmethod
     def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
         """Table 1: the XL caches plus (d_key + d_value) H C for the store; the state counts what is filled."""
+        args = {**cls.defaults, **args}
         xl = super().footprint(cfg, args, seq_len)
         c = cls.resolve_knn(cfg, args)[0]
         per_entry = 2 * cfg.head_dim
