@@ -42,7 +42,7 @@ class KNNState(NamedTuple):
     ptr: Tensor  # (B,) int64: the slot written next (the oldest once the ring is full)
 
 
-def _no_rotary(x: Tensor, offset: int | Tensor = 0) -> Tensor:
+def no_rotary(x: Tensor, offset: int | Tensor = 0) -> Tensor:
     return x
 
 
@@ -62,19 +62,19 @@ class TopKAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, hit: Tensor) -> Tensor:
         # q (B, H_kv, Q, D) fp32; keys (B, H_kv, S, D), values (B, H_kv, S, D_v); idx, hit (B, H_kv, Q, k)
-        s = torch.einsum("bhqd,bhqkd->bhqk", q, _gather(keys, idx).float()).masked_fill(~hit, float("-inf"))
+        s = torch.einsum("bhqd,bhqkd->bhqk", q, _gather(keys, idx).to(q.dtype)).masked_fill(~hit, float("-inf"))
         top = s.amax(-1, keepdim=True)
         e = (s - torch.where(torch.isfinite(top), top, 0.0)).exp()  # exactly 0 where nothing was hit
         w = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # (B, H_kv, Q, k)
         ctx.save_for_backward(keys, values, idx, w)
-        return torch.einsum("bhqk,bhqkd->bhqd", w, _gather(values, idx).float())
+        return torch.einsum("bhqk,bhqkd->bhqd", w, _gather(values, idx).to(q.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         keys, values, idx, w = ctx.saved_tensors
-        dw = torch.einsum("bhqd,bhqkd->bhqk", grad, _gather(values, idx).float())
+        dw = torch.einsum("bhqd,bhqkd->bhqk", grad, _gather(values, idx).to(grad.dtype))
         ds = w * (dw - (w * dw).sum(-1, keepdim=True))  # through the softmax
-        return torch.einsum("bhqk,bhqkd->bhqd", ds, _gather(keys, idx).float()), None, None, None, None
+        return torch.einsum("bhqk,bhqkd->bhqd", ds, _gather(keys, idx).to(grad.dtype)), None, None, None, None
 
 
 def knn_attention(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, top_k: int,
@@ -141,7 +141,7 @@ class MemorizingTransformer(TransformerXL):
         return self.knn or self.mem_len > 0
 
     def local_rotary(self, rotary):
-        return _no_rotary if self.knn and not self.knn_rope else rotary
+        return no_rotary if self.knn and not self.knn_rope else rotary
 
     # ---- per-layer state -----------------------------------------------------------------------------------
     def context(self, state: KVCache | KNNState) -> Context | None:
