@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from infini_bench.errors import ConfigError
-from infini_bench.memories import Memory, memory_class
+from infini_bench.memories import Memory, memorizing, memory_class
 from infini_bench.memories.memorizing import KNNState, TopKAttention, no_rotary
 from infini_bench.model import FLAVOURS, build_model
 
@@ -67,7 +67,9 @@ def test_k_at_least_the_filled_count_is_dense_attention_over_the_memory(top_k):
     torch.testing.assert_close(out.double(), reference_read(mem, q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_top_k_equals_a_sort_based_reference_over_the_last_knn_size_tokens():
+@pytest.mark.parametrize("chunk", [5, memorizing.CHUNK])
+def test_top_k_equals_a_sort_based_reference_over_the_last_knn_size_tokens(chunk, monkeypatch):
+    monkeypatch.setattr(memorizing, "CHUNK", chunk)  # 5: query rows scored a few at a time
     mem, _ = knn(knn_size=20, top_k=3)
     state, k, v = written(mem, 4)  # 32 tokens into 20 slots: the ring wrapped, the first 12 are gone
     q = rand(B, H, 6, D, seed=8)
@@ -112,9 +114,10 @@ def qkv(t: int, seed: int):
 
 @pytest.mark.parametrize("knn_size, mem_len, knn_rope", [(20, N, False), (64, N, True), (20, 0, False),
                                                          (13, 5, True)])
-def test_parallel_forward_equals_segment_by_segment(knn_size, mem_len, knn_rope):
+def test_parallel_forward_equals_segment_by_segment(knn_size, mem_len, knn_rope, monkeypatch):
     """Outputs, states and gradients, from a document start and from a carried state; the store wraps for
-    knn_size 20 and 13 (a window that does not end on a segment boundary)."""
+    knn_size 20 and 13 (a window that does not end on a segment boundary). Queries go 5 rows at a time."""
+    monkeypatch.setattr(memorizing, "CHUNK", 5)
     mem, m = knn(knn_size=knn_size, mem_len=mem_len, knn_rope=knn_rope, top_k=5)
     gate = rand(H, seed=4)
     with torch.no_grad():

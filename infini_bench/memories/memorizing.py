@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from infini_bench.attention import infini_attention
 from infini_bench.errors import ConfigError
 from infini_bench.memories.base import Context, Footprint, Memory, check_positive_int, mix, register_memory
-from infini_bench.memories.txl import KVCache, TransformerXL
+from infini_bench.memories.txl import KVCache, TransformerXL, _empty_cache
 
 CHUNK = 512  # query rows scored at once: the score matrix is (B, H_kv, CHUNK, window)
 
@@ -161,8 +161,7 @@ class MemorizingTransformer(TransformerXL):
     def _cache(self, state: KNNState | None, k: Tensor, v: Tensor) -> KVCache:
         """The XL cache part of the state after k, v (zero-length when mem_len = 0)."""
         cache = super().write(KVCache(state.k, state.v, state.valid) if state is not None else None, k, v)
-        return cache if cache is not None else KVCache(k[:, :, :0].detach(), v[:, :, :0].detach(),
-                                                        k.new_zeros(k.shape[0], 0, dtype=torch.bool))
+        return cache if cache is not None else _empty_cache(self.cfg, k.shape[0], 0, k.device, k.dtype)
 
     def _ring(self, state: KNNState | None, k: Tensor, v: Tensor) -> KNNState:
         """The ring after a FIFO append of k (B, H_kv, L, D), v: the last min(L, C) tokens, from slot ptr on."""
@@ -188,15 +187,8 @@ class MemorizingTransformer(TransformerXL):
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache | KNNState | None:
         if not self.knn:
             return super().empty_state(batch, device, dtype)
-        cfg, c = self.cfg, self.knn_size
-        m = self.mem_len
-        shape = (batch, cfg.n_kv_heads, c, cfg.head_dim)
-        cache = (torch.zeros(batch, cfg.n_kv_heads, m, cfg.head_dim, device=device, dtype=dtype),
-                 torch.zeros(batch, cfg.n_kv_heads, m, cfg.head_dim, device=device, dtype=dtype),
-                 torch.zeros(batch, m, dtype=torch.bool, device=device))
-        return KNNState(*cache, torch.zeros(shape, device=device, dtype=dtype),
-                        torch.zeros(shape, device=device, dtype=dtype),
-                        torch.zeros(batch, c, dtype=torch.bool, device=device),
+        ring = _empty_cache(self.cfg, batch, self.knn_size, device, dtype)  # the same three fields, C slots
+        return KNNState(*_empty_cache(self.cfg, batch, self.mem_len, device, dtype), *ring,
                         torch.zeros(batch, dtype=torch.long, device=device))
 
     # ---- the whole-sequence forward --------------------------------------------------------------------------
