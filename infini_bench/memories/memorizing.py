@@ -11,7 +11,7 @@ option.
 
 The segment-parallel forward scores each segment's queries against the keys the store would hold at that
 segment: the carried store (oldest first) followed by the sequence's own earlier keys, a contiguous window of
-`knn_size` slots. Queries go in chunks so the score matrix stays (B, H, 512, window); the softmax over the k
+`knn_size` slots. Queries go in chunks so the score matrix stays (B, H_kv, 512, window); the softmax over the k
 retrieved pairs saves their indices for the backward pass, not the gathered keys and values.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ class KNNState(NamedTuple):
 
 
 def no_rotary(x: Tensor, offset: int | Tensor = 0) -> Tensor:
+    """RoPE's signature, no rotation: local attention without position encoding."""
     return x
 
 
