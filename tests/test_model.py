@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from infini_bench.memories import memory_names
 from infini_bench.model import FLAVOURS, build_model
 
 
@@ -113,7 +114,7 @@ def test_paper_memory_footprint():
 def test_bad_flavour_and_rule():
     with pytest.raises(ValueError, match="model.flavour: 'huge' is not one of tiny"):
         build_model("huge")
-    with pytest.raises(ValueError, match="memory: 'foo' is not one of delta, full, linear, none"):
+    with pytest.raises(ValueError, match="memory: 'foo' is not one of " + ", ".join(memory_names())):
         build_model("tiny", memory="foo")
 
 

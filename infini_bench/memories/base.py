@@ -85,6 +85,10 @@ class Memory(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise the memory's own parameters (none here); also called after loading a pretrained model."""
 
+    def local_rotary(self, rotary):
+        """The position encoding of this layer's local attention: RoPE, unless the memory's layer has none."""
+        return rotary
+
     @classmethod
     def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
         """For model-level memories: the module that runs the model's segment loop (see model.hidden)."""
@@ -152,7 +156,7 @@ def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Ten
     """One segment (or its first L tokens) from a segment boundary: local attention with the memory's context,
     mixed with its read. q (B, H, L, D), k and v (B, H_kv, L, D) -> (B, H, L, D_v)."""
     ctx = memory.context(state) if state is not None else None
-    local = local_attention(q, k, v, rotary, ctx)
+    local = local_attention(q, k, v, memory.local_rotary(rotary), ctx)
     return mix(local, memory.read(q, state) if state is not None else None, gate)
 
 
