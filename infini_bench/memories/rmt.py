@@ -55,8 +55,9 @@ def segment_mask(m: int, length: int, causal: bool, device: torch.device | None 
     if causal:
         return tril
     read, write = idx < m, idx >= m + length
-    # Read rows: read keys (tril adds only read keys before them); text: read + causal text; write: all.
-    return read[None, :] | (tril & ~write[None, :]) | write[:, None]
+    # Read rows: the read keys (tril adds no others); text rows: read + causal text (tril stops before the write
+    # keys); write rows: every key.
+    return read[None, :] | tril | write[:, None]
 
 
 @register_memory
