@@ -5,7 +5,7 @@ tests, the benchmark and the report. docs/EXTENDING.md says how to add one.
 """
 from infini_bench.memories.base import (MEMORIES, Context, Footprint, Memory, memory_class, memory_names,
                                         register_memory, resolve_args)
-from infini_bench.memories import infini, memorizing, txl  # noqa: F401  (registration)
+from infini_bench.memories import infini, memorizing, rmt, txl  # noqa: F401  (registration)
 
 __all__ = ["MEMORIES", "Context", "Footprint", "Memory", "memory_class", "memory_names", "register_memory",
            "resolve_args"]

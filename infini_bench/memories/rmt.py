@@ -1,0 +1,192 @@
+"""Recurrent Memory Transformer (Bulatov et al. 2022), decoder-only: memory tokens carried between segments.
+
+Each segment of L <= N tokens runs through the whole stack as [read memory (m); tokens (L); write memory (m)],
+RoPE positions 0 .. 2m + L - 1 (restarting every segment, so m = 0 is exactly `none`). The final-norm output
+at the write positions is the next memory: it enters the next segment as the input embeddings of both its
+read and its write rows. M_0, the memory at a document start, is a learned (m, dim) parameter. Logits are
+returned for the text positions only. Training backpropagates through every segment (`bptt_depth` detaches
+the memory every k segments), optionally recomputing each segment in the backward pass.
+
+The mask (the original LM-RMT's): read rows see all read rows; text rows see the read rows and the text
+causally, never the write rows; write rows see everything, all write rows included. `causal: true` takes the
+plain causal mask over [read; text; write] instead.
+
+A partial last segment is processed like a full one, its write rows right after its L tokens, as training
+does with a shorter tail; the memory returned after it summarises that partial segment. So a sequence split
+at segment boundaries (`model.stream`, evaluation, `model(ids[:, :2N])` then the rest) equals one call.
+Decoding: a segment's read rows run once, at its first token, and their keys and values fill the first m
+slots of each layer's cache; text tokens follow at m, m + 1, ...; when the segment is full its write rows run
+over [read; text] from the cache, which gives the next memory. Write rows do not change the text outputs of
+their own segment, so this equals the parallel forward.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from infini_bench.errors import ConfigError
+from infini_bench.memories.base import (Context, Footprint, Memory, check_nonnegative_int, local_attention,
+                                        register_memory)
+
+
+class Rows(NamedTuple):
+    """What one layer's attention needs for a run of rows: keys and values before them, and their own mask."""
+
+    ctx: Context | None  # keys (B, H_kv, M, D) un-rotated at positions 0 .. M-1, or None
+    visible: Tensor  # (L, L) bool: which of the rows' own keys each row sees
+
+
+def check_args(args: dict[str, Any]) -> None:
+    """num_mem_tokens and bptt_depth integers >= 0, causal and checkpoint_segments booleans."""
+    check_nonnegative_int("num_mem_tokens", args["num_mem_tokens"])
+    check_nonnegative_int("bptt_depth", args["bptt_depth"])
+    for key in ("causal", "checkpoint_segments"):
+        if not isinstance(args[key], bool):
+            raise ConfigError(f"memory.{key}", f"{args[key]!r} is not one of true, false")
+
+
+def segment_mask(m: int, length: int, causal: bool, device: torch.device | None = None) -> Tensor:
+    """(S, S) bool over [read (m); text (length); write (m)], S = 2m + length: which keys each row sees."""
+    idx = torch.arange(2 * m + length, device=device)
+    tril = idx[None, :] <= idx[:, None]
+    if causal:
+        return tril
+    read, write = idx < m, idx >= m + length
+    # Read rows: the read keys (tril adds no others); text rows: read + causal text (tril stops before the write
+    # keys); write rows: every key.
+    return read[None, :] | tril | write[:, None]
+
+
+@register_memory
+class RecurrentMemory(Memory):
+    """The per-layer part: local attention over the rows it is given, with their mask; no state of its own."""
+
+    name = "rmt"
+    defaults = {"num_mem_tokens": 100, "causal": False, "bptt_depth": 0, "checkpoint_segments": False}
+    model_level = True
+    capturable = False  # a segment end runs the write rows through the stack: decoded eagerly
+
+    def active(self) -> bool:
+        return False  # nothing per layer: the memory is carried by the stack
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: Rows, rotary,
+                kv_detached=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The rows' attention -> (B, H, L, D_v) and their keys and values (for the decoding cache)."""
+        return local_attention(q, k, v, rotary, state.ctx, visible=state.visible), (k, v)
+
+    @classmethod
+    def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
+        check_args(args)
+        return MemoryTokens(cfg, args)
+
+    @classmethod
+    def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
+        """Table 1: d_model p l 2 (read and write memory in every layer). The state is what is carried between
+        segments, the m x dim memory vectors, in the activations' dtype (bf16). Decoding also caches the read
+        rows' keys and values per layer (2 m H_kv D l), recomputed from those vectors: not counted."""
+        m = args["num_mem_tokens"]
+        check_nonnegative_int("num_mem_tokens", m)
+        return Footprint(cfg.dim * m * cfg.n_layers * 2, m * cfg.dim, 2 * m * cfg.dim)
+
+
+class MemoryTokens(nn.Module):
+    """The model-level part: M_0 and the segment loop. States are the memory vectors (B, m, dim), None = M_0."""
+
+    def __init__(self, cfg, args: dict[str, Any]):
+        super().__init__()
+        self.cfg = cfg
+        self.m, self.causal = args["num_mem_tokens"], args["causal"]
+        self.bptt_depth, self.checkpoint_segments = args["bptt_depth"], args["checkpoint_segments"]
+        self.initial = nn.Parameter(torch.empty(self.m, cfg.dim))  # M_0 (m, dim)
+
+    def reset_parameters(self) -> None:
+        """Independent random rows: identical rows would stay identical through every layer."""
+        nn.init.normal_(self.initial, std=0.02)
+
+    def start(self, batch: int) -> Tensor:
+        return self.initial.unsqueeze(0).expand(batch, -1, -1)  # (B, m, dim)
+
+    def memory_mask(self, device: torch.device) -> Tensor:
+        """(m, m): how the read rows, and the write rows, see each other."""
+        return segment_mask(self.m, 0, self.causal, device)[: self.m, : self.m]
+
+    def run_rows(self, model, x: Tensor, contexts: list[Context | None], visible: Tensor
+                 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Rows x (B, L, dim) through every block -> the final-norm output and each layer's keys and values."""
+        kvs = []
+        for layer, ctx in zip(model.layers, contexts):
+            x, kv = layer(x, Rows(ctx, visible), model.rotary)
+            kvs.append(kv)
+        return model.norm(x), kvs
+
+    def segment(self, model, text: Tensor, memory: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+        """text (B, L, dim) embedded, memory (B, m, dim) -> text outputs (B, L, dim), next memory (B, m, dim)."""
+        m, length = self.m, text.shape[1]
+        memory = memory.to(text.dtype)
+        h, _ = self.run_rows(model, torch.cat([memory, text, memory], dim=1), [None] * len(model.layers), visible)
+        return h[:, m: m + length], h[:, m + length:]
+
+    def hidden(self, model, input_ids: Tensor, states: Tensor | None, cache: list | None = None,
+               pos: int = 0) -> tuple[Tensor, Tensor | None]:
+        """input_ids (B, T) -> final-norm text outputs (B, T, dim) and the memory after them (see model.hidden)."""
+        if cache is not None:
+            return self.decode(model, input_ids, states, cache, pos), states
+        n = model.cfg.segment_len
+        x = model.embed(input_ids)  # (B, T, dim)
+        memory = self.start(x.shape[0]) if states is None else states
+        recompute = model.training and torch.is_grad_enabled() and (
+            model.cfg.activation_checkpointing or self.checkpoint_segments)
+        masks: dict[int, Tensor] = {}  # by segment length: the full one and a shorter tail
+        outs = []
+        for i, start in enumerate(range(0, x.shape[1], n)):
+            text = x[:, start: start + n]
+            length = text.shape[1]
+            if length not in masks:
+                masks[length] = segment_mask(self.m, length, self.causal, x.device)
+            if recompute:
+                h, memory = checkpoint(self.segment, model, text, memory, masks[length], use_reentrant=False)
+            else:
+                h, memory = self.segment(model, text, memory, masks[length])
+            outs.append(h)
+            if self.bptt_depth and (i + 1) % self.bptt_depth == 0:  # truncated BPTT (counted within this call)
+                memory = memory.detach()
+        return torch.cat(outs, dim=1), memory
+
+    def decode(self, model, input_ids: Tensor, states: Tensor | None, cache: list, pos: int) -> Tensor:
+        """input_ids (B, L) at text positions pos .. of the current segment -> final-norm outputs (B, L, dim)."""
+        m = self.m
+        if pos == 0 and m:  # the segment's first tokens: its read rows go into cache slots 0 .. m-1
+            memory = self.start(input_ids.shape[0]) if states is None else states
+            _, kvs = self.run_rows(model, memory.to(model.embed.weight.dtype), [None] * len(model.layers),
+                                   self.memory_mask(input_ids.device))
+            for c, (k, v) in zip(cache, kvs):
+                c.k[:, :, :m] = k
+                c.v[:, :, :m] = v
+        x = model.embed(input_ids)
+        for layer, c in zip(model.layers, cache):
+            # Causal over the cache from slot m + pos: every read row, the text so far, no write row.
+            x, _ = layer(x, None, model.rotary, c, pos + m)
+        return model.norm(x)
+
+    def new_decode_state(self, model, batch: int):
+        """Caches of m + N slots per layer (read rows, then the segment's text) and no memory yet."""
+        from infini_bench.generate import DecodeState  # generate imports the model, which imports this module
+        from infini_bench.model import LocalCache
+        cfg, p = model.cfg, model.embed.weight
+        shape = (batch, cfg.n_kv_heads, self.m + cfg.segment_len, cfg.head_dim)
+        cache = [LocalCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)]
+        return DecodeState(None, cache)
+
+    def end_decode_segment(self, model, state) -> None:
+        """The segment is full: its write rows run over [read; text] from the caches and give the next memory."""
+        if not self.m:
+            return
+        batch, slots = state.cache[0].k.shape[0], state.cache[0].k.shape[2]
+        memory = self.start(batch) if state.states is None else state.states
+        valid = torch.ones(batch, slots, dtype=torch.bool, device=memory.device)
+        contexts = [Context(c.k, c.v, valid) for c in state.cache]  # read rows + the full segment, all seen
+        state.states, _ = self.run_rows(model, memory.to(model.embed.weight.dtype), contexts,
+                                        self.memory_mask(memory.device))
