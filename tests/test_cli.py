@@ -54,8 +54,10 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ppl" in row for row in rows) and any("gates/L0/H0" in row for row in rows)
     assert (out / "gates.png").exists() and (out / "loss_by_segment.png").exists()
-    again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds its checkpoint and skips training
-    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
+    before = (out / "results.json").read_text(), (out / "metrics.jsonl").read_text()
+    again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds the run finished: it reports and exits
+    assert again.returncode == 0 and "had finished" in again.stdout, again.stderr
+    assert ((out / "results.json").read_text(), (out / "metrics.jsonl").read_text()) == before
 
 
 @pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
