@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,9 @@ def cli(*args, tmp_path):
     (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
     (["task=lm", "task.min_doc_tokens=-1"], "task.min_doc_tokens: -1 must be an integer >= 0"),
     (["task=lm", "model.init_from=nowhere.safetensors"], "model.init_from: 'nowhere.safetensors' is not a file"),
+    (["task=lm", "model.init_from=README.md"], "model.init_from: 'README.md' does not fit this model"),
+    (["task=lm", "seed=abc"], "seed: 'abc' must be an integer >= 0"),
+    (["task=lm", "trainer.lrr=1"], "trainer.lrr: is not a trainer option; accepted: batch_size, ckpt_every"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -146,3 +150,18 @@ def test_two_rank_run_equals_one_process(task, tmp_path):
     for key, value in one.items():
         if isinstance(value, float) and key != "train/loss":
             assert two[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
+def test_a_run_folder_name_over_the_limit_is_one_line(tmp_path):
+    proc, _ = cli("task=lm", tmp_path=tmp_path / ("x" * 300))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: hydra.run.dir: "), proc.stderr
+    assert "File name too long" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    proc, out = cli("task=lm", "device=cuda", tmp_path=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: device: 'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
+    assert not out.exists()
