@@ -117,7 +117,8 @@ def stored_config(out_dir: Path) -> tuple[dict | None, bool]:
 
     from infini_bench.errors import ConfigError
 
-    sources = [(out_dir / "results.json", True)] + [(p, False) for p in sorted(out_dir.glob("checkpoints/**/extra.json"))]
+    checkpoints = sorted(out_dir.glob("checkpoints/**/extra.json"))
+    sources = [(out_dir / "results.json", True)] + [(p, False) for p in checkpoints]
     for path, finished in sources:
         if path.exists():
             try:

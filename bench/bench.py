@@ -1,4 +1,4 @@
-"""Benchmarks of issue 6, measured side by side in one run: training throughput, streaming prefill, decode.
+"""Benchmarks, measured side by side in one run: training throughput, streaming prefill, decode.
 
     python -m bench.bench all --out results/bench.json --write-md docs/BENCHMARKS.md   # one H200, ~2 min
     python -m bench.bench all --compile --out results/bench.json                      # + compiled rows, ~5 min
@@ -45,7 +45,7 @@ GIB = 2**30
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, as the issue asks; fp32 on a CPU, where bf16 matrix products are emulated and slow."""
+    """bf16 on a GPU, as the paper's runs; fp32 on a CPU, where bf16 matrix products are emulated and slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -57,7 +57,7 @@ def autocast(device: torch.device):
 
 @dataclass
 class Sizes:
-    """Every size one run uses. The defaults are the issue's (one H200); `tiny()` runs on a 2-core CPU."""
+    """Every size one run uses. The defaults are the paper's LM shape on one H200; `tiny()` runs on a 2-core CPU."""
 
     # train: paper Table 2 LM (12 layers, 8 x 128 heads, FFN 4096, 32K vocabulary), B = 1, T = 32K, N = 2K
     train_flavour: str = "lm_paper"

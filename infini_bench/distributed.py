@@ -91,7 +91,8 @@ def shard_model(
         raise RuntimeError("shard_model needs a process group: launch with torchrun and call init_distributed()")
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    # forward() and the blocks take the fp32 memory state (M, z): never cast inputs (PAPER.md, pitfall 4).
+    # forward() and the blocks take the fp32 memory state (M, z): never cast inputs
+    # (docs/PAPER_NOTES.md, pitfall 4).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for i, block in enumerate(model.layers):
         if activation_checkpointing:  # state-dict keys are unchanged: the wrapper strips its own prefix

@@ -88,7 +88,8 @@ def worker(out: Path) -> None:
     ids, labels = batch(0)
     with torch.no_grad():
         bf16_loss = all_reduce_mean(lm_loss(bf16, ids[my_rows(info)], labels[my_rows(info)])).item()
-    state_dtypes = []  # what the blocks receive when streaming: the memory must stay fp32 (pitfall 4)
+    # What the blocks receive when streaming: the memory must stay fp32 (docs/PAPER_NOTES.md, pitfall 4).
+    state_dtypes = []
     bf16.layers[1].register_forward_pre_hook(
         lambda _, args: state_dtypes.append(args[1].M.dtype) if args[1] is not None else None)
     bf16.stream(ids[my_rows(info)])
