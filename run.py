@@ -81,18 +81,15 @@ _LOCK = []  # the open lock file, held until the process exits (a kill -9 releas
 
 
 def lock_run_folder(out_dir: Path) -> None:
-    """One run per folder: a second run into a folder in use stops with one line."""
+    """One run per folder: a second run into a folder in use stops with one line (and touches nothing there)."""
     import fcntl
-
-    from infini_bench.errors import ConfigError
 
     handle = open(out_dir / ".lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise ConfigError("hydra.run.dir", f"{out_dir} is in use by another run; wait for it to finish or "
-                          "pick another folder") from None
+        fail(f"hydra.run.dir: {out_dir} is in use by another run; wait for it to finish or pick another folder")
     _LOCK.append(handle)
 
 
@@ -180,7 +177,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("device", "'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
         task = get_task(cfg.task.name)
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
-        for last in {p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}:
+        for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
             recover_checkpoint(last)  # a swap a crash interrupted
         stored, finished = stored_config(out_dir)
         if cfg.trainer.resume and stored is not None:
@@ -211,7 +208,9 @@ def main(cfg: DictConfig) -> None:
         fail("trainer.batch_size: out of memory; lower trainer.batch_size (raise trainer.grad_accum to keep the "
              "batch), task.seq_len or model.segment_len, or set model.activation_checkpointing=true", code=1)
     except PermissionError as err:
-        fail(f"hydra.run.dir: {err.filename or out_dir} can't be written ({err.strerror}); pick a writable folder")
+        if not str(err.filename or "").startswith(str(out_dir)):
+            raise
+        fail(f"hydra.run.dir: {err.filename} can't be written ({err.strerror}); pick a writable folder")
 
 
 if __name__ == "__main__":

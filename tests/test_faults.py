@@ -171,7 +171,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
         holder.stdin.close()
         holder.wait(timeout=30)
     assert proc.returncode == 2 and "is in use by another run" in proc.stderr, proc.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "metrics.jsonl").exists() and (tmp_path / ".lock").exists()  # the other run's, kept
 
 
 # 6. Metrics never hold a step twice.
