@@ -159,7 +159,6 @@ def main(cfg: DictConfig) -> None:
 
     from infini_bench.errors import ConfigError, check_int
     from infini_bench.tracking import Run
-    from infini_bench.train import Interrupted, TrainingDiverged
     from tasks import get_task
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -191,26 +190,42 @@ def main(cfg: DictConfig) -> None:
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
+        if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
+            run.truncate_metrics(0, rows=0)
         results = task.run_task(cfg, run)
         run.finish(results)
         if run.is_main:
             print(f"results: {out_dir / 'results.json'}")
-    except ConfigError as err:
-        remove_if_only_hydra(out_dir)  # never anything this run did not create
-        fail(str(err))
-    except TrainingDiverged as err:
-        fail(str(err), code=1)
-    except Interrupted as err:
-        fail(str(err), code=130)
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume from the last checkpoint", code=130)
-    except torch.OutOfMemoryError:
-        fail("trainer.batch_size: out of memory; lower trainer.batch_size (raise trainer.grad_accum to keep the "
-             "batch), task.seq_len or model.segment_len, or set model.activation_checkpointing=true", code=1)
-    except PermissionError as err:
-        if not str(err.filename or "").startswith(str(out_dir)):
+    except BaseException as err:  # noqa: BLE001 - what a user can act on gets one line, a bug its traceback
+        line = error_line(err, out_dir)
+        if line is None:
             raise
-        fail(f"hydra.run.dir: {err.filename} can't be written ({err.strerror}); pick a writable folder")
+        if isinstance(err, ConfigError):
+            remove_if_only_hydra(out_dir)  # never anything this run did not create
+        fail(*line)
+
+
+def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
+    """The one line and exit code for an error the user can act on; None for anything else."""
+    import torch
+
+    from infini_bench.errors import ConfigError
+    from infini_bench.train import Interrupted, TrainingDiverged
+
+    if isinstance(err, ConfigError):
+        return str(err), 2
+    if isinstance(err, TrainingDiverged):
+        return str(err), 1
+    if isinstance(err, Interrupted):
+        return str(err), 130
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; rerun the same command to resume from the last checkpoint", 130
+    if isinstance(err, torch.OutOfMemoryError):
+        return ("trainer.batch_size: out of memory; lower trainer.batch_size (raise trainer.grad_accum to keep "
+                "the batch), task.seq_len or model.segment_len, or set model.activation_checkpointing=true", 1)
+    if isinstance(err, PermissionError) and str(err.filename or "").startswith(str(out_dir)):
+        return f"hydra.run.dir: {err.filename} can't be written ({err.strerror}); pick a writable folder", 2
+    return None
 
 
 if __name__ == "__main__":

@@ -284,3 +284,27 @@ def test_corrupt_token_cache_names_trainer_resume(tmp_path):
     cache.write_bytes(b"not a tensor file")
     with pytest.raises(ConfigError, match=r"^trainer\.resume: .*train_tokens\.pt is corrupt .*trainer\.resume=false"):
         prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, fresh=False)
+
+
+def test_a_rerun_after_a_crash_before_results_logs_no_row_twice(tmp_path):
+    args = ["task=lm", "trainer.steps=0", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64",
+            "trainer.progress=false", "logger=none"]
+    assert cli(*args, out=tmp_path).returncode == 0
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "results.json").unlink()  # as if killed after the last rows were logged, before results.json
+    assert cli(*args, out=tmp_path).returncode == 0
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+
+
+@pytest.mark.parametrize("error, start", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "trainer.batch_size: out of memory"),
+    (KeyboardInterrupt(), "interrupted; rerun the same command"),
+    (ConfigError("trainer.lr", "'abc' must be a positive number"), "trainer.lr: 'abc'"),
+])
+def test_errors_a_user_can_act_on_get_one_line(error, start, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from run import error_line
+
+    line, code = error_line(error, tmp_path)
+    assert line.startswith(start) and "\n" not in line and code in (1, 2, 130)
+    assert error_line(RuntimeError("a bug"), tmp_path) is None  # a bug keeps its traceback
