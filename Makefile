@@ -31,7 +31,7 @@ run: install ## the embedded default main job on CPU (python run.py)
 test: install ## run the test suite (no network, a few minutes on 2 CPU cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)
 
-bench: ## the issue-6 benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
+bench: ## the benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
 	$(BENCH_PYTHON) -m bench.bench all --compile --out $(BENCH_OUT) --write-md $(BENCH_MD) $(ARGS)
 
 bench-cpu: install ## the same benchmarks at tiny sizes on the CPU (CI runs them through tests/test_bench.py)

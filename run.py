@@ -5,6 +5,7 @@ and no results written.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -41,39 +42,193 @@ def check_overrides(argv: list[str]) -> None:
         fail(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
 
+def check_keys_and_run_dir(argv: list[str]) -> None:
+    """Before Hydra starts: a misspelt key gets the valid ones listed, and a run folder that can't be made
+    (a name over the file system's limit, a path through a file) gets one line instead of a traceback."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig as Hydra
+
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            groups = [a for a in overrides if "." not in a.partition("=")[0]]  # task=lm, trainer=continual...
+            known = OmegaConf.to_container(compose("config", overrides=groups), resolve=False)
+            for arg in overrides:
+                key = arg.partition("=")[0]
+                if key.startswith(("+", "~", "hydra")) or "." not in key:
+                    continue
+                group, _, field = key.partition(".")
+                if isinstance(known.get(group), dict) and field.split(".")[0] not in known[group]:
+                    fail(f"{key}: is not a {group} option; accepted: {', '.join(sorted(known[group]))}")
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            Hydra.instance().set_config(cfg)
+            run_dir = Path(str(cfg.hydra.run.dir))
+    except Exception:  # noqa: BLE001 - check_overrides and Hydra report everything else
+        return
+    if "-m" in argv or "--multirun" in argv:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        fail(f"hydra.run.dir: {str(run_dir)[:80]}{'...' if len(str(run_dir)) > 80 else ''} can't be written "
+             f"({err.strerror or type(err).__name__}); pick a shorter or writable folder with hydra.run.dir=...")
+
+
+_LOCK = []  # the open lock file, held until the process exits (a kill -9 releases it too)
+
+
+def lock_run_folder(out_dir: Path) -> None:
+    """One run per folder: a second run into a folder in use stops with one line (and touches nothing there)."""
+    import fcntl
+
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        fail(f"hydra.run.dir: {out_dir} is in use by another run; wait for it to finish or pick another folder")
+    _LOCK.append(handle)
+
+
+# Keys that may change between a run and its resume: they do not change what is trained.
+_MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "hydra")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stored_config(out_dir: Path) -> tuple[dict | None, bool]:
+    """The config an earlier run in this folder used (from results.json, else a checkpoint), and whether that
+    run finished."""
+    import json
+
+    from infini_bench.errors import ConfigError
+
+    checkpoints = sorted(out_dir.glob("checkpoints/**/extra.json"))
+    sources = [(out_dir / "results.json", True)] + [(p, False) for p in checkpoints]
+    for path, finished in sources:
+        if path.exists():
+            try:
+                config = json.loads(path.read_text()).get("config")
+            except ValueError:
+                raise ConfigError("trainer.resume", f"{path} is corrupt; trainer.resume=false starts over") from None
+            if config is not None:
+                return config, finished
+    return None, False
+
+
+def check_same_config(config: dict, stored: dict, out_dir: Path) -> None:
+    """Resuming a folder with another config would mix two runs: refuse, naming what differs."""
+    from infini_bench.errors import ConfigError
+
+    now, then = _flat(config), _flat(stored)
+    differ = sorted(k for k in set(now) | set(then)
+                    if now.get(k) != then.get(k) and not k.startswith(_MAY_CHANGE))
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise ConfigError(differ[0], f"{now.get(differ[0])!r} differs from {then.get(differ[0])!r}, which the run in "
+                          f"{out_dir} used{more}; trainer.resume=false starts it over, or pick another hydra.run.dir")
+
+
+def remove_if_only_hydra(out_dir: Path) -> None:
+    """After a config error: remove the run folder if it holds nothing but what Hydra and the lock put there."""
+    own = {".hydra", ".lock", "run.log"}
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= own:
+        for name in own:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        out_dir.rmdir()
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from infini_bench.errors import ConfigError
+    import torch
+
+    from infini_bench.errors import ConfigError, check_int
     from infini_bench.tracking import Run
-    from infini_bench.train import TrainingDiverged
     from tasks import get_task
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    had_results = any(out_dir.glob("checkpoints/*")) or (out_dir / "results.json").exists()
-    run = None
     try:
         OmegaConf.resolve(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        from infini_bench.distributed import init_distributed, is_main_process, recover_checkpoint
+
+        if os.environ.get("RANK", "0") == "0":
+            lock_run_folder(out_dir)
+        check_int("seed", cfg.seed)
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device", f"{cfg.device!r} is not one of auto, cpu, cuda")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device", "'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
         task = get_task(cfg.task.name)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        from infini_bench.distributed import init_distributed
-
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
+        for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
+            recover_checkpoint(last)  # a swap a crash interrupted
+        stored, finished = stored_config(out_dir)
+        if cfg.trainer.resume and stored is not None:
+            check_same_config(config, stored, out_dir)
+            if finished:
+                if is_main_process():
+                    print(f"results: {out_dir / 'results.json'} (this run had finished; trainer.resume=false "
+                          "runs it again)")
+                return
+        elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
+            os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
+        if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
+            run.truncate_metrics(0, rows=0)
         results = task.run_task(cfg, run)
         run.finish(results)
         if run.is_main:
             print(f"results: {out_dir / 'results.json'}")
-    except ConfigError as err:
-        if not had_results:  # nothing of value was written: leave no half-made run folder behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        fail(str(err))
-    except TrainingDiverged as err:
-        fail(str(err), code=1)
+    except BaseException as err:  # noqa: BLE001 - what a user can act on gets one line, a bug its traceback
+        line = error_line(err, out_dir)
+        if line is None:
+            raise
+        if isinstance(err, ConfigError):
+            remove_if_only_hydra(out_dir)  # never anything this run did not create
+        fail(*line)
+
+
+def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
+    """The one line and exit code for an error the user can act on; None for anything else."""
+    import torch
+
+    from infini_bench.errors import ConfigError
+    from infini_bench.train import Interrupted, TrainingDiverged
+
+    if isinstance(err, ConfigError):
+        return str(err), 2
+    if isinstance(err, TrainingDiverged):
+        return str(err), 1
+    if isinstance(err, Interrupted):
+        return str(err), 130
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; rerun the same command to resume from the last checkpoint", 130
+    if isinstance(err, torch.OutOfMemoryError):
+        return ("trainer.batch_size: out of memory; lower trainer.batch_size (raise trainer.grad_accum to keep "
+                "the batch), task.seq_len or model.segment_len, or set model.activation_checkpointing=true", 1)
+    if isinstance(err, PermissionError) and str(err.filename or "").startswith(str(out_dir)):
+        return f"hydra.run.dir: {err.filename} can't be written ({err.strerror}); pick a writable folder", 2
+    return None
 
 
 if __name__ == "__main__":
+    check_keys_and_run_dir(sys.argv[1:])
     check_overrides(sys.argv[1:])
     main()

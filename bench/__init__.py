@@ -1,1 +1,1 @@
-"""Benchmarks of infini-bench (issue 6): `python -m bench.bench --help`."""
+"""Benchmarks of infini-bench: `python -m bench.bench --help`."""

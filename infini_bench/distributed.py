@@ -9,8 +9,10 @@ Launch: `torchrun --nproc_per_node=N run.py ...`; without torchrun everything ru
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -89,7 +91,8 @@ def shard_model(
         raise RuntimeError("shard_model needs a process group: launch with torchrun and call init_distributed()")
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    # forward() and the blocks take the fp32 memory state (M, z): never cast inputs (PAPER.md, pitfall 4).
+    # forward() and the blocks take the fp32 memory state (M, z): never cast inputs
+    # (docs/PAPER_NOTES.md, pitfall 4).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for i, block in enumerate(model.layers):
         if activation_checkpointing:  # state-dict keys are unchanged: the wrapper strips its own prefix
@@ -152,6 +155,15 @@ def all_reduce_max(x: Tensor) -> Tensor:
     return x
 
 
+def all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is finite everywhere, on every rank (one collective under torchrun)."""
+    if not tensors:
+        return []
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # an FSDP shard: this rank's part
+    bad = torch.stack([(~torch.isfinite(t.detach())).any() for t in local]).float()
+    return [not b for b in all_reduce_max(bad).tolist()]
+
+
 def full_tensor(x: Tensor) -> Tensor:
     """A DTensor (an FSDP parameter, a gradient norm from clip_grad_norm_) gathered whole; other tensors as is."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
@@ -209,16 +221,139 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
+# Every checkpoint file's sha256, written last: a folder with this file is complete, and loading checks it.
+MANIFEST = "checksums.json"
+# What a DCP `.metadata` pickle may name: its own dataclasses, torch's sizes, dtypes and layouts, paths.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+def _corrupt(directory: Path, what: str) -> Exception:
+    from infini_bench.errors import ConfigError
+
+    return ConfigError("trainer.resume", f"the checkpoint {directory} {what}; trainer.resume=false starts over")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only the classes a checkpoint's metadata is made of; anything else could run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_metadata(directory: str | Path) -> Any:
+    """A checkpoint's DCP metadata, through the restricted unpickler (plain pickle runs whatever it names)."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise _corrupt(Path(directory), f"has a .metadata that names {err}, which no checkpoint holds; "
+                       "refusing to load it") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise _corrupt(Path(directory), f"has an unreadable .metadata ({type(err).__name__})") from None
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+def _reader(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader, with the metadata read through the restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = read_metadata(directory)
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(directory)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of the named files; under torchrun each rank hashes a share of them (a collective)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    mine = {name: _sha256(folder / name) for name in sorted(names)[rank::world]}
+    if world == 1:
+        return mine
+    shares: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {k: v for share in shares for k, v in share.items()}
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file of a checkpoint against its recorded sha256 (a collective under torchrun)."""
+    directory = Path(directory)
+    try:
+        recorded = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise _corrupt(directory, f"has no readable {MANIFEST}") from None
+    present = {p.name for p in directory.iterdir() if p.is_file()} - {MANIFEST}
+    if present != set(recorded):
+        raise _corrupt(directory, f"holds other files than {MANIFEST} lists")
+    found = _checksums(directory, sorted(recorded))
+    bad = sorted(name for name in recorded if found[name] != recorded[name])
+    if bad:
+        raise _corrupt(directory, f"is corrupt: {bad[0]} does not match its recorded checksum")
+
+
+def recover_checkpoint(directory: str | Path) -> None:
+    """Finish a checkpoint swap that a crash interrupted (a collective: every rank calls it).
+
+    `save_checkpoint` writes `<last>.tmp` (its checksums last), renames `last` to `last.old`, `last.tmp` to
+    `last`, then deletes `last.old`. Killed between the renames, `last` is missing: the newer complete folder
+    takes its name. Killed during the deletion, `last.old` is left half-deleted beside a good `last`.
+    """
+    final = Path(directory)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if is_main_process():
+        if not final.exists():
+            if (tmp / MANIFEST).exists():
+                os.replace(tmp, final)
+            elif old.exists():
+                os.replace(old, final)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     extra: dict | None = None) -> None:
     """Every rank writes its shards to a DCP folder; `extra` (step, data position...) goes to extra.json.
 
-    Written to `<directory>.tmp` and swapped in when complete, so a crash never leaves a half checkpoint.
+    Written to `<directory>.tmp`, with the sha256 of every file in checksums.json, and swapped in when
+    complete, so a crash never leaves a half checkpoint (`recover_checkpoint` finishes an interrupted swap).
     """
     import torch.distributed.checkpoint as dcp
 
+    from infini_bench.faults import fault
+    from infini_bench.tracking import atomic_write_text
+
     final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
@@ -226,10 +361,15 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         dcp.save(_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not is_distributed())
     barrier()
     if is_main_process():
-        (tmp / "extra.json").write_text(json.dumps(extra or {}, indent=1))
-        old = final.with_name(final.name + ".old")
+        atomic_write_text(tmp / "extra.json", json.dumps(extra or {}, indent=1))
+    barrier()
+    sums = _checksums(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+    if is_main_process():
+        atomic_write_text(tmp / MANIFEST, json.dumps(sums, indent=1, sort_keys=True))
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier clean-up
         if final.exists():
             os.replace(final, old)
+            fault("between_checkpoint_renames")
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -237,14 +377,28 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
                     ) -> dict:
-    """Restore model (and optimizer) in place from a DCP folder written at any world size; returns `extra`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    """Restore model (and optimizer) in place from a DCP folder written at any world size; returns `extra`.
 
+    The files are checked against their recorded checksums first. A parameter that never had a gradient
+    (the gate with memory=none) has no optimizer state in the checkpoint, and gets none here either.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    directory = Path(directory)
+    verify_checkpoint(directory)
     state = _state(model, optimizer)
+    if optimizer is not None:
+        stored = read_metadata(directory).state_dict_metadata
+        prefixes = {key.rsplit(".", 1)[0] for key in stored if key.startswith("optim.state.")}
+        state["optim"]["state"] = {name: s for name, s in state["optim"]["state"].items()
+                                   if f"optim.state.{name}" in prefixes}
     with _single_process_ok():
-        dcp.load(state, checkpoint_id=str(directory), no_dist=not is_distributed())
+        dcp.load(state, storage_reader=_reader(directory), no_dist=not is_distributed())
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    return json.loads((Path(directory) / "extra.json").read_text())
+        # strict=False lets those parameters go without state; every state the checkpoint has is still loaded.
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+    return json.loads((directory / "extra.json").read_text())

@@ -1,4 +1,5 @@
 """Errors a user can fix: run.py prints them as one line and exits with code 2."""
+import math
 
 
 class ConfigError(ValueError):
@@ -14,6 +15,21 @@ def check_choice(key: str, value: object, choices: tuple | list) -> None:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_positive(key: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if not _is_number(value) or value <= 0:
         raise ConfigError(key, f"{value!r} must be a positive number")
+
+
+def check_int(key: str, value: object, low: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(key, f"{value!r} must be an integer >= {low}")
+
+
+def check_range(key: str, value: object, low: float, high: float, high_open: bool = False) -> None:
+    """low <= value <= high (value < high if high_open)."""
+    if not _is_number(value) or value < low or value > high or (high_open and value == high):
+        raise ConfigError(key, f"{value!r} must be a number in [{low}, {high}{')' if high_open else ']'}")

@@ -35,5 +35,10 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
         for key in ROUGE_TYPES:
             totals[key] += scores[key].fmeasure
     out = {key: 100.0 * total / len(predictions) for key, total in totals.items()}
-    out["overall"] = math.prod(out[key] for key in ROUGE_TYPES) ** (1.0 / len(ROUGE_TYPES))
+    out["overall"] = overall(*(out[key] for key in ROUGE_TYPES))
     return out
+
+
+def overall(*scores: float) -> float:
+    """The geometric mean of ROUGE-1, -2 and -L: the paper's (and SCROLLS') single "overall" number."""
+    return math.prod(scores) ** (1.0 / len(scores))

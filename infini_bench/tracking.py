@@ -21,10 +21,17 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file follows the umask like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(x: Any) -> Any:
@@ -76,13 +83,24 @@ class Run:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric rows logged after `after_step` (a resumed run logs them again)."""
+    def metrics_rows(self) -> int:
+        """How many rows metrics.jsonl holds (a checkpoint records it, so a resume can drop the rows after)."""
+        if not self.is_main or not self.metrics_path.exists():
+            return 0
+        return sum(1 for line in self.metrics_path.read_text().splitlines() if line.strip())
+
+    def truncate_metrics(self, after_step: int, rows: int | None = None) -> None:
+        """Keep the first `rows` rows (the rows a checkpoint recorded), else drop the rows logged after
+        `after_step`: a resumed or restarted run logs them again, and no step may appear twice."""
         if not self.is_main or not self.metrics_path.exists():
             return
-        rows = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and (json.loads(line).get("step") is None or json.loads(line)["step"] <= after_step)]
-        atomic_write_text(self.metrics_path, "".join(r + "\n" for r in rows))
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        if rows is not None:
+            kept = kept[:rows]
+        else:
+            kept = [line for line in kept
+                    if json.loads(line).get("step") is None or json.loads(line)["step"] <= after_step]
+        atomic_write_text(self.metrics_path, "".join(r + "\n" for r in kept))
 
     def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         if self.is_main and self._wandb is not None:

@@ -7,11 +7,13 @@ from the checkpoint, the losses after a resume are identical to an uninterrupted
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from infini_bench import distributed
-from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.errors import ConfigError, check_choice, check_int, check_positive, check_range
 from infini_bench.tracking import Run
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -30,7 +32,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss, a gradient or a weight became NaN or Inf; the last good checkpoint is kept."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a checkpoint of the steps done so far was saved."""
 
 
 @dataclass
@@ -40,7 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 1e-3
-    gate_lr: float = 1e-2  # the gate needs a larger step than the rest (PAPER.md, pitfall 7)
+    gate_lr: float = 1e-2  # the gate needs a larger step than the rest (docs/PAPER_NOTES.md, pitfall 7)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 20
@@ -60,13 +66,21 @@ class TrainConfig:
         check_choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("trainer.schedule", self.schedule, SCHEDULES)
         check_choice("trainer.precision", self.precision, PRECISIONS)
-        for key in ("batch_size", "grad_accum", "lr", "eval_every", "ckpt_every", "log_every"):
+        for key in ("batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
+            check_int(f"trainer.{key}", getattr(self, key), low=1)
+        for key in ("steps", "warmup_steps", "seed"):
+            check_int(f"trainer.{key}", getattr(self, key), low=0)
+        for key in ("lr", "gate_lr", "grad_clip"):  # grad_clip=0 would scale every gradient to zero
             check_positive(f"trainer.{key}", getattr(self, key))
+        check_range("trainer.weight_decay", self.weight_decay, 0.0, math.inf)
+        check_range("trainer.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ConfigError("trainer.betas", f"{self.betas!r} must be two numbers in [0, 1)")
+        for beta in self.betas:
+            check_range("trainer.betas", beta, 0.0, 1.0, high_open=True)
         for key in ("resume", "progress", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"trainer.{key}", f"{getattr(self, key)!r} is not one of true, false")
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ConfigError("trainer.steps", f"{self.steps!r} must be an integer >= 0")
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -137,6 +151,12 @@ def checkpoint_path(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir) / "last"
 
 
+def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
+    kept = checkpoint_path(ckpt_dir)
+    where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
+    return TrainingDiverged(f"{what}; stopped, {where}")
+
+
 def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Restore model (and optimizer) from the DCP folder ckpt_dir/last, saved on any number of GPUs; returns
     the number of steps already done."""
@@ -144,10 +164,34 @@ def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    cfg: TrainConfig) -> None:
-    """Every rank writes its shards (a collective: all ranks call it); step and trainer go to extra.json."""
-    distributed.save_checkpoint(checkpoint_path(ckpt_dir), model, optimizer,
-                                extra={"step": step, "trainer": asdict(cfg)})
+                    cfg: TrainConfig, run: Run | None = None, summary: dict[str, float] | None = None) -> None:
+    """Every rank writes its shards (a collective: all ranks call it); step, trainer, the summary so far, the
+    run's config and how many metric rows it had logged go to extra.json. A NaN or Inf weight is never saved."""
+    named = list(model.named_parameters())
+    bad = [name for (name, _), ok in zip(named, distributed.all_finite([p for _, p in named])) if not ok]
+    if bad:
+        raise _diverged(f"{bad[0]} is not finite after step {step}", ckpt_dir)
+    extra = {"step": step, "trainer": asdict(cfg), "summary": summary or {}}
+    if run is not None:
+        extra.update(config=run.config, metrics_rows=run.metrics_rows())
+    distributed.save_checkpoint(checkpoint_path(ckpt_dir), model, optimizer, extra=extra)
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Catch SIGINT and SIGTERM while training (the main thread only): the list gets the signal, and the loop
+    saves a checkpoint at the end of the step before it stops. Preemption loses no finished step."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
@@ -168,13 +212,24 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
     rows = slice(None) if world == 1 else slice(dist.get_rank() * cfg.batch_size // world,
                                                 (dist.get_rank() + 1) * cfg.batch_size // world)
     optimizer = make_optimizer(model, cfg)
-    step = 0
+    step, kept_rows, summary = 0, None, {}
+    distributed.recover_checkpoint(checkpoint_path(ckpt_dir))
     if cfg.resume and checkpoint_path(ckpt_dir).exists():
-        step = load_checkpoint(ckpt_dir, model, optimizer)
-        run.truncate_metrics(step)
+        extra = distributed.load_checkpoint(checkpoint_path(ckpt_dir), model, optimizer)
+        step, kept_rows, summary = int(extra["step"]), extra.get("metrics_rows"), extra.get("summary", {})
         tqdm.write(f"resumed from {checkpoint_path(ckpt_dir)} at step {step}")
+    run.truncate_metrics(step, rows=kept_rows)  # a step logged twice, by a rerun after a kill, appears once
+    with stop_signals() as stop:
+        return _loop(model, cfg, batch_fn, run, ckpt_dir, eval_fn, optimizer, step, rows, world, summary, stop)
+
+
+def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
+          ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None,
+          optimizer: torch.optim.Optimizer, step: int, rows: slice, world: int, summary: dict[str, float],
+          stop: list[int]) -> dict[str, float]:
+    """The steps from `step` to cfg.steps; `stop` gets a signal's number when one arrives."""
+    device = run.device
     base_lrs = [cfg.gate_lr if g["name"] == "gate" else cfg.lr for g in optimizer.param_groups]
-    summary: dict[str, float] = {}
     tokens_per_step = 0
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     t0, window_tokens = time.perf_counter(), 0
@@ -193,10 +248,11 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             tokens_per_step = ids.numel() * cfg.grad_accum * world
         if not math.isfinite(loss_sum):
             bar.close()
-            kept = checkpoint_path(ckpt_dir)
-            where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"train/loss is {loss_sum} at step {step + 1}; stopped, {where}")
+            raise _diverged(f"train/loss is {loss_sum} at step {step + 1}", ckpt_dir)
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)).item()
+        if not math.isfinite(grad_norm):  # a finite loss can still have an Inf gradient: never step on it
+            bar.close()
+            raise _diverged(f"train/grad_norm is {grad_norm} at step {step + 1}", ckpt_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -217,7 +273,12 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             metrics = eval_fn(model, step)
             run.log(metrics, step=step)
             summary.update(metrics)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, model, optimizer, step, cfg)
+        stopping = distributed.all_reduce_max(torch.tensor(float(bool(stop)), device=device)).item() > 0
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+            save_checkpoint(ckpt_dir, model, optimizer, step, cfg, run, summary)
+        if stopping:
+            bar.close()
+            raise Interrupted(f"interrupted at step {step}; the checkpoint {checkpoint_path(ckpt_dir)} holds it: "
+                              "rerun the same command to resume")
     bar.close()
     return summary

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.flops import linear_params, train_flops  # noqa: E402
 from infini_bench.distributed import (  # noqa: E402
     DistInfo, all_reduce_mean, cleanup, init_distributed, shard_model,
 )
@@ -43,13 +44,6 @@ def parse_run(spec: str) -> tuple[str, int, int]:
     return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 1
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token, 6 N plus causal local attention (no recomputation counted, as for MFU)."""
-    n = cfg.num_params() - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)  # head counts, lookup not
-    attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * min(cfg.segment_len, seq_len)  # 2 matmuls, half masked
-    return 6 * n + attn
-
-
 def max_over_ranks(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -65,6 +59,8 @@ def bench(info: DistInfo, flavour: str, seq_len: int, batch: int, args: argparse
     with torch.device(info.device):
         model = build_model(flavour, **overrides)
     cfg = model.cfg
+    # Training FLOPs per token by the one formula bench/ uses too (6 P T + 3 (attention + memory)).
+    flops_per_token = train_flops(cfg, linear_params(model), cfg.memory, seq_len, cfg.segment_len) / seq_len
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
     shard_model(model, param_dtype=dtype, activation_checkpointing=not args.no_ac, compile=args.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -101,7 +97,7 @@ def bench(info: DistInfo, flavour: str, seq_len: int, batch: int, args: argparse
         "memory": cfg.memory, "world_size": info.world_size, "params": cfg.num_params(),
         "dtype": args.dtype, "activation_checkpointing": not args.no_ac, "compile": args.compile,
         "steps": args.steps, "step_s": elapsed / args.steps, "tokens_per_s_per_gpu": tokens_per_gpu,
-        "mfu": tokens_per_gpu * flops_per_token(cfg, seq_len) / (args.peak_tflops * 1e12) if cuda else None,
+        "mfu": tokens_per_gpu * flops_per_token / (args.peak_tflops * 1e12) if cuda else None,
         "peak_alloc_gib": max_over_ranks(torch.cuda.max_memory_allocated() / GIB) if cuda else None,
         "peak_reserved_gib": max_over_ranks(torch.cuda.max_memory_reserved() / GIB) if cuda else None,
         "build_peak_alloc_gib": build_peak, "loss": loss,

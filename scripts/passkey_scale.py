@@ -1,4 +1,4 @@
-"""Passkey retrieval streamed at growing lengths: time and peak memory per length (issue 3's GPU run).
+"""Passkey retrieval streamed at growing lengths: time and peak memory per length (docs/BENCHMARKS.md).
 
     python scripts/passkey_scale.py --lengths 32768,131072,262144,524288,1048576 --out passkey_scale.json
     python scripts/passkey_scale.py --key-range 1,9 --checkpoint outputs/passkey/<run>/model.safetensors ...

@@ -76,9 +76,11 @@ def load_weights(model: InfiniTransformer, path: str) -> None:
         found = Path(__file__).resolve().parents[1] / path
     if not found.is_file():
         raise ConfigError("model.init_from", f"{path!r} is not a file; null starts from model.pretrained or random")
+    from safetensors import SafetensorError
+
     try:
         load_model(model, str(found), device=str(model.embed.weight.device))
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError, SafetensorError) as err:  # not safetensors, or another model's
         raise ConfigError("model.init_from", f"{path!r} does not fit this model "
                           f"({str(err).splitlines()[0][:160]})") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -92,10 +93,17 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
                       "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
                       "vocab": tokenizer.vocab_size}, sort_keys=True)
 
+    def load() -> dict:
+        try:
+            return torch.load(cache, weights_only=True, mmap=True)  # mmap: the ranks share one copy in RAM
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise ConfigError("trainer.resume", f"{cache} is corrupt ({str(err).splitlines()[0][:80]}); "
+                              "trainer.resume=false rebuilds it") from None
+
     def stored() -> dict | None:
         if fresh or not cache.exists():
             return None
-        state = torch.load(cache, weights_only=True, mmap=True)  # mmap: the ranks share one copy in RAM
+        state = load()
         return state if state["key"] == key else None
 
     def build() -> tuple[object, dict] | None:
@@ -115,7 +123,7 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
     built = main_first(build)  # rank 0 builds (unless a run before it did); every rank waits for the file
     if built is not None:
         return built
-    state = torch.load(cache, weights_only=True, mmap=True)  # rank 0 has written it, or found it current
+    state = load()  # rank 0 has written it, or found it current
     streams = {name: TokenStream.from_state(s, t.seq_len, batch_size, seed) for name, s in state["streams"].items()}
     if state["weights"] is None:
         return next(iter(streams.values())), state["sources"]

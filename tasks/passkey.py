@@ -24,7 +24,7 @@ from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from infini_bench.data import corpus_dir  # noqa: E402
-from infini_bench.distributed import gathered, is_distributed  # noqa: E402
+from infini_bench.distributed import gathered, is_distributed, recover_checkpoint  # noqa: E402
 from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
 from infini_bench.model import InfiniTransformer  # noqa: E402
@@ -216,7 +216,7 @@ class Outcome(NamedTuple):
 
 def segments_back(sample: PasskeySample, segment_len: int) -> int:
     """How many segments before the question's last token the key's last token sits. 0: local attention can
-    see the key, so the sample tests local attention, not the memory (PAPER.md pitfall 6)."""
+    see the key, so the sample tests local attention, not the memory (docs/PAPER_NOTES.md, pitfall 6)."""
     return (len(sample.input_ids) - 1) // segment_len - (sample.key_end - 1) // segment_len
 
 
@@ -509,8 +509,8 @@ class _StepOffset:
     def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         self._run.log_image(key, path, self._shift(step))
 
-    def truncate_metrics(self, after_step: int) -> None:
-        self._run.truncate_metrics(self._shift(after_step))
+    def truncate_metrics(self, after_step: int, rows: int | None = None) -> None:
+        self._run.truncate_metrics(self._shift(after_step), rows)
 
 
 def run_task(cfg: DictConfig, run: Run) -> dict:
@@ -547,6 +547,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     key_ramp, length_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum, t.get("length_ramp_steps", 0) * tcfg.grad_accum
     if warmup and is_distributed():
         raise ConfigError("task.warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under torchrun")
+    recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
     if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
         local = InfiniTransformer(dataclasses.replace(model.cfg, segment_len=t.warmup_segment_len)).to(run.device)
         local.load_state_dict(model.state_dict())

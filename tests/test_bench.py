@@ -1,8 +1,7 @@
-"""The benchmark script in CPU mode (tiny sizes): every section runs, its JSON and markdown are complete.
+"""The benchmarks in CPU mode (tiny sizes): every section runs, its JSON and markdown are complete.
 
-This keeps `bench/bench.py` from rotting between GPU runs; the numbers themselves mean nothing on a CPU.
+This keeps `bench/` from rotting between GPU runs; the numbers themselves mean nothing on a CPU.
 """
-import importlib.util
 import json
 import math
 import sys
@@ -12,9 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_script", ROOT / "bench" / "bench.py")
-bench = sys.modules["bench_script"] = importlib.util.module_from_spec(_spec)  # a script, not an installed module
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(ROOT))  # bench/ is run from a checkout (python -m bench.bench), not installed
+
+from bench import bench, flops, prefill, report  # noqa: E402
+from bench.common import Sizes  # noqa: E402
+from infini_bench.model import FLAVOURS, build_model  # noqa: E402
 
 
 def positive(x) -> bool:
@@ -59,7 +60,7 @@ def test_train_rows_are_positive_and_finite(run):
 
 
 def test_prefill_streams_every_length_and_extrapolates_full_attention(run):
-    sizes = bench.Sizes.tiny()
+    sizes = Sizes.tiny()
     rows = run[0]["prefill"]["rows"]
     for rule in sizes.prefill_rules:
         got = {r["length"]: r for r in rows if r["name"] == rule}
@@ -74,7 +75,7 @@ def test_prefill_streams_every_length_and_extrapolates_full_attention(run):
 
 def test_decode_latency_at_every_context(run):
     rows = run[0]["decode"]["rows"]
-    contexts = list(bench.Sizes.tiny().decode_contexts)
+    contexts = list(Sizes.tiny().decode_contexts)
     assert [(r["context"], r["step"]) for r in rows] == [(c, s) for c in contexts for s in ("eager", "static")]
     for r in rows:
         assert all(positive(r[k]) for k in ("median_ms", "mean_ms", "p90_ms", "max_ms", "floor_ms", "prefill_s"))
@@ -86,7 +87,7 @@ def test_markdown_sections_replace_in_place_and_keep_hand_written_text(run):
     data, out, md = run
     text = md.read_text()
     assert "A closing note written by hand." in text
-    for name, title in bench.TITLES.items():
+    for name, title in report.TITLES.items():
         assert text.count(f"<!-- bench:{name}:begin -->") == 1 and text.count(f"<!-- bench:{name}:end -->") == 1
         assert f"## {title} (tiny, CPU mode)" in text
     assert "- command: `python -m bench.bench --cpu all" in text and "| none |" in text
@@ -95,24 +96,24 @@ def test_markdown_sections_replace_in_place_and_keep_hand_written_text(run):
 
 
 def test_flop_counts_follow_the_stated_formulas():
-    cfg = bench.FLAVOURS["lm_paper"]
+    cfg = FLAVOURS["lm_paper"]
     t, n = 32768, 2048
-    local = bench.attention_flops(cfg, t, n)
+    local = flops.attention_flops(cfg, t, n)
     assert local == cfg.n_layers * cfg.n_heads * t * n * 2 * cfg.head_dim  # 2 T N d per head and layer
-    assert bench.attention_flops(cfg, t, t) == local * (t // n)  # full causal attention: T / N times more
-    assert bench.memory_flops(cfg, "none", t, n) == 0
-    assert 0 < bench.memory_flops(cfg, "linear", t, n) < bench.memory_flops(cfg, "delta", t, n)
+    assert flops.attention_flops(cfg, t, t) == local * (t // n)  # full causal attention: T / N times more
+    assert flops.memory_flops(cfg, "none", t, n) == 0
+    assert 0 < flops.memory_flops(cfg, "linear", t, n) < flops.memory_flops(cfg, "delta", t, n)
     with torch.device("meta"):
-        model = bench.build_model("lm_paper")
-    p = bench.linear_params(model)
+        model = build_model("lm_paper")
+    p = flops.linear_params(model)
     norms_and_gates = (2 * cfg.n_layers + 1) * cfg.dim + cfg.n_layers * cfg.n_heads
     assert p == cfg.num_params() - cfg.vocab_size * cfg.dim - norms_and_gates  # all but embedding, norms, gates
-    assert bench.train_flops(cfg, p, "none", t, n) == 6 * p * t + 3 * local
+    assert flops.train_flops(cfg, p, "none", t, n) == 6 * p * t + 3 * local
 
 
 def test_full_attention_extrapolation_is_exact_on_a_quadratic():
     cost = lambda t: 2e-6 * t + 3e-12 * t * t  # noqa: E731
     rows = [{"name": "full", "length": t, "seconds": cost(t)} for t in (32768, 131072)]
-    (row,) = bench.extrapolate_full(rows, (32768, 131072, 1048576))
+    (row,) = prefill.extrapolate_full(rows, (32768, 131072, 1048576))
     assert row["length"] == 1048576 and row["seconds"] == pytest.approx(cost(1048576), rel=1e-9)
     assert row["extrapolated"] == "a T + b T^2 through 32K and 128K"

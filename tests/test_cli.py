@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from infini_bench.memories import memory_names
@@ -34,6 +35,9 @@ def cli(*args, tmp_path):
     (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
     (["task=lm", "task.min_doc_tokens=-1"], "task.min_doc_tokens: -1 must be an integer >= 0"),
     (["task=lm", "model.init_from=nowhere.safetensors"], "model.init_from: 'nowhere.safetensors' is not a file"),
+    (["task=lm", "model.init_from=README.md"], "model.init_from: 'README.md' does not fit this model"),
+    (["task=lm", "seed=abc"], "seed: 'abc' must be an integer >= 0"),
+    (["task=lm", "trainer.lrr=1"], "trainer.lrr: is not a trainer option; accepted: batch_size, ckpt_every"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -56,8 +60,10 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ppl" in row for row in rows) and any("gates/L0/H0" in row for row in rows)
     assert (out / "gates.png").exists() and (out / "loss_by_segment.png").exists()
-    again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds its checkpoint and skips training
-    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
+    before = (out / "results.json").read_text(), (out / "metrics.jsonl").read_text()
+    again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds the run finished: it reports and exits
+    assert again.returncode == 0 and "had finished" in again.stdout, again.stderr
+    assert ((out / "results.json").read_text(), (out / "metrics.jsonl").read_text()) == before
 
 
 @pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
@@ -133,11 +139,8 @@ def test_two_rank_run_equals_one_process(task, tmp_path):
     results = {}
     for name, prefix in (("two", launcher), ("one", [sys.executable])):
         out = tmp_path / name
-        for _ in range(2):  # one retry: a gloo rank can abort at start-up on a loaded machine
-            proc = subprocess.run([*prefix, "run.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            if proc.returncode == 0:
-                break
+        proc = subprocess.run([*prefix, "run.py", *args, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "model.safetensors").exists()
         results[name] = json.loads((out / "results.json").read_text())["results"]
@@ -146,3 +149,18 @@ def test_two_rank_run_equals_one_process(task, tmp_path):
     for key, value in one.items():
         if isinstance(value, float) and key != "train/loss":
             assert two[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
+def test_a_run_folder_name_over_the_limit_is_one_line(tmp_path):
+    proc, _ = cli("task=lm", tmp_path=tmp_path / ("x" * 300))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: hydra.run.dir: "), proc.stderr
+    assert "File name too long" in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    proc, out = cli("task=lm", "device=cuda", tmp_path=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: device: 'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """The report puts run results next to the paper's numbers."""
 import json
 
+from infini_bench.paper import TABLE2, TABLE2_RULE, TABLE3, TABLE3_LENGTHS
 from infini_bench.report import build_report, find_results
 
 
@@ -19,8 +20,24 @@ def test_report_places_runs_beside_the_paper(tmp_path):
         "task": {"name": "passkey", "zero_shot": True}, "memory": {"name": "linear"}, "model": {"name": "1b"}},
         "results": {"passkey/grid": grid, "train/steps": 0, "passkey/acc/earlier_segment": 0.5}}))
     text = build_report(find_results([tmp_path / "outputs"]))
-    lm_row = next(line for line in text.splitlines() if line.startswith("| `a`"))
-    assert "| pg19 (test) | lm_paper | delta | 16 x 2048 | 20000 | 10.50 | 1.10 | 9.67 |" in lm_row
-    assert "| ours: 1b linear zero-shot (lengths 32K) | 100.00/50.00/25.00 |" in text
+    lm = table(text, "## Long-context language modelling")
+    ours = lm["`a`"]
+    assert (ours["data"], ours["model"], ours["memory"], ours["steps"]) == ("pg19 (test)", "lm_paper", "delta", "20000")
+    assert float(ours["perplexity"]) == 10.5 and float(ours["bits/byte"]) == 1.1
+    assert float(ours["paper"]) == TABLE2[TABLE2_RULE["delta"]]["pg19"]  # the paper's number for the same rule
+    for name, numbers in TABLE2.items():  # every paper row, as the paper gives it
+        assert lm[f"paper: {name}"]["perplexity"] == f"{numbers['pg19']} / {numbers['arxiv_math']}"
+    passkey = table(text, "## Passkey retrieval")
+    ours = passkey["ours: 1b linear zero-shot (lengths 32K)"]
+    assert [float(x) for x in ours["32K"].split("/")] == [100.0, 50.0, 25.0]  # start / middle / end, in %
+    fine_delta = passkey["paper: fine-tuned delta"]
+    assert [fine_delta[n] for n in TABLE3_LENGTHS] == ["/".join(map(str, r)) for r in TABLE3[("fine-tuned", "delta")]]
     assert "needle in an earlier segment: 50.00%" in text
-    assert "| paper: fine-tuned delta | 100/100/100 | 100/100/99 |" in text
+
+
+def table(text: str, heading: str) -> dict[str, dict[str, str]]:
+    """The markdown table under `heading`, as {first cell: {column: cell}}."""
+    lines = text.split(heading, 1)[1].splitlines()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = rows[0], [r for r in rows[2:] if r[0]]
+    return {r[0]: dict(zip(header, r)) for r in body}
