@@ -22,19 +22,50 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def check_overrides(argv: list[str]) -> None:
-    """Compose the config once before Hydra does, to turn its multi-line errors into one line."""
+    """Compose the config once before Hydra does, to turn its multi-line errors into one line.
+
+    A sweep (`python run.py -m memory=linear,none model.segment_len=range(32,97,32)`) is checked one value at
+    a time: every group choice it names must exist and the config must compose with each value. Values only a
+    job can judge (a segment length the model rejects) the job checks, with the same one line. Sweeps the
+    sweeper draws itself (`interval(...)`, for Optuna and the like) are left to it.
+    """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
+    multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv))
     overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
-    for arg in overrides:
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key in groups and value not in groups[key] and value != "null":
-            fail(f"{key}={value!r} is not one of {', '.join(groups[key])}")
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        fail(str(err).strip().splitlines()[0])
+    fixed, sweeps = [], []  # sweeps: one list of single-valued overrides per swept key
+    for arg, override in zip(overrides, parsed):
+        key, prefix = override.key_or_group, arg[: len(arg) - len(arg.lstrip("+~"))]
+        if not override.is_sweep_override():
+            values, fixed = [arg.partition("=")[2]], fixed + [arg]
+        elif not multirun:
+            fail(f"{key}: {arg.partition('=')[2]!r} is a sweep; run it with -m (python run.py -m {arg})")
+        elif override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+            values = list(override.sweep_string_iterator())
+        elif override.value_type == ValueType.GLOB_CHOICE_SWEEP and key in groups:
+            values = override.value().filter(groups[key])
+        else:
+            values = []
+        if override.is_sweep_override() and values:
+            sweeps.append([f"{prefix}{key}={v}" for v in values])
+        for value in values if key in groups and not override.is_delete() else ():
+            if value not in groups[key] and value != "null":
+                fail(f"{key}={value!r} is not one of {', '.join(groups[key])}")
+    firsts = [values[0] for values in sweeps]
+    variants = [fixed + firsts] + [fixed + firsts[:i] + [v] + firsts[i + 1:]
+                                   for i, values in enumerate(sweeps) for v in values[1:]]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose("config", overrides=overrides)
+            for variant in variants:
+                compose("config", overrides=variant)
     except HydraException as err:
         fail(str(err).strip().splitlines()[0])
     except Exception as err:  # e.g. an override that is not valid Hydra syntax
