@@ -5,6 +5,7 @@ and no results written.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -72,6 +73,30 @@ def check_overrides(argv: list[str]) -> None:
         fail(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
 
+def hydra_info() -> dict:
+    """What Hydra chose and was told, for W&B's config and the report: the group choices, the overrides, the
+    command that reruns the run, and in a sweep the sweep's own arguments (W&B's group)."""
+    hc = HydraConfig.get()
+    info = {"choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+            "overrides": list(hc.overrides.task), "command": " ".join(["python run.py", *hc.overrides.task]),
+            "mode": hc.mode.name if hc.mode is not None else "RUN"}
+    if info["mode"] == "MULTIRUN":
+        swept = [a for a in sys.argv[1:] if "=" in a and not a.startswith(("-", "hydra"))]
+        info["sweep"] = " ".join(swept)[:120] if swept else hc.sweep.dir  # another launcher's argv is not ours
+    return info
+
+
+def print_results(out_dir: Path, config: dict) -> None:
+    """The results table a run ends with, and a line to the log file."""
+    import logging
+
+    from infini_bench.report import results_table
+
+    text = results_table(json.loads((out_dir / "results.json").read_text()), out_dir)
+    print(text)
+    logging.getLogger("run").info("results: %s", out_dir / "results.json")
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from infini_bench.errors import ConfigError
@@ -88,6 +113,7 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("device", f"{cfg.device!r} is not one of auto, cpu, cuda")
         task = get_task(cfg.task.name)
         config = OmegaConf.to_container(cfg, resolve=True)
+        config["hydra"] = hydra_info()
         from infini_bench.distributed import init_distributed
 
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
@@ -96,7 +122,7 @@ def main(cfg: DictConfig) -> None:
         results = task.run_task(cfg, run)
         run.finish(results)
         if run.is_main:
-            print(f"results: {out_dir / 'results.json'}")
+            print_results(out_dir, config)
     except ConfigError as err:
         if not had_results:  # nothing of value was written: leave no half-made run folder behind
             shutil.rmtree(out_dir, ignore_errors=True)

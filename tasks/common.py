@@ -121,6 +121,8 @@ def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, floa
 
     from infini_bench.distributed import full_tensor
 
+    if model.cfg.memory == "none":  # local attention only: there is no memory for a gate to mix in
+        return {}
     gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
     metrics = {f"gates/L{i}/H{j}": float(g) for i, row in enumerate(gates) for j, g in enumerate(row)}
     run.log(metrics, step=step)

@@ -154,6 +154,6 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                   [[k, v] for k, v in enumerate(final["loss_by_segment"])], step=tcfg.steps)
     curve = line_plot({cfg.memory.name: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
                       "segment index in document", "mean token loss (nats)", "Loss by segment position")
-    run.log_image(f"{split}/loss_by_segment", curve, step=tcfg.steps)
+    run.log_image(f"{split}/loss_by_segment_plot", curve, step=tcfg.steps)  # the table keeps its own key
     log_gates(model, run, tcfg.steps)
     return results
