@@ -133,12 +133,16 @@ def group_by_book(rows) -> list[Book]:
     return [Book(bid, e["title"], e["text"], tuple(e["refs"])) for bid, e in books.items()]
 
 
-def hub_rows(split: str) -> list[dict]:
-    """All rows of a BookSum book-level split from the hub; a one-line ConfigError when it can't be reached."""
+def hub_rows(split: str, data_files: str | list[str] | None = None) -> list[dict]:
+    """All rows of a BookSum book-level split from the hub (or `data_files`, local parquet copies of it); a
+    one-line ConfigError when it can't be reached."""
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(HUB_DATASET, split=split)
+        if data_files is not None:
+            ds = load_dataset("parquet", data_files=data_files, split="train")
+        else:
+            ds = load_dataset(HUB_DATASET, split=split)
         return [{k: row[k] for k in ("bid", "title", "book", "summary")} for row in ds]
     except Exception as err:  # offline, gated, renamed: one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__

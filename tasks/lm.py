@@ -3,12 +3,12 @@ perplexity and bits per byte over whole held-out documents, streamed with the me
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from infini_bench.data import EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
@@ -19,6 +19,7 @@ from infini_bench.tracking import Run
 from infini_bench.train import train
 from tasks.common import build_model_and_tokenizer, checkpoint_dir, export_weights, log_gates, train_config
 
+log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
 
 
@@ -31,8 +32,8 @@ def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
         if dataset not in HUB or not t.fallback_offline:
             raise
         stand_in = _STAND_IN[dataset]
-        if is_main_process():  # once, not once per rank
-            tqdm.write(f"warning: {err}; " + (f"falling back to {stand_in}" if stand_in else "leaving it out"))
+        if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
+            log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
         return (load_documents(stand_in, split) if stand_in else ()), stand_in
 
 
@@ -119,7 +120,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
         raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
     model, tokenizer = build_model_and_tokenizer(cfg)
-    eval_docs = _documents(t, t.dataset, t.eval_split)[0][: t.eval_max_docs]
+    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split)
+    eval_docs = eval_docs[: t.eval_max_docs]
     if not eval_docs:
         raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
                           "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
@@ -133,18 +135,21 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                                       Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
 
     def evaluate(m, step):
-        r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
+        r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
         log_gates(m, run, step)
         return {"val/loss": r["loss"], "val/ppl": r["ppl"], "val/bpb": r["bpb"]}
 
     summary = train(model, tcfg, stream, run, checkpoint_dir(run), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
-    final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
+    final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
                f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
                "train/steps": tcfg.steps, "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
+               "data/eval_source": eval_source,
+               "data/fallback": ", ".join(f"{k}={v}" for k, v in {**sources, t.dataset: eval_source}.items()
+                                          if k != v) or None,
                "model/params": sum(p.numel() for p in model.parameters()),
                "model/memory_floats": model.cfg.memory_floats,  # paper Table 1: d_key (d_value + 1) H l
                f"{split}/loss_by_segment": final["loss_by_segment"]}
