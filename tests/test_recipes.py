@@ -34,3 +34,23 @@ def test_a_fallback_is_recorded_in_results_and_the_log(tmp_path):
     log = (out / "run.log").read_text()  # Python logging reaches Hydra's log file
     assert "falling back to embedded_pg19" in log and "results:" in log
     assert "warning: fell back from the hub: pg19 -> embedded_pg19" in proc.stdout
+
+
+def test_a_tasks_defaults_follow_the_models_scale():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        def task(*overrides):
+            return compose("config", overrides=list(overrides)).task
+
+        tiny, paper = task("task=passkey"), task("task=passkey", "model=1b")
+        assert (tiny.setting, list(tiny.key_range), list(tiny.lengths)) == ("tiny", [1, 9], [1024, 2048, 4096])
+        assert (paper.setting, list(paper.key_range), list(paper.train_lengths)) == ("paper", [1, 50000], [5120, 5120])
+        assert list(paper.lengths) == [32768, 131072, 262144, 524288, 1048576] and paper.warmup_steps == 0
+        assert list(task("experiment=table3_passkey_1b").key_range) == [1, 50000]
+        booksum = task("task=booksum", "model=8b")
+        assert booksum.train_input_len == 32768 and booksum.max_new_tokens == 1024
+        assert list(booksum.eval_input_lens)[-1] == 500000
+        assert task("task=lm", "model=lm_paper").seq_len == 32768 and task("task=lm").seq_len == 512
+        assert list(task("task=passkey", "model=1b", "task.setting=tiny").lengths) == [1024, 2048, 4096]
+        assert task("task=passkey", "model=1b", "task.key_range=[1,99]").key_range[1] == 99  # an override wins
