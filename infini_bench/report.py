@@ -382,8 +382,8 @@ def results_table(record: dict, out_dir: Path) -> str:
     config, res = record["config"], record["results"]
     head = (f"{config['task']['name']}: {config['model']['name']} memory={config['memory']['name']} "
             f"N={config['model'].get('segment_len')}, {res.get('train/steps') or 0} training steps")
-    if res.get("data/source"):
-        head += f", data {res['data/source']}"
+    if sources(res):
+        head += ", data " + ", ".join(used if asked == used else f"{asked} -> {used}" for asked, used in sources(res).items())
     rows = [("metric", "ours", "paper / chance")] + _main_rows(config, res)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = "+".join("-" * (w + 2) for w in widths)
