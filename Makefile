@@ -46,12 +46,11 @@ LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(BIN)/python -m torch.distributed.run -
 CONTINUAL = outputs/continual
 
 reproduce-all: install ## the paper's runs (Tables 2-4), continual pre-training first: GPUs, hub access, days
-	@set -e; for m in linear delta none; do for e in table2_pg19 table2_arxiv_math; do \
-		$(LAUNCH) run.py experiment=$$e memory=$$m $(ARGS); done; done
+	$(LAUNCH) run.py -m experiment=table2_pg19,table2_arxiv_math memory=linear,delta,none $(ARGS)
 	@set -e; for m in linear delta; do \
 		$(LAUNCH) run.py experiment=continual_1b memory=$$m hydra.run.dir=$(CONTINUAL)/1b-$$m $(ARGS); \
-		for z in true false; do $(LAUNCH) run.py experiment=table3_passkey_1b memory=$$m task.zero_shot=$$z \
-			model.init_from=$(CONTINUAL)/1b-$$m/model.safetensors $(ARGS); done; \
+		$(LAUNCH) run.py -m experiment=table3_passkey_1b memory=$$m task.zero_shot=true,false \
+			model.init_from=$(CONTINUAL)/1b-$$m/model.safetensors $(ARGS); \
 		$(LAUNCH) run.py experiment=continual_8b memory=$$m hydra.run.dir=$(CONTINUAL)/8b-$$m $(ARGS); \
 		$(LAUNCH) run.py experiment=table4_booksum memory=$$m model.init_from=$(CONTINUAL)/8b-$$m/model.safetensors $(ARGS); \
 	done

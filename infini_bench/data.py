@@ -12,6 +12,7 @@ Whitehead's book is the only held-out math text, so it is cut in two at the para
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -63,29 +64,48 @@ def embedded_documents(corpus: str, split: str) -> tuple[Document, ...]:
     return (Document(f"whitehead-{split}", text[:cut] if split == "validation" else text[cut:]),)
 
 
-def _hub_rows(name: str, split: str):
-    """Rows of a hub data set, streamed, as dicts with a "text" field."""
+def is_arxiv(row: dict) -> bool:
+    """Whether a proof-pile row is from its arXiv part. Its build script writes `meta` as a JSON object,
+    {"config": "arxiv", "file": ...}: a dict once `datasets` has loaded it (whose str() quotes with '), or the
+    JSON text where a loader keeps it as a string."""
+    meta = row.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return False
+    return isinstance(meta, dict) and meta.get("config") == "arxiv"
+
+
+def hub_rows(name: str, split: str, data_files: str | list[str] | None = None):
+    """Rows of a hub data set, streamed, as dicts with a "text" field. `data_files`: local files of the same
+    shape as the hub's (parquet for PG19, jsonl.gz for proof-pile and C4) read instead, e.g. a mirror."""
     from datasets import load_dataset
 
     if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
+        if data_files is not None:
+            return load_dataset("parquet", data_files=data_files, split="train", streaming=True)
         return load_dataset(HUB[name], split=split, streaming=True)
     if name == "c4":  # English C4; its held-out split is called validation, and it has no test split
+        if data_files is not None:
+            return load_dataset("json", data_files=data_files, split="train", streaming=True)
         return load_dataset(HUB[name], "en", split="validation" if split == "test" else split, streaming=True)
     # proof-pile is script-based: read its json files directly, keep the arXiv part
     folder = {"train": "train", "validation": "dev", "test": "test"}[split]
-    files = f"hf://datasets/{HUB[name]}/{folder}/*.jsonl.gz"
+    files = data_files if data_files is not None else f"hf://datasets/{HUB[name]}/{folder}/*.jsonl.gz"
     rows = load_dataset("json", data_files=files, split="train", streaming=True)
-    return (r for r in rows if '"arxiv"' in str(r.get("meta", "")))
+    return (r for r in rows if is_arxiv(r))
 
 
-def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0) -> tuple[Document, ...]:
+def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0,
+                  data_files: str | list[str] | None = None) -> tuple[Document, ...]:
     """The first `max_docs` documents of at least `min_bytes` UTF-8 bytes of a hub data set, streamed (needs
-    network access to the hub). Short documents are skipped while streaming: a token covers at least one
-    byte, so a document under n bytes can't reach n tokens."""
+    network access to the hub, unless `data_files` names local copies). Short documents are skipped while
+    streaming: a token covers at least one byte, so a document under n bytes can't reach n tokens."""
     docs = []
     try:
         with tqdm(desc=f"{name} {split}", unit=" docs", leave=False, dynamic_ncols=True, delay=2) as bar:
-            for i, row in enumerate(_hub_rows(name, split)):
+            for i, row in enumerate(hub_rows(name, split, data_files)):
                 bar.update(1)
                 if len(docs) >= max_docs:
                     break
@@ -94,8 +114,9 @@ def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0) -> t
                     bar.set_postfix(kept=len(docs))
     except Exception as err:  # offline, missing, renamed: one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ConfigError("task.dataset", f"{name!r} ({HUB[name]}) is unavailable ({reason}); use "
-                          f"task.dataset=embedded_pg19 or embedded_math to run offline") from None
+        raise ConfigError("task.dataset", f"{name!r} ({HUB[name]}) is unavailable ({reason}); "
+                          "task.fallback_offline=true falls back to the embedded stand-in, and "
+                          "task.dataset=embedded_pg19 or embedded_math runs offline") from None
     if not docs:
         raise ConfigError("task.dataset", f"{name!r} split {split!r} returned no documents")
     return tuple(docs)

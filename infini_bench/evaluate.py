@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from infini_bench.data import Document
 from infini_bench.train import autocast
@@ -13,23 +14,24 @@ from infini_bench.train import autocast
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, docs: tuple[Document, ...], tokenizer, device: torch.device,
-                max_tokens: int | None = None, precision: str = "auto") -> dict:
+                max_tokens: int | None = None, precision: str = "auto", progress: bool = False) -> dict:
     """Token perplexity and bits per byte over whole documents, and the mean loss at each segment index.
 
     Each document is streamed one segment at a time: the model never holds more than one segment of
-    activations, and segment k is predicted from local attention plus the memory of segments < k.
+    activations, and segment k is predicted from local attention plus the memory of segments < k. `progress`
+    shows a bar of segments that goes away when done, below a training bar if there is one.
     """
     model.eval()
     n = model.cfg.segment_len
     nll_sum, n_tokens, n_bytes = 0.0, 0, 0
     seg_sum: list[float] = []
     seg_count: list[int] = []
-    for doc in docs:
-        ids = tokenizer.encode(doc.text)
-        if max_tokens is not None:
-            ids = ids[: max_tokens + 1]
-        if len(ids) < 2:
-            continue
+    encoded = [tokenizer.encode(doc.text) for doc in docs]
+    encoded = [ids[: max_tokens + 1] if max_tokens is not None else ids for ids in encoded]
+    encoded = [ids for ids in encoded if len(ids) >= 2]
+    bar = tqdm(total=sum(-(-(len(ids) - 1) // n) for ids in encoded), desc="eval", unit=" segments", leave=False,
+               dynamic_ncols=True, disable=not progress)
+    for ids in encoded:
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         inputs, targets = ids_t[:-1].unsqueeze(0), ids_t[1:]
         states = None
@@ -46,7 +48,9 @@ def evaluate_lm(model: nn.Module, docs: tuple[Document, ...], tokenizer, device:
                 seg_count.append(0)
             seg_sum[k] += nll
             seg_count[k] += tgt.numel()
+            bar.update(1)
         n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    bar.close()
     loss = nll_sum / max(n_tokens, 1)
     return {
         "loss": loss,

@@ -78,6 +78,16 @@ FLAVOURS: dict[str, ModelConfig] = {
                       ffn_dim=14336, segment_len=2048, rope_theta=500000.0,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Small open checkpoints of the same architecture: the Table 3 and Table 4 pipelines in an hour on one GPU.
+    # SmolLM2-135M and -360M shapes (Llama; tied embeddings).
+    "smollm2_135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                                ffn_dim=1536, segment_len=2048, rope_theta=100000.0, tie_embeddings=True),
+    "smollm2_360m": ModelConfig(vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, head_dim=64,
+                                ffn_dim=2560, segment_len=2048, rope_theta=100000.0, tie_embeddings=True),
+    # Qwen2.5-0.5B shape (Qwen2: a bias on q, k and v; tied embeddings).
+    "qwen2_5_0_5b": ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                                ffn_dim=4864, segment_len=2048, norm_eps=1e-6, rope_theta=1000000.0,
+                                tie_embeddings=True, qkv_bias=True),
 }
 
 

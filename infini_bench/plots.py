@@ -1,6 +1,8 @@
-"""Figures people would rather look at than read: gate heatmaps (paper Fig. 3) and loss by segment."""
+"""Figures people would rather look at than read: gate heatmaps (paper Fig. 3), loss by segment, loss curves."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,9 +16,19 @@ from infini_bench.paper import length_label  # noqa: E402
 
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head") -> Path:
-    """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only."""
-    fig, ax = plt.subplots(figsize=(max(4, gates.shape[1] * 0.35 + 2), max(3, gates.shape[0] * 0.3 + 1.5)))
-    im = ax.imshow(gates.cpu().numpy(), vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
+    """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only. The colour scale spans the values
+    (centred on 0.5, the mixer value), each cell shows its value, and the ticks are whole layers and heads."""
+    values = gates.detach().float().cpu()
+    spread = max(float((values - 0.5).abs().max()), 1e-3)
+    n_layers, n_heads = values.shape
+    fig, ax = plt.subplots(figsize=(max(4, n_heads * 0.45 + 2), max(3, n_layers * 0.35 + 1.5)))
+    im = ax.imshow(values.numpy(), vmin=0.5 - spread, vmax=0.5 + spread, cmap="coolwarm", aspect="auto")
+    if n_layers * n_heads <= 512:  # beyond that the numbers would not be legible
+        for i in range(n_layers):
+            for j in range(n_heads):
+                ax.text(j, i, f"{float(values[i, j]):.2f}", ha="center", va="center", fontsize=6)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -24,14 +36,23 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
     return _save(fig, path)
 
 
-def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str, title: str,
-              x: list[float] | None = None, logx: bool = False) -> Path:
+def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, ylabel: str, title: str,
+              x: list[float] | dict[str, list[float]] | None = None, logx: bool = False,
+              ymin: float | None = None) -> Path:
+    """One line per series (None: no point); `x` is shared, or one list per series, or 0, 1, ...; `ymin`
+    anchors the y axis (e.g. 0 for ROUGE)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
-        ax.plot(x if x is not None else range(len(ys)), ys, marker="o", markersize=3, label=label)
+        xs = x.get(label) if isinstance(x, dict) else x
+        ys = [float("nan") if y is None else y for y in ys]
+        ax.plot(xs if xs is not None else range(len(ys)), ys, marker="o", markersize=3, label=label)
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: length_label(int(v))))
+    elif x is None:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if ymin is not None:
+        ax.set_ylim(bottom=ymin)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -41,10 +62,37 @@ def line_plot(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: s
     return _save(fig, path)
 
 
+def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Training and validation loss against step, from metrics.jsonl rows; None when no row has a loss."""
+    keys = sorted({k for r in rows for k in r if k.endswith("/loss") and r.get("step") is not None})
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = sorted({r["step"]: r[key] for r in rows if key in r and r.get("step") is not None}.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
+                markersize=3, label=key)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"loss curves {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # A unique temporary name, then a rename: readers never see half a PNG, and ranks drawing the same
+    # figure do not trip over each other.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
     return path

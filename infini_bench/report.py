@@ -1,114 +1,417 @@
 """Our numbers next to the paper's: `python -m infini_bench.report outputs multirun --out docs/REPORT.md`.
 
-Reads every results.json under the given folders and writes one markdown table per paper table. Runs on the
-embedded offline data are marked as such: they check the pipeline, they do not reproduce the paper's numbers.
+Reads every results.json under the given folders (a run found twice, e.g. rerun or in a sweep, counts once: the
+latest wins) and writes Tables 1-4 and the Figure 4 length sweep with the paper's rows and columns, our rows
+aligned under them, and the figures. Each of our rows says its data source, scale and command, so a run on the
+embedded books is never read as a PG19 number. `results_table` is the table a run prints when it ends.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from infini_bench.paper import TABLE2, TABLE2_RULE, TABLE3, TABLE3_LENGTHS, TABLE4
-from infini_bench.tracking import atomic_write_text
+from infini_bench.paper import (
+    FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
+    TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
+)
+from infini_bench.tracking import atomic_write_text, read_metrics
 
 DEPTHS = ("start", "middle", "end")
+HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}
+# Table 2's rows in order: ours without a paper row first, then the paper's.
+MEMORY_ORDER = ("none", "full", "linear", "delta", "txl", "memorizing", "rmt")
+# Keys that say how a run was launched or logged, not what it computed: runs differing only there are one run.
+_NOT_IDENTITY = {"hydra", "logger", "device"}
+_NOT_IDENTITY_TRAINER = {"progress", "resume"}
+
+
+def memory_names(conf: Path | None = None) -> list[str]:
+    """The memories to report on: the memory config group's options and the paper's, in Table 2's order."""
+    conf = conf or Path(__file__).resolve().parents[1] / "conf"
+    names = {p.stem for p in (conf / "memory").glob("*.yaml")} | set(MEMORY_ORDER)
+    return sorted(names, key=lambda n: (MEMORY_ORDER.index(n) if n in MEMORY_ORDER else len(MEMORY_ORDER), n))
+
+
+def _identity(config: dict) -> str:
+    kept = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    if isinstance(kept.get("trainer"), dict):
+        kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in _NOT_IDENTITY_TRAINER}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def find_results(roots: list[Path]) -> list[dict]:
-    """Every results.json below the roots, with its folder."""
-    found = []
+    """Every results.json below the roots, with its folder; runs with the same config count once (the latest
+    results.json wins, and `merged` says how many it stands for)."""
+    latest: dict[str, dict] = {}
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
             data = json.loads(path.read_text())
-            data["path"] = str(path.parent)
-            found.append(data)
-    return found
+            data["path"], data["mtime"] = str(path.parent), path.stat().st_mtime
+            key = _identity(data.get("config", {}))
+            if key in latest:
+                data["merged"] = latest[key].get("merged", 1) + 1
+                if data["mtime"] < latest[key]["mtime"]:
+                    data = {**latest[key], "merged": data["merged"]}
+            latest[key] = data
+    return sorted(latest.values(), key=lambda r: r["path"])
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
-
-
-def lm_table(runs: list[dict]) -> list[str]:
-    lines = ["## Long-context language modelling (Table 2)", "",
-             "| run | data | model | memory | segments x N | steps | perplexity | bits/byte | paper |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in TABLE2.items():
-        lines.append(f"| paper: {name} | PG19 / Arxiv-math | 12 layers | | 16 x 2048 | | "
-                     f"{row['pg19']} / {row['arxiv_math']} | | |")
-    for r in runs:
-        c, res = r["config"], r["results"]
-        split = "test" if "test/ppl" in res else "val"
-        data = res.get("data/source", c["task"].get("dataset"))
-        hub = data.removeprefix("embedded_") if data in ("pg19", "arxiv_math") else None
-        paper = TABLE2.get(TABLE2_RULE.get(c["memory"]["name"], ""), {}).get(hub) if hub else None
-        segs = c["task"]["seq_len"] // c["model"]["segment_len"]
-        lines.append(f"| `{Path(r['path']).name or r['path']}` | {data} ({split}) | {c['model']['name']} | "
-                     f"{c['memory']['name']} | {segs} x {c['model']['segment_len']} | {res.get('train/steps')} | "
-                     f"{_fmt(res.get(f'{split}/ppl'))} | {_fmt(res.get(f'{split}/bpb'))} | {_fmt(paper)} |")
-    return lines
-
-
-def passkey_table(runs: list[dict]) -> list[str]:
-    lines = ["## Passkey retrieval (Table 3), token accuracy % at start / middle / end", "",
-             "| run | " + " | ".join(TABLE3_LENGTHS) + " |", "|---|" + "---|" * len(TABLE3_LENGTHS)]
-    for (mode, rule), cells in TABLE3.items():
-        lines.append(f"| paper: {mode} {rule} | " + " | ".join("/".join(map(str, c)) for c in cells) + " |")
-    for r in runs:
-        c, res = r["config"], r["results"]
-        grid = {(row["length_label"], row["depth"]): row["acc"] for row in res.get("passkey/grid", [])}
-        labels = sorted({k[0] for k in grid}, key=lambda s: next(row["length"] for row in res["passkey/grid"]
-                                                                   if row["length_label"] == s))
-        mode = "zero-shot" if c["task"].get("zero_shot") else f"fine-tuned {res.get('train/steps')} steps"
-        cells = ["/".join(_fmt(None if grid.get((lab, d)) is None else 100 * grid[(lab, d)]) for d in DEPTHS)
-                 for lab in labels]
-        lines.append(f"| ours: {c['model']['name']} {c['memory']['name']} {mode} (lengths {', '.join(labels)}) | "
-                     + " | ".join(cells) + " |")
-        if res.get("passkey/acc/earlier_segment") is not None or res.get("passkey/acc/same_segment") is not None:
-            lines.append(f"|  needle in an earlier segment: {_fmt(_pct(res.get('passkey/acc/earlier_segment')))}%, "
-                         f"in the question's segment: {_fmt(_pct(res.get('passkey/acc/same_segment')))}% |"
-                         + " |" * (len(TABLE3_LENGTHS) - 1))
-    return lines
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def _pct(x):
     return None if x is None else 100 * x
 
 
-def booksum_table(runs: list[dict]) -> list[str]:
-    lines = ["## Book summarisation (Table 4), ROUGE F x 100", "",
-             "| run | R-1 | R-2 | R-L | overall |", "|---|---|---|---|---|"]
-    for name, (r1, r2, rl, overall) in TABLE4.items():
-        lines.append(f"| paper: {name} | {r1} | {r2} | {rl} | {overall} |")
-    for r in runs:
-        c, res = r["config"], r["results"]
-        src = c["task"].get("source", "")
-        lines.append(f"| ours: {c['model']['name']} {c['memory']['name']} ({src}) | "
-                     + " | ".join(_fmt(res.get(f"booksum/{k}")) for k in ("rouge1", "rouge2", "rougeL", "overall"))
-                     + " |")
+def sources(results: dict) -> dict[str, str]:
+    """`data/source` as {data set asked for: data set used}: "pg19=embedded_pg19, c4=None", or a bare name."""
+    text = str(results.get("data/source") or "")
+    if not text:
+        return {}
+    if "=" not in text:
+        return {text: text}
+    return dict(part.strip().split("=", 1) for part in text.split(","))
+
+
+def fallbacks(results: dict) -> list[str]:
+    """The hub data sets a run asked for but did not get ("pg19 -> embedded_pg19", "c4 -> left out")."""
+    return [f"{asked} -> {'left out' if used in ('None', '') else used}" for asked, used in sources(results).items()
+            if asked != used]
+
+
+def command(r: dict) -> str:
+    """The command that made a run (as run.py recorded it), else the one that would."""
+    c = r["config"]
+    if (c.get("hydra") or {}).get("command"):
+        return c["hydra"]["command"]
+    return f"python run.py task={c['task']['name']} model={c['model']['name']} memory={c['memory']['name']}"
+
+
+def _link(r: dict, out: Path | None) -> str:
+    """The W&B run online, else its offline folder (for `wandb sync`), else the run folder."""
+    w = r.get("wandb") or {}
+    if w.get("url"):
+        return f"[W&B]({w['url']})"
+    target = Path(w.get("dir") or r["path"])
+    rel = os.path.relpath(target, out.parent) if out is not None else str(target)
+    return f"[{'W&B offline' if w.get('dir') else 'run'}]({rel})"
+
+
+def _scale(r: dict) -> str:
+    c, res = r["config"], r["results"]
+    seq = c["task"].get("seq_len") or c["task"].get("train_input_len")
+    n = c["model"].get("segment_len")
+    parts = [c["model"]["name"]]
+    if res.get("model/params"):
+        parts.append(f"{res['model/params'] / 1e6:.1f}M params")
+    if seq and n:
+        parts.append(f"{seq // n} x {n} tokens")
+    parts.append(f"{res.get('train/steps') or 0} steps")
+    if r.get("merged", 1) > 1:
+        parts.append(f"latest of {r['merged']} runs")
+    return ", ".join(parts)
+
+
+def _ours(r: dict, out: Path | None) -> str:
+    return f"`{command(r)}`<br>{_scale(r)}; {_link(r, out)}"
+
+
+def _by_task(results: list[dict], task: str) -> list[dict]:
+    return [r for r in results if r["config"]["task"]["name"] == task]
+
+
+# ---- Table 1 ---------------------------------------------------------------------------------------------------------
+
+
+def footprint(res: dict) -> tuple[int | None, int | None, int | None]:
+    """(the paper's formula in floats, the floats our state carries, its bytes), from the footprint keys the run
+    wrote, or the formula alone (model/memory_floats) from runs that predate them."""
+    paper = res.get("footprint/paper_floats", res.get("model/memory_floats"))
+    return paper, res.get("footprint/state_floats"), res.get("footprint/state_bytes")
+
+
+def table1(results: list[dict], out: Path | None = None) -> list[str]:
+    lines = ["## Memory footprint (Table 1)", "",
+             "The paper's formula per kind of memory, its value in Table 2's setting, and what our runs carry from "
+             "one segment to the next: the formula evaluated for the run's shape, the floats of the state actually "
+             "carried, and their bytes.", "",
+             "| memory | paper: formula | paper: floats (Table 2 setting) | ours: formula floats | ours: carried "
+             "floats | ours: bytes | run |", "|---|---|---|---|---|---|---|"]
+    for memory in memory_names():
+        name, formula = TABLE1.get(memory, (None, None))
+        paper = TABLE2_MEMORY_FLOATS.get(name) if name else None
+        runs = [r for r in results if r["config"]["memory"]["name"] == memory]
+        lines.append(f"| {memory} | {formula or '-'} | {_fmt(paper)} | | | | |")
+        seen = set()
+        for r in runs:
+            cells = footprint(r["results"])
+            key = (r["config"]["model"]["name"], r["config"]["model"].get("segment_len"), cells)
+            if key in seen or all(x is None for x in cells):
+                continue
+            seen.add(key)
+            lines.append(f"| | | | {' | '.join(_fmt(x) for x in cells)} | {r['config']['model']['name']}, "
+                         f"N={r['config']['model'].get('segment_len')}; {_link(r, out)} |")
+    linear = TABLE2_MEMORY_FLOATS["Infini-Transformer (Linear)"]
+    ratio = TABLE2_MEMORY_FLOATS["Memorizing Transformers"] / linear
+    lines += ["", f"The paper's compression column: Memorizing Transformers' memory over Infini-attention's, "
+                  f"{TABLE2_COMPRESSION}x as printed ({ratio:.1f}x from the floats above)."]
     return lines
 
 
-def build_report(results: list[dict]) -> str:
-    by_task: dict[str, list[dict]] = {}
+# ---- Table 2 ---------------------------------------------------------------------------------------------------------
+
+
+def table2(results: list[dict], out: Path | None = None) -> list[str]:
+    lines = ["## Long-context language modelling (Table 2), token perplexity", "",
+             "Our rows sit under the paper's PG19 or Arxiv-math column only when the run evaluated on that hub data "
+             "set; runs on other data (the embedded books, C4) show their perplexity under \"other data\".", "",
+             "| memory | row | memory (floats) | XL cache | PG19 | Arxiv-math | other data | bits/byte | data source "
+             "| scale, command, run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = _by_task(results, "lm")
+    for memory in memory_names():
+        name = TABLE2_MEMORY.get(memory)
+        if name:
+            floats = TABLE2_MEMORY_FLOATS[name]
+            lines.append(f"| {memory} | paper: {name} | {floats / 1e6:.1f}M | {TABLE2_XL_CACHE.get(name, 'none')} | "
+                         f"{TABLE2[name]['pg19']} | {TABLE2[name]['arxiv_math']} | | | | |")
+        for r in (r for r in runs if r["config"]["memory"]["name"] == memory):
+            c, res = r["config"], r["results"]
+            split = "test" if "test/ppl" in res else "val"
+            dataset = c["task"].get("dataset")
+            used = sources(res).get(dataset, dataset)
+            cells = {"pg19": "", "arxiv_math": "", "other": ""}
+            ppl = _fmt(res.get(f"{split}/ppl"))
+            cells[used if used in HUB_COLUMNS else "other"] = ppl if used in HUB_COLUMNS else f"{ppl} ({used})"
+            source = res.get("data/source") or dataset
+            fell = fallbacks(res)
+            if fell:
+                source = f"{source} (**fell back**: {'; '.join(fell)})"
+            floats = footprint(res)[0]
+            lines.append(f"| {memory} | ours ({split}) | {_fmt(floats)} | | {cells['pg19']} | {cells['arxiv_math']} | "
+                         f"{cells['other']} | {_fmt(res.get(f'{split}/bpb'))} | {source} | {_ours(r, out)} |")
+    return lines
+
+
+# ---- Table 3 ---------------------------------------------------------------------------------------------------------
+
+
+def _cell(grid: dict, label: str, key: str = "acc") -> str:
+    values = [grid.get((label, d), {}).get(key) for d in DEPTHS]
+    return "" if all(v is None for v in values) else "/".join(_fmt(_pct(v), 0) for v in values)
+
+
+def table3(results: list[dict], out: Path | None = None) -> list[str]:
+    lines = ["## Passkey retrieval (Table 3), token accuracy % with the needle at the start / middle / end", "",
+             "Our lengths that are the paper's sit in its columns; others are listed under \"other lengths\". "
+             "Exact match is the share of keys generated in full; chance is the best guess that never saw the "
+             "needle (one token per digit).", "",
+             "| row | " + " | ".join(TABLE3_LENGTHS) + " | other lengths | exact match % | chance % | needle in an "
+             "earlier segment / the question's % | scale, command, run |",
+             "|---|" + "---|" * (len(TABLE3_LENGTHS) + 5)]
+    for (mode, memory), cells in TABLE3.items():
+        lines.append(f"| paper: {mode} {memory} | " + " | ".join("/".join(map(str, c)) for c in cells)
+                     + " | | | | | |")
+    for r in _by_task(results, "passkey"):
+        c, res = r["config"], r["results"]
+        rows = res.get("passkey/grid", [])
+        grid = {(row["length_label"], row["depth"]): row for row in rows}
+        labels = list(dict.fromkeys(row["length_label"] for row in rows))
+        other = "; ".join(f"{lab}: {_cell(grid, lab)}" for lab in labels if lab not in TABLE3_LENGTHS)
+        steps = res.get("train/steps") or 0
+        mode = "zero-shot" if c["task"].get("zero_shot") or not steps else f"fine-tuned {steps} steps"
+        split = f"{_fmt(_pct(res.get('passkey/acc/earlier_segment')), 0)} / {_fmt(_pct(res.get('passkey/acc/same_segment')), 0)}"
+        lines.append(f"| ours: {mode} {c['memory']['name']} | " + " | ".join(_cell(grid, lab) for lab in TABLE3_LENGTHS)
+                     + f" | {other} | {_fmt(_pct(res.get('passkey/exact')), 0)} | "
+                     f"{_fmt(_pct(res.get('passkey/chance')), 0)} | {split} | {_ours(r, out)} |")
+    return lines
+
+
+# ---- Table 4 and Figure 4 --------------------------------------------------------------------------------------------
+
+
+def table4(results: list[dict], out: Path | None = None) -> list[str]:
+    lines = ["## Book summarisation (Table 4), ROUGE F x 100 at the longest input", "",
+             "| row | R-1 | R-2 | R-L | overall | input | data source | scale, command, run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (r1, r2, rl, overall) in TABLE4.items():
+        lines.append(f"| paper: {name} | {r1} | {r2} | {rl} | {overall} | 500K | BookSum test | |")
+    runs = _by_task(results, "booksum")
+    for r in runs:
+        c, res = r["config"], r["results"]
+        source = {"synthetic": "synthetic books (a pipeline check, not BookSum)"}.get(res.get("data/source"),
+                                                                                         res.get("data/source"))
+        split = c["task"].get("eval_split", "")
+        lines.append(f"| ours: {c['model']['name']} {c['memory']['name']} | "
+                     + " | ".join(_fmt(res.get(f"booksum/{k}")) for k in ("rouge1", "rouge2", "rougeL", "overall"))
+                     + f" | {length_label(res['booksum/input_len']) if res.get('booksum/input_len') else '-'} | "
+                     f"{source} ({split}) | {_ours(r, out)} |")
+    lines += ["", "### Summary quality against input length (Figure 4), overall ROUGE", "",
+              "| row | " + " | ".join(FIGURE4_LENGTHS) + " | other lengths |", "|---|" + "---|" * (len(FIGURE4_LENGTHS) + 1),
+              f"| paper: Infini-Transformers, validation | {FIGURE4_TREND} (exact points not given) |"
+              + " |" * len(FIGURE4_LENGTHS)]
+    for r in runs:
+        res = r["results"]
+        sweep = {k.split("@", 1)[1]: v for k, v in res.items() if k.startswith("booksum/overall@")}
+        other = "; ".join(f"{k}: {_fmt(v)}" for k, v in sweep.items() if k not in FIGURE4_LENGTHS)
+        lines.append(f"| ours: {r['config']['model']['name']} {r['config']['memory']['name']} | "
+                     + " | ".join(_fmt(sweep.get(k)) if k in sweep else "" for k in FIGURE4_LENGTHS) + f" | {other} |")
+    return lines
+
+
+# ---- figures ---------------------------------------------------------------------------------------------------------
+
+
+def _label(r: dict) -> str:
+    c = r["config"]
+    return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
+
+
+def figures(results: list[dict], out: Path) -> list[str]:
+    """Plots across runs (written next to the report, in report_img/) and links to each run's own."""
+    from infini_bench.plots import line_plot
+
+    img = out.parent / "report_img"
+    lines = ["## Figures", ""]
+
+    def add(title: str, path: Path) -> None:
+        lines.extend([f"![{title}]({os.path.relpath(path, out.parent)})", ""])
+
+    lm = [r for r in _by_task(results, "lm") if any(k.endswith("/loss_by_segment") for k in r["results"])]
+    if lm:
+        series = {_label(r): next(v for k, v in r["results"].items() if k.endswith("/loss_by_segment")) for r in lm}
+        add("loss by segment", line_plot(series, img / "loss_by_segment.png", "segment index in document",
+                                         "mean token loss (nats)", "Loss by segment position, memories overlaid"))
+    books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
+    if books:
+        xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
+        series = {_label(r): [r["results"].get(f"booksum/overall@{length_label(n)}") for n in xs[_label(r)]]
+                  for r in books}
+        add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
+                                               "overall ROUGE", "Summary quality against input length (Figure 4)",
+                                               x=xs, logx=True, ymin=0))
+    for task in ("lm", "passkey", "booksum"):
+        curves = {}
+        for r in _by_task(results, task):
+            metrics = Path(r["path"]) / "metrics.jsonl"
+            rows = [row for row in read_metrics(metrics) if "train/loss" in row] if metrics.exists() else []
+            if rows:
+                curves[_label(r)] = {row["step"]: row["train/loss"] for row in rows}  # a resumed step: the latest
+        if curves:
+            add(f"{task} loss curves", line_plot({k: list(v.values()) for k, v in curves.items()},
+                                                 img / f"{task}_loss_curves.png", "step", "training loss (nats)",
+                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()}))
+    lines += ["Each run's own figures:", "", "| run | figures |", "|---|---|"]
     for r in results:
-        by_task.setdefault(r["config"]["task"]["name"], []).append(r)
+        own = [p for p in ("gates.png", "passkey_heatmap.png", "booksum_length_sweep.png", "loss_by_segment.png",
+                           "loss_curves.png") if (Path(r["path"]) / p).exists()]
+        if own:
+            links = ", ".join(f"[{p[:-4]}]({os.path.relpath(Path(r['path']) / p, out.parent)})" for p in own)
+            lines.append(f"| {r['config']['task']['name']}: {_label(r)} | {links} |")
+    return lines
+
+
+def build_report(results: list[dict], out: Path | None = None) -> str:
     parts = ["# infini-bench report", "",
-             "Rows marked `paper:` are the paper's (arXiv 2404.07143 v2); the others are runs found under the "
-             "given folders. Runs on the embedded offline data check the pipeline and are not comparable "
-             "with the paper's numbers.", ""]
-    for task, table in (("lm", lm_table), ("passkey", passkey_table), ("booksum", booksum_table)):
-        parts += table(by_task.get(task, [])) + [""]
+             "Rows marked `paper:` are the paper's (arXiv 2404.07143 v2); the others are runs found under the given "
+             "folders, each with its data source, scale and command. Runs on the embedded offline data or at small "
+             "scale check the pipeline and are not comparable with the paper's numbers.", ""]
+    for table in (table1, table2, table3, table4):
+        parts += table(results, out) + [""]
+    if out is not None:
+        parts += figures(results, out) + [""]
     return "\n".join(parts)
+
+
+# ---- the table a run ends with ---------------------------------------------------------------------------------------
+
+
+def _paper_ppl(config: dict, results: dict) -> str:
+    dataset = config["task"].get("dataset")
+    used = sources(results).get(dataset, dataset)
+    name = TABLE2_MEMORY.get(config["memory"]["name"])
+    if name and used in HUB_COLUMNS:
+        return f"{TABLE2[name][used]} (paper, {HUB_COLUMNS[used]})"
+    return "-" if used in HUB_COLUMNS else f"- (paper: PG19 / Arxiv-math; this is {used})"
+
+
+def _main_rows(config: dict, res: dict) -> list[tuple[str, str, str]]:
+    """(metric, ours, the paper's value or chance) for a run's headline numbers."""
+    task, memory = config["task"]["name"], config["memory"]["name"]
+    if task == "lm":
+        split = "test" if "test/ppl" in res else "val"
+        return [(f"{split}/ppl", _fmt(res.get(f"{split}/ppl")), _paper_ppl(config, res)),
+                (f"{split}/bpb", _fmt(res.get(f"{split}/bpb"), 3), ""),
+                ("train/loss", _fmt(res.get("train/loss"), 3), "")]
+    if task == "passkey":
+        steps = res.get("train/steps") or 0
+        mode = "zero-shot" if config["task"].get("zero_shot") or not steps else "fine-tuned"
+        paper = dict(zip(TABLE3_LENGTHS, TABLE3.get((mode, memory), ())))
+        rows = []
+        for label in dict.fromkeys(row["length_label"] for row in res.get("passkey/grid", [])):
+            accs = "/".join(_fmt(_pct(res.get(f"passkey/acc@{label}/{d}")), 0) for d in DEPTHS
+                            if f"passkey/acc@{label}/{d}" in res)
+            cited = f"{'/'.join(map(str, paper[label]))} (paper, {mode})" if label in paper else ""
+            rows.append((f"acc@{label} %", accs, cited))
+        chance = _pct(res.get("passkey/chance"))
+        rows += [("passkey/acc %", _fmt(_pct(res.get("passkey/acc")), 1), f"{_fmt(chance, 1)} (chance)"
+                  if chance is not None else ""),
+                 ("passkey/exact %", _fmt(_pct(res.get("passkey/exact")), 1), "")]
+        return rows
+    if task == "booksum":
+        paper = {"linear": "Infini-Transformers (Linear)", "delta": "Infini-Transformers (Linear + Delta)"}.get(memory)
+        cited = dict(zip(("rouge1", "rouge2", "rougeL", "overall"), TABLE4[paper])) if paper else {}
+        rows = [(f"booksum/{k}", _fmt(res.get(f"booksum/{k}")), f"{cited[k]} (paper, 500K)" if k in cited else "")
+                for k in ("rouge1", "rouge2", "rougeL", "overall")]
+        rows += [(k, _fmt(v), "") for k, v in res.items() if k.startswith("booksum/overall@")]
+        return rows
+    return [(k, _fmt(v), "") for k, v in res.items() if isinstance(v, (int, float))]
+
+
+def results_table(record: dict, out_dir: Path) -> str:
+    """A compact table of a run's main results with the paper's value or chance beside them, and where its
+    outputs are: what a run prints when it ends."""
+    config, res = record["config"], record["results"]
+    head = (f"{config['task']['name']}: {config['model']['name']} memory={config['memory']['name']} "
+            f"N={config['model'].get('segment_len')}, {res.get('train/steps') or 0} training steps")
+    if sources(res):
+        head += ", data " + ", ".join(used if asked == used else f"{asked} -> {used}" for asked, used in sources(res).items())
+    rows = [("metric", "ours", "paper / chance")] + _main_rows(config, res)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    text = [head, line]
+    for i, row in enumerate(rows):
+        text.append("|".join(f" {cell.rjust(w) if j == 1 else cell.ljust(w)} " for j, (cell, w) in
+                             enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            text.append(line)
+    text.append(line)
+    fell = fallbacks(res)
+    if fell:
+        text.append(f"warning: fell back from the hub: {'; '.join(fell)}")
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+    text.append(f"outputs: {out_dir}  ({', '.join(files)})")
+    w = record.get("wandb") or {}
+    if w.get("url") or w.get("dir"):
+        text.append(f"W&B: {w.get('url') or 'wandb sync ' + w['dir']}")
+    return "\n".join(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="folders to search for results.json")
-    parser.add_argument("--out", type=Path, help="markdown file to write (default: print)")
+    parser.add_argument("--out", type=Path, help="markdown file to write, with its figures in report_img/ beside "
+                                                 "it (default: print, without figures)")
     args = parser.parse_args()
-    text = build_report(find_results([r for r in args.roots if r.exists()]))
+    text = build_report(find_results([r for r in args.roots if r.exists()]), args.out)
     if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,18 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+STEP = "trainer/step"  # every W&B panel's x axis (define_metric), logged beside each row
+RUN_ID_FILE = "wandb_run_id"  # in the run folder: a rerun of the same command continues the same W&B run
+
+
 class Run:
-    """One run's outputs under `out_dir`. Metric names are `split/metric`, the same in every sink."""
+    """One run's outputs under `out_dir`. Metric names are `split/metric`, the same in every sink.
+
+    W&B gets a name, group, job type and tags from the config (`config["hydra"]`, when run.py adds it, says
+    which choices and overrides made the run); its own step counter only ever grows, and each row carries
+    `trainer/step` as its x axis, so a row logged late (a table after the final metrics, a resumed run going
+    over steps again) is never dropped.
+    """
 
     def __init__(self, out_dir: Path, config: dict, logger: dict | None = None, device: str | None = None,
                  is_main: bool = True):
@@ -64,15 +75,30 @@ class Run:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._wandb = None
-        logger = logger or {}
-        if is_main and logger.get("backend", "none") == "wandb" and os.environ.get("WANDB_MODE") != "disabled":
+        self.logger = dict(logger or {})
+        if is_main and self.logger.get("backend", "none") == "wandb" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
             self._wandb = wandb.init(
-                project=logger.get("project", "infini-bench"), entity=logger.get("entity"),
-                name=logger.get("name"), mode=logger.get("mode", "offline"), dir=str(self.out_dir),
-                config=config, resume="allow", id=logger.get("id"), tags=list(logger.get("tags") or []),
+                project=self.logger.get("project", "infini-bench"), entity=self.logger.get("entity"),
+                mode=self.logger.get("mode", "offline"), dir=str(self.out_dir), config=config, resume="allow",
+                id=self._run_id(), **wandb_identity(config, self.logger),
             )
+            self._wandb.define_metric(STEP)
+            self._wandb.define_metric("*", step_metric=STEP, step_sync=True)
+
+    def _run_id(self) -> str:
+        """The W&B run id kept in the run folder: a rerun resumes it; trainer.resume=false starts a new one."""
+        path = self.out_dir / RUN_ID_FILE
+        resume = (self.config.get("trainer") or {}).get("resume", True)
+        if path.exists() and resume and not self.logger.get("id"):
+            return path.read_text().strip()
+        run_id = self.logger.get("id") or secrets.token_hex(6)
+        atomic_write_text(path, run_id + "\n")
+        return run_id
+
+    def _wandb_log(self, row: dict, step: int | None) -> None:
+        self._wandb.log(row if step is None else {**row, STEP: step})
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.is_main:
@@ -81,7 +107,7 @@ class Run:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb_log(metrics, step)
 
     def metrics_rows(self) -> int:
         """How many rows metrics.jsonl holds (a checkpoint records it, so a resume can drop the rows after)."""
@@ -106,7 +132,7 @@ class Run:
         if self.is_main and self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(str(path))}, step=step)
+            self._wandb_log({key: wandb.Image(str(path))}, step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         if not self.is_main:
@@ -115,16 +141,74 @@ class Run:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self._wandb_log({key: wandb.Table(columns=columns, data=rows)}, step)
 
     def finish(self, results: dict) -> None:
-        """Write results.json (atomically, with the resolved config) and close W&B."""
-        if self.is_main:
-            write_json(self.out_dir / "results.json", {"config": self.config, "results": results})
-            if self._wandb is not None:
-                self._wandb.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
-                self._wandb.finish()
+        """Write results.json (atomically, with the resolved config and where the W&B run is), draw the loss
+        curves, and close W&B with the results in its summary and results.json as an artifact."""
+        if not self.is_main:
+            return
+        from infini_bench.plots import loss_curves
+
+        if self.metrics_path.exists():
+            loss_curves(read_metrics(self.metrics_path), self.out_dir / "loss_curves.png",
+                        title=str(self.config.get("name", "")))
+        record = {"config": self.config, "results": results}
+        if self._wandb is not None:
+            record["wandb"] = {"id": self._wandb.id, "project": self._wandb.project, "url": self._wandb.url,
+                               "dir": str(Path(self._wandb.dir).parent)}
+        write_json(self.out_dir / "results.json", record)
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.summary.update(wandb_summary(results))
+        if (self.out_dir / "loss_curves.png").exists():
+            self._wandb_log({"train/loss_curves": wandb.Image(str(self.out_dir / "loss_curves.png"))}, None)
+        artifact = wandb.Artifact(f"results-{self._wandb.id}", type="results")
+        artifact.add_file(str(self.out_dir / "results.json"))
+        self._wandb.log_artifact(artifact)
+        weights = self.out_dir / "model.safetensors"
+        if self.logger.get("log_model") and weights.exists():
+            model = wandb.Artifact(f"model-{self._wandb.id}", type="model")
+            model.add_file(str(weights))
+            self._wandb.log_artifact(model)
+        self._wandb.finish()
+
+
+def wandb_identity(config: dict, logger: dict) -> dict:
+    """W&B's name, group, job_type and tags for a run, unless logger.* sets them: the name from the run's
+    overrides, the group from its experiment or sweep, the job type from its task, tags for the memory, model
+    and segment length."""
+    hydra = config.get("hydra") or {}
+    task = (config.get("task") or {}).get("name")
+    memory = (config.get("memory") or {}).get("name")
+    model = config.get("model") or {}
+    choices = hydra.get("choices") or {}
+    shown = [o for o in hydra.get("overrides", []) if o.split("=")[0].lstrip("+~") not in ("task", "model", "memory")]
+    name = " ".join(x for x in (task, config.get("name"), *shown) if x)
+    group = choices.get("experiment") or hydra.get("sweep")
+    tags = [f"memory={memory}", f"model={model.get('name')}", f"N={model.get('segment_len')}"]
+    return {"name": logger.get("name") or name or None, "group": logger.get("group") or group,
+            "job_type": logger.get("job_type") or task, "tags": tags + list(logger.get("tags") or [])}
+
+
+def wandb_summary(results: dict) -> dict:
+    """The final results as W&B summary values: numbers and text as they are, lists as tables."""
+    import wandb
+
+    out = {}
+    for key, value in results.items():
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            columns = list(dict.fromkeys(c for row in value for c in row))
+            out[key] = wandb.Table(columns=columns, data=[[_jsonable(row.get(c)) for c in columns] for row in value])
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out[key] = wandb.Table(columns=["index", "value"], data=[[i, v] for i, v in enumerate(value)])
+    return out
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

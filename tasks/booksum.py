@@ -134,12 +134,16 @@ def group_by_book(rows) -> list[Book]:
     return [Book(bid, e["title"], e["text"], tuple(e["refs"])) for bid, e in books.items()]
 
 
-def hub_rows(split: str) -> list[dict]:
-    """All rows of a BookSum book-level split from the hub; a one-line ConfigError when it can't be reached."""
+def hub_rows(split: str, data_files: str | list[str] | None = None) -> list[dict]:
+    """All rows of a BookSum book-level split from the hub (or `data_files`, local parquet copies of it); a
+    one-line ConfigError when it can't be reached."""
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(HUB_DATASET, split=split)
+        if data_files is not None:
+            ds = load_dataset("parquet", data_files=data_files, split="train")
+        else:
+            ds = load_dataset(HUB_DATASET, split=split)
         return [{k: row[k] for k in ("bid", "title", "book", "summary")} for row in ds]
     except Exception as err:  # offline, gated, renamed: one line for the user
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
@@ -310,7 +314,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     })
     plot = line_plot({cfg.memory.name: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
                      "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
-                     "Summary quality against input length (paper Figure 4)", x=lengths, logx=True)
+                     "Summary quality against input length (paper Figure 4)", x=lengths, logx=True,
+                     ymin=0)
     run.log_image("booksum/length_sweep", plot, step=tcfg.steps)
     log_gates(model, run, tcfg.steps)
     # Tables last: W&B steps them past tcfg.steps, and it drops anything logged at an earlier step afterwards.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.train import TrainConfig
 
+log = logging.getLogger(__name__)
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
 
 
@@ -45,6 +47,10 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
 def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
     """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
     with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
+    if cfg.task.get("setting") is not None:  # every task starts here: say which defaults apply
+        preset = OmegaConf.to_container(cfg.task.presets[cfg.task.setting], resolve=True)
+        log.info("task=%s takes its %s setting (model=%s): %s; any task.* override wins", cfg.task.name,
+                 cfg.task.setting, cfg.model.name, ", ".join(f"{k}={v}" for k, v in preset.items()))
     if cfg.model.get("pretrained"):
         from infini_bench.pretrained import load_pretrained
 
@@ -130,6 +136,8 @@ def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, floa
 
     from infini_bench.distributed import full_tensor
 
+    if model.cfg.memory == "none":  # local attention only: there is no memory for a gate to mix in
+        return {}
     gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
     metrics = {f"gates/L{i}/H{j}": float(g) for i, row in enumerate(gates) for j, g in enumerate(row)}
     run.log(metrics, step=step)

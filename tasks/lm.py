@@ -3,13 +3,13 @@ perplexity and bits per byte over whole held-out documents, streamed with the me
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from infini_bench.code_corpus import code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
@@ -22,6 +22,7 @@ from infini_bench.train import train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
                           train_config)
 
+log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
 
 
@@ -45,8 +46,8 @@ def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
         if dataset not in HUB or not t.fallback_offline:
             raise
         stand_in = _STAND_IN[dataset]
-        if is_main_process():  # once, not once per rank
-            tqdm.write(f"warning: {err}; " + (f"falling back to {stand_in}" if stand_in else "leaving it out"))
+        if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
+            log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
         return (load_documents(stand_in, split) if stand_in else ()), stand_in
 
 
@@ -140,7 +141,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
         raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
     model, tokenizer = build_model_and_tokenizer(cfg)
-    eval_docs = _documents(t, t.dataset, t.eval_split)[0][: t.eval_max_docs]
+    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split)
+    eval_docs = eval_docs[: t.eval_max_docs]
     if not eval_docs:
         raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
                           "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
@@ -154,18 +156,21 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                                       Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
 
     def evaluate(m, step):
-        r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
+        r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
         log_gates(m, run, step)
         return {"val/loss": r["loss"], "val/ppl": r["ppl"], "val/bpb": r["bpb"]}
 
     summary = train(model, tcfg, stream, run, checkpoint_dir(run), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
-    final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision)
+    final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
                f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
                "train/steps": tcfg.steps, "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
+               "data/eval_source": eval_source,
+               "data/fallback": ", ".join(f"{k}={v}" for k, v in {**sources, t.dataset: eval_source}.items()
+                                          if k != v) or None,
                "model/params": sum(p.numel() for p in model.parameters()),
                **footprint_results(model.cfg, t.seq_len),  # paper Table 1
                f"{split}/loss_by_segment": final["loss_by_segment"]}
@@ -177,6 +182,6 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                   [[k, v] for k, v in enumerate(final["loss_by_segment"])], step=tcfg.steps)
     curve = line_plot({cfg.memory.name: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
                       "segment index in document", "mean token loss (nats)", "Loss by segment position")
-    run.log_image(f"{split}/loss_by_segment", curve, step=tcfg.steps)
+    run.log_image(f"{split}/loss_by_segment_plot", curve, step=tcfg.steps)  # the table keeps its own key
     log_gates(model, run, tcfg.steps)
     return results

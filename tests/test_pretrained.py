@@ -44,7 +44,7 @@ def save_hf_model(path, kind="llama", shard=False, **kw):
     config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                              "mistral": ("MistralConfig", "MistralForCausalLM"),
                              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[kind]
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common, **kw))
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**common, **kw}))
     with torch.no_grad():  # random norms and biases, so a swapped or skipped weight shows
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -215,3 +215,42 @@ def test_unreachable_checkpoint_is_one_line(name, monkeypatch, tmp_path):
     assert message.startswith(f"model.pretrained: {name!r} could not be loaded: ")
     assert "\n" not in message
     assert err.value.__context__ is None or err.value.__suppress_context__  # no chained hub traceback
+
+
+# The published config.json of each small open checkpoint that has a flavour.
+SMALL_CHECKPOINTS = {
+    "smollm2_135m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 100000, "rope_scaling": None,
+                     "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False},
+    "smollm2_360m": {"model_type": "llama", "vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560,
+                     "num_hidden_layers": 32, "num_attention_heads": 15, "num_key_value_heads": 5,
+                     "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 100000, "rope_scaling": None,
+                     "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False},
+    "qwen2_5_0_5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "sliding_window": 32768,
+                     "use_sliding_window": False, "tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("flavour", sorted(SMALL_CHECKPOINTS))
+def test_small_checkpoint_configs_match_their_flavours(flavour):
+    cfg = config_from_hf(SMALL_CHECKPOINTS[flavour], segment_len=2048, memory="linear")
+    assert cfg == replace(FLAVOURS[flavour], memory="linear")
+
+
+@pytest.mark.parametrize("flavour", sorted(SMALL_CHECKPOINTS))
+def test_small_checkpoint_shapes_shrunk_equal_transformers(flavour, tmp_path):
+    """The flavour's architecture (head counts, GQA ratio, qkv bias, tied embeddings, rope theta), shrunk in
+    width and depth, loaded by us and run by transformers: the same logits with the memory off."""
+    hf = SMALL_CHECKPOINTS[flavour]
+    heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    model = save_hf_model(tmp_path, kind=hf["model_type"], hidden_size=4 * heads, num_attention_heads=heads,
+                          num_key_value_heads=kv, rope_theta=float(hf["rope_theta"]),
+                          tie_word_embeddings=hf["tie_word_embeddings"], rms_norm_eps=hf["rms_norm_eps"])
+    x = ids()
+    logits, ours_model = ours(tmp_path, x, segment_len=48, memory="none")
+    assert (ours_model.cfg.n_heads, ours_model.cfg.n_kv_heads) == (heads, kv)
+    assert ours_model.cfg.qkv_bias == FLAVOURS[flavour].qkv_bias
+    torch.testing.assert_close(logits, hf_logits(model, x), rtol=1e-4, atol=1e-4)

@@ -1,43 +1,130 @@
-"""The report puts run results next to the paper's numbers."""
+"""The report, built from small real runs, puts each of our numbers under the paper's column it belongs to, says
+where its data came from, merges reruns, draws the figures; a run ends by printing its results table."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-from infini_bench.paper import TABLE2, TABLE2_RULE, TABLE3, TABLE3_LENGTHS
-from infini_bench.report import build_report, find_results
+import pytest
 
+from infini_bench.paper import TABLE2, TABLE3_LENGTHS
+from infini_bench.report import build_report, find_results, results_table
 
-def test_report_places_runs_beside_the_paper(tmp_path):
-    run = tmp_path / "outputs" / "lm" / "a"
-    run.mkdir(parents=True)
-    config = {"task": {"name": "lm", "dataset": "pg19", "seq_len": 32768}, "memory": {"name": "delta"},
-              "model": {"name": "lm_paper", "segment_len": 2048}}
-    (run / "results.json").write_text(json.dumps({"config": config, "results": {
-        "test/ppl": 10.5, "test/bpb": 1.1, "train/steps": 20000, "data/source": "pg19"}}))
-    passkey = tmp_path / "outputs" / "passkey" / "b"
-    passkey.mkdir(parents=True)
-    grid = [{"length": 32768, "length_label": "32K", "depth": d, "acc": a}
-            for d, a in (("start", 1.0), ("middle", 0.5), ("end", 0.25))]
-    (passkey / "results.json").write_text(json.dumps({"config": {
-        "task": {"name": "passkey", "zero_shot": True}, "memory": {"name": "linear"}, "model": {"name": "1b"}},
-        "results": {"passkey/grid": grid, "train/steps": 0, "passkey/acc/earlier_segment": 0.5}}))
-    text = build_report(find_results([tmp_path / "outputs"]))
-    lm = table(text, "## Long-context language modelling")
-    ours = lm["`a`"]
-    assert (ours["data"], ours["model"], ours["memory"], ours["steps"]) == ("pg19 (test)", "lm_paper", "delta", "20000")
-    assert float(ours["perplexity"]) == 10.5 and float(ours["bits/byte"]) == 1.1
-    assert float(ours["paper"]) == TABLE2[TABLE2_RULE["delta"]]["pg19"]  # the paper's number for the same rule
-    for name, numbers in TABLE2.items():  # every paper row, as the paper gives it
-        assert lm[f"paper: {name}"]["perplexity"] == f"{numbers['pg19']} / {numbers['arxiv_math']}"
-    passkey = table(text, "## Passkey retrieval")
-    ours = passkey["ours: 1b linear zero-shot (lengths 32K)"]
-    assert [float(x) for x in ours["32K"].split("/")] == [100.0, 50.0, 25.0]  # start / middle / end, in %
-    fine_delta = passkey["paper: fine-tuned delta"]
-    assert [fine_delta[n] for n in TABLE3_LENGTHS] == ["/".join(map(str, r)) for r in TABLE3[("fine-tuned", "delta")]]
-    assert "needle in an earlier segment: 50.00%" in text
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+LM = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=128"]
+PASSKEY = ["task=passkey", "trainer.steps=1", "task.warmup_steps=0", "task.lengths=[300,32768]", "task.samples=1",
+           "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2", "model.segment_len=1024"]
+BOOKSUM = ["task=booksum", "trainer.steps=1", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
+           "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8", "task.train_input_len=128"]
 
 
-def table(text: str, heading: str) -> dict[str, dict[str, str]]:
-    """The markdown table under `heading`, as {first cell: {column: cell}}."""
-    lines = text.split(heading, 1)[1].splitlines()
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
-    header, body = rows[0], [r for r in rows[2:] if r[0]]
-    return {r[0]: dict(zip(header, r)) for r in body}
+def run(args: list[str], folder: str) -> str:
+    proc = subprocess.run([sys.executable, "run.py", *args, "trainer.progress=false", folder], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    printed = {"sweep": run(["-m", *LM, "memory=linear,none"], f"hydra.sweep.dir={root / 'multirun'}")}
+    for name, args in (("again", LM), ("passkey", PASSKEY), ("booksum", BOOKSUM)):
+        printed[name] = run(args, f"hydra.run.dir={root / 'outputs' / name}")  # "again": the sweep's linear job
+    # A run as the LM task writes it for hub PG19 (data/source "pg19=pg19"), made from a real run's results.
+    none = next(p.parent for p in (root / "multirun").rglob("results.json") if "memory=none" in str(p))
+    hub = root / "outputs" / "lm-pg19"
+    shutil.copytree(none, hub)
+    record = json.loads((hub / "results.json").read_text())
+    record["config"]["task"]["dataset"] = "pg19"
+    record["config"]["memory"]["name"] = "delta"
+    record["results"]["data/source"] = "pg19=pg19"
+    (hub / "results.json").write_text(json.dumps(record))
+    return root, printed
+
+
+def cells(text: str, header_start: str, row_start: str) -> dict[str, str]:
+    """The row that starts with `row_start` of the table whose header starts with `header_start`, by column."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    names = [c.strip() for c in lines[head].strip("|").split("|")]
+    for line in lines[head + 2:]:
+        if not line.startswith("|"):
+            break
+        if line.startswith(row_start):
+            return dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    raise AssertionError(f"no row {row_start!r} under {header_start!r}")
+
+
+@pytest.mark.slow
+def test_report_aligns_our_runs_with_the_papers_columns(runs):
+    root, _ = runs
+    out = root / "docs" / "REPORT.md"
+    found = find_results([root / "outputs", root / "multirun"])
+    text = build_report(found, out)
+    saved = {p.parent.name: json.loads(p.read_text()) for p in root.rglob("results.json")}
+
+    # Duplicates merged: the rerun of lm-linear counts once, the latest copy.
+    linear = [r for r in found if r["config"]["task"]["name"] == "lm" and r["config"]["memory"]["name"] == "linear"]
+    assert len(linear) == 1 and linear[0]["path"].endswith("again") and linear[0]["merged"] == 2
+    assert len([r for r in found if r["config"]["task"]["name"] == "lm"]) == 3
+
+    # Table 2: the embedded run under "other data", named; the hub-PG19 run under PG19, beside the paper's row.
+    header = "| memory | row |"
+    ours = cells(text, header, "| linear | ours")
+    ppl = saved["again"]["results"]["val/ppl"]
+    assert ours["PG19"] == "" and ours["other data"] == f"{ppl:.2f} (embedded_pg19)"
+    assert "latest of 2 runs" in ours["scale, command, run"] and "python run.py task=lm" in ours["scale, command, run"]
+    hub = cells(text, header, "| delta | ours")
+    assert hub["PG19"] == f"{saved['lm-pg19']['results']['val/ppl']:.2f}" and hub["other data"] == ""
+    paper = cells(text, header, "| delta | paper")
+    assert paper["PG19"] == str(TABLE2["Infini-Transformer (Linear + Delta)"]["pg19"]) and paper["memory (floats)"] == "1.6M"
+    for memory in ("none", "full", "txl", "memorizing", "rmt"):
+        assert f"| {memory} |" in text
+    assert f"| txl | paper: Transformer-XL | 50.3M | 2048 | 11.88 | 2.42 |" in text
+
+    # Table 1: the formula's floats our linear run reported.
+    floats = saved["again"]["results"].get("footprint/paper_floats", saved["again"]["results"]["model/memory_floats"])
+    assert f"| {floats:,} |" in text and "d_key (d_value + 1) H l" in text and "114x" in text
+
+    # Table 3: the 32K result under the paper's 32K column, 300 tokens under other lengths.
+    pk = saved["passkey"]["results"]
+    row = cells(text, "| row | 32K |", "| ours:")
+    expected = "/".join(f"{100 * pk[f'passkey/acc@32K/{d}']:.0f}" for d in ("start", "middle", "end"))
+    assert row["32K"] == expected and all(row[label] == "" for label in TABLE3_LENGTHS[1:])
+    assert row["other lengths"].startswith("300: ") and row["chance %"] == f"{100 * pk['passkey/chance']:.0f}"
+    assert row["exact match %"] == f"{100 * pk['passkey/exact']:.0f}"
+
+    # Table 4 and Figure 4: synthetic books named as such, lengths that are not the paper's under other lengths.
+    bs = saved["booksum"]["results"]
+    row = cells(text, "| row | R-1 |", "| ours:")
+    assert row["overall"] == f"{bs['booksum/overall']:.2f}" and "synthetic" in row["data source"]
+    sweep = cells(text, "| row | 16K |", "| ours:")
+    assert sweep["16K"] == "" and f"256: {bs['booksum/overall@256']:.2f}" in sweep["other lengths"]
+
+    # Figures next to the report, and each run's own.
+    for name in ("loss_by_segment", "rouge_by_length", "lm_loss_curves", "passkey_loss_curves"):
+        assert (out.parent / "report_img" / f"{name}.png").stat().st_size > 1000, name
+    assert "](../outputs/passkey/passkey_heatmap.png)" in text and "](../outputs/again/gates.png)" in text
+    assert not (root / "outputs" / "lm-pg19" / "gates.png").exists()  # a memory=none run: no gates to draw
+
+
+@pytest.mark.slow
+def test_a_run_ends_with_its_results_table(runs):
+    root, printed = runs
+    out = root / "outputs" / "passkey"
+    record = json.loads((out / "results.json").read_text())
+    table = results_table(record, out)
+    assert table in printed["passkey"]
+    res = record["results"]
+    acc = next(line for line in table.splitlines() if line.startswith(" acc@32K"))
+    assert "/".join(f"{100 * res[f'passkey/acc@32K/{d}']:.0f}" for d in ("start", "middle", "end")) in acc
+    assert "(paper, fine-tuned)" in acc and "100/100/100" in acc  # the paper's fine-tuned linear row at 32K
+    assert f"{100 * res['passkey/chance']:.1f} (chance)" in table
+    assert f"outputs: {out}" in table and "results.json" in table
+    again = json.loads((root / "outputs" / "again" / "results.json").read_text())
+    assert results_table(again, root / "outputs" / "again") in printed["again"]
+    assert printed["sweep"].count("paper / chance") == 2  # each job of a sweep prints its own

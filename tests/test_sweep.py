@@ -1,0 +1,68 @@
+"""Hydra multirun: choice, range, glob and experiment sweeps run one job per value; bad values get one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+SMALL = ["task=lm", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64",
+         "trainer.progress=false", "logger=none"]
+
+
+def sweep(*args, tmp_path):
+    return subprocess.run([sys.executable, "run.py", *args, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def results(tmp_path) -> dict[tuple, dict]:
+    found = {}
+    for path in tmp_path.rglob("results.json"):
+        data = json.loads(path.read_text())
+        found[(data["config"]["memory"]["name"], data["config"]["model"]["segment_len"])] = data["results"]
+    return found
+
+
+@pytest.mark.slow
+def test_a_choice_sweep_writes_one_result_per_job(tmp_path):
+    proc = sweep("-m", "memory=linear,none", "model.segment_len=32,64", *SMALL, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = results(tmp_path)
+    assert sorted(found) == [("linear", 32), ("linear", 64), ("none", 32), ("none", 64)]
+    # Each job really ran its own configuration: another memory gives another loss, another N other segments.
+    assert found[("none", 32)]["val/ppl"] != found[("linear", 32)]["val/ppl"]
+    assert len(found[("linear", 32)]["val/loss_by_segment"]) == 2 and len(found[("linear", 64)]["val/loss_by_segment"]) == 1
+
+
+@pytest.mark.slow
+def test_range_and_glob_sweeps_expand(tmp_path):
+    proc = sweep("-m", "memory=glob(*,exclude=[delta,linear])", "model.segment_len=range(16,64,32)", *SMALL,
+                 tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(results(tmp_path)) == [("none", 16), ("none", 48)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "memory=linear,lstm"], "memory='lstm' is not one of "),
+    (["-m", "experiment=lm_cpu,nope"], "experiment='nope' is not one of "),
+    (["-m", "memory=glob(lin*)", "task=lm,foo"], "task='foo' is not one of booksum, lm, passkey"),
+    (["memory=linear,none"], "memory: 'linear,none' is a sweep; run it with -m"),
+])
+def test_a_bad_sweep_value_is_one_line_before_any_job(args, message, tmp_path):
+    proc = sweep(*args, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.slow
+def test_a_value_only_the_job_can_judge_fails_that_job_in_one_line(tmp_path):
+    proc = sweep("-m", "model.segment_len=32,0", *SMALL, tmp_path=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.segment_len: 0 must be a positive integer" in lines[0], proc.stderr
+    assert sorted(results(tmp_path)) == [("linear", 32)]  # the good job before it finished

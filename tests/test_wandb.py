@@ -1,0 +1,67 @@
+"""W&B, offline: a run read back with wandb's own reader has a name, group, job type, tags, Hydra's choices,
+an x axis for every panel, its last images, its results in the summary and as an artifact; a rerun of the same
+command continues the same W&B run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["experiment=lm_cpu", "trainer.steps=2", "trainer.eval_every=1", "trainer.ckpt_every=1", "task.seq_len=64",
+        "task.eval_max_docs=1", "task.eval_max_tokens=64", "trainer.progress=false"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """Every record of an offline run's .wandb log, as wandb's own reader (`wandb leet inspect`) prints them."""
+    wandb = Path(sys.executable).parent / "wandb"
+    proc = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_offline_run_reads_back_with_identity_axes_images_summary_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    for _ in range(2):  # the second time, the same command resumes the run from its checkpoint
+        proc = subprocess.run([sys.executable, "run.py", *ARGS, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    saved = json.loads((out / "results.json").read_text())
+    offline = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2
+    logs = [records(d) for d in offline]
+
+    runs = [next(r["run"] for r in log if r["type"] == "run") for log in logs]
+    assert runs[0]["run_id"] == runs[1]["run_id"] == saved["wandb"]["id"] == (out / "wandb_run_id").read_text().strip()
+    run = runs[1]
+    assert run["run_group"] == "lm_cpu" and run["job_type"] == "lm"
+    assert run["display_name"].startswith("lm tiny-linear") and "trainer.steps=2" in run["display_name"]
+    assert {"memory=linear", "model=tiny", "N=32"} <= set(run["tags"])
+    config = run["config"]["update"]
+    assert config["hydra"]["choices"]["experiment"] == "lm_cpu" and "trainer.steps=2" in config["hydra"]["overrides"]
+
+    log = logs[1]
+    metrics = [r["metric"] for r in log if r["type"] == "metric"]
+    assert any(m.get("glob_name") == "*" and m.get("step_metric") == "trainer/step" for m in metrics)
+    history = [r["history"]["item"] for r in log if r["type"] == "history"]
+    assert [h["_step"] for h in history] == sorted(h["_step"] for h in history)  # W&B's own counter only grows
+    # The last gate heatmap and the loss-by-segment table and image, logged after the final metrics, all arrive,
+    # each under its own key, at the final training step.
+    for key in ("gates/heatmap._type", "val/loss_by_segment._type", "val/loss_by_segment_plot._type"):
+        assert any(key in h and h.get("trainer/step") == 2 for h in history), key
+    summary = {}
+    for r in log:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    assert summary["val/ppl"] == pytest.approx(saved["results"]["val/ppl"])
+    assert summary["data/source"] == saved["results"]["data/source"]
+    assert summary["val/loss_by_segment"]["_type"] == "table-file"
+    artifacts = [r["artifact"] for r in log if r["type"] == "artifact"]
+    assert any(a["type"] == "results" for a in artifacts)
