@@ -238,3 +238,23 @@ def test_footprint_counts_the_filled_store():
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(ConfigError, match=f"^memory.{key}: "):
         build_model("tiny", memory="memorizing", memory_args={key: value})
+
+
+def test_top_k_attention_is_fp32_under_autocast():
+    """Mixed precision: bf16 keys and values, autocast on; the retrieval and its gradient stay fp32 and match
+    the same call without autocast."""
+    from infini_bench.memories.memorizing import TopKAttention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 6, 8, generator=g, requires_grad=True)
+    keys, values = torch.randn(1, 2, 10, 8, generator=g).bfloat16(), torch.randn(1, 2, 10, 8, generator=g).bfloat16()
+    idx = torch.randint(0, 10, (1, 2, 6, 3), generator=g)
+    hit = torch.ones(1, 2, 6, 3, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = TopKAttention.apply(q, keys, values, idx, hit)
+    assert out.dtype == torch.float32
+    (dq,) = torch.autograd.grad(out.square().sum(), q)
+    ref = TopKAttention.apply(q, keys, values, idx, hit)
+    (ref_dq,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dq, ref_dq)

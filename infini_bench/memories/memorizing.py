@@ -62,20 +62,29 @@ class TopKAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, keys: Tensor, values: Tensor, idx: Tensor, hit: Tensor) -> Tensor:
-        # q (B, H_kv, Q, D) fp32; keys (B, H_kv, S, D), values (B, H_kv, S, D_v); idx, hit (B, H_kv, Q, k)
-        s = torch.einsum("bhqd,bhqkd->bhqk", q, _gather(keys, idx).to(q.dtype)).masked_fill(~hit, float("-inf"))
-        top = s.amax(-1, keepdim=True)
-        e = (s - torch.where(torch.isfinite(top), top, 0.0)).exp()  # exactly 0 where nothing was hit
-        w = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # (B, H_kv, Q, k)
-        ctx.save_for_backward(keys, values, idx, w)
-        return torch.einsum("bhqk,bhqkd->bhqd", w, _gather(values, idx).to(q.dtype))
+        # q (B, H_kv, Q, D); keys (B, H_kv, S, D), values (B, H_kv, S, D_v); idx, hit (B, H_kv, Q, k).
+        # At least fp32, autocast or not: under CUDA autocast einsum would run in bf16 and the backward would
+        # mix bf16 and fp32 operands.
+        ctx.q_dtype = q.dtype
+        work = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            q = q.to(work)
+            s = torch.einsum("bhqd,bhqkd->bhqk", q, _gather(keys, idx).to(work)).masked_fill(~hit, float("-inf"))
+            top = s.amax(-1, keepdim=True)
+            e = (s - torch.where(torch.isfinite(top), top, 0.0)).exp()  # exactly 0 where nothing was hit
+            w = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)  # (B, H_kv, Q, k)
+            ctx.save_for_backward(keys, values, idx, w)
+            return torch.einsum("bhqk,bhqkd->bhqd", w, _gather(values, idx).to(work))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         keys, values, idx, w = ctx.saved_tensors
-        dw = torch.einsum("bhqd,bhqkd->bhqk", grad, _gather(values, idx).to(grad.dtype))
-        ds = w * (dw - (w * dw).sum(-1, keepdim=True))  # through the softmax
-        return torch.einsum("bhqk,bhqkd->bhqd", ds, _gather(keys, idx).to(grad.dtype)), None, None, None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(w.dtype)
+            dw = torch.einsum("bhqd,bhqkd->bhqk", grad, _gather(values, idx).to(w.dtype))
+            ds = w * (dw - (w * dw).sum(-1, keepdim=True))  # through the softmax
+            dq = torch.einsum("bhqk,bhqkd->bhqd", ds, _gather(keys, idx).to(w.dtype))
+        return dq.to(ctx.q_dtype), None, None, None, None
 
 
 def knn_attention(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, top_k: int,
