@@ -15,9 +15,11 @@ import torch  # noqa: E402
 from infini_bench.paper import length_label  # noqa: E402
 
 
-def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head") -> Path:
+def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head",
+                 layers: list[int] | None = None) -> Path:
     """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only. The colour scale spans the values
-    (centred on 0.5, the mixer value), each cell shows its value, and the ticks are whole layers and heads."""
+    (centred on 0.5, the mixer value), each cell shows its value, and the ticks are whole layers and heads;
+    `layers` names the rows when only some layers have a gate (Memorizing Transformers: one)."""
     values = gates.detach().float().cpu()
     spread = max(float((values - 0.5).abs().max()), 1e-3)
     n_layers, n_heads = values.shape
@@ -28,7 +30,10 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
             for j in range(n_heads):
                 ax.text(j, i, f"{float(values[i, j]):.2f}", ha="center", va="center", fontsize=6)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if layers is not None:
+        ax.set_yticks(range(n_layers), [str(i) for i in layers])
+    else:
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)

@@ -136,11 +136,13 @@ def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, floa
 
     from infini_bench.distributed import full_tensor
 
-    if model.cfg.memory == "none":  # local attention only: there is no memory for a gate to mix in
+    layers = model.gate_layers()
+    if not layers:  # no memory mixed in by a gate (none, full, txl, rmt)
         return {}
     gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
-    metrics = {f"gates/L{i}/H{j}": float(g) for i, row in enumerate(gates) for j, g in enumerate(row)}
+    metrics = {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
     run.log(metrics, step=step)
     if run.is_main:
-        run.log_image("gates/heatmap", gate_heatmap(gates, Path(run.out_dir) / "gates.png"), step=step)
+        run.log_image("gates/heatmap", gate_heatmap(gates, Path(run.out_dir) / "gates.png", layers=layers),
+                      step=step)
     return metrics

@@ -28,19 +28,24 @@ def test_offline_run_reads_back_with_identity_axes_images_summary_and_resumes(tm
     out = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
-    for _ in range(2):  # the second time, the same command resumes the run from its checkpoint
-        proc = subprocess.run([sys.executable, "run.py", *ARGS, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # The first run is killed while it saves its first checkpoint; the same command then resumes it.
+    killed = subprocess.run([sys.executable, "run.py", *ARGS, f"hydra.run.dir={out}"], cwd=ROOT,
+                            env={**env, "INFINI_BENCH_FAULT": "between_checkpoint_renames"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "run.py", *ARGS, f"hydra.run.dir={out}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
     saved = json.loads((out / "results.json").read_text())
     offline = sorted((out / "wandb").glob("offline-run-*"))
     assert len(offline) == 2
     logs = [records(d) for d in offline]
 
-    runs = [next(r["run"] for r in log if r["type"] == "run") for log in logs]
-    assert runs[0]["run_id"] == runs[1]["run_id"] == saved["wandb"]["id"] == (out / "wandb_run_id").read_text().strip()
-    run = runs[1]
+    # The killed run may not have flushed its records; its folder's name ends with its id.
+    assert [d.name.rsplit("-", 1)[1] for d in offline] == [saved["wandb"]["id"]] * 2
+    run = next(r["run"] for r in logs[1] if r["type"] == "run")
+    assert run["run_id"] == saved["wandb"]["id"] == (out / "wandb_run_id").read_text().strip()
     assert run["run_group"] == "lm_cpu" and run["job_type"] == "lm"
     assert run["display_name"].startswith("lm tiny-linear") and "trainer.steps=2" in run["display_name"]
     assert {"memory=linear", "model=tiny", "N=32"} <= set(run["tags"])
