@@ -134,7 +134,8 @@ def forward_flops(cfg: ModelConfig, p_linear: int, t: int, training: bool) -> di
     spans = segment_spans(t, n)
     rows = t + (2 * args["num_mem_tokens"] * len(spans) if name == "rmt" else 0)
     p_head = cfg.vocab_size * cfg.dim
-    parts = {"linear": 2 * (p_linear - p_head) * rows + 2 * p_head * (t if training else len(spans)),
+    streamed = math.ceil(t / cfg.segment_len)  # a stream cuts the prompt at segment_len whatever the memory
+    parts = {"linear": 2 * (p_linear - p_head) * rows + 2 * p_head * (t if training else streamed),
              "attention": attention_flops(cfg, t), "memory": 0.0, "selection": 0.0, "recompute": 0.0}
     if name in ("linear", "delta"):
         parts["memory"] = compressive_flops(cfg, name, t, n)
@@ -173,8 +174,8 @@ def prefill_flops(cfg: ModelConfig, p_linear: int, t: int) -> float:
 
 
 def prefill_bytes(cfg: ModelConfig, p_linear: int, t: int, elt: int) -> float:
-    """Every weight read once per segment (the LM head too), the embedding rows of the prompt."""
-    return math.ceil(t / segment_len(cfg, t)) * p_linear * elt + t * cfg.dim * elt
+    """Every weight read once per streamed segment (the LM head too), the embedding rows of the prompt."""
+    return math.ceil(t / cfg.segment_len) * p_linear * elt + t * cfg.dim * elt
 
 
 def decode_cost(cfg: ModelConfig, p_linear: int, cache_len: int, elt: int) -> tuple[float, float]:
