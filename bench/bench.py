@@ -1,8 +1,8 @@
 """Benchmarks, measured side by side in one run: training throughput, streaming prefill, decode.
 
-    python -m bench.bench all --out results/bench.json --write-md docs/BENCHMARKS.md   # one H200, ~2 min
-    python -m bench.bench all --compile --out results/bench.json                      # + compiled rows, ~5 min
-    python -m bench.bench --cpu all --out /tmp/bench.json --write-md /tmp/BENCH.md    # tiny sizes, CI, ~10 s
+    python -m bench.bench all --out results/bench.json --write-md docs/BENCHMARKS.md   # one H200
+    python -m bench.bench all --compile --out results/bench.json                      # + compiled rows
+    python -m bench.bench --cpu all --out /tmp/bench.json --write-md /tmp/BENCH.md    # tiny sizes, CI, ~15 s
     python -m bench.bench --out results/bench.json --write-md docs/BENCHMARKS.md       # re-render only
 
 Every section first counts the two numbers of the work it times (floating-point operations, and the fewest
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-sections", default="train,prefill", help="where --compile adds rows")
     train_rows, prefill_rows = (*registered_memories(), PEER), streaming_memories()
     p.add_argument("--train-memories", help=f"comma list of training rows, of {','.join(train_rows)} (default: all)")
-    p.add_argument("--train-rules", dest="train_memories", action=DeprecatedAlias, help="deprecated: --train-memories")
+    p.add_argument("--train-rules", dest="train_memories", action=DeprecatedAlias,
+                   help="deprecated: --train-memories")
     p.add_argument("--prefill-memories",
                    help=f"comma list of streamed rows, of {','.join(prefill_rows)} (default: all)")
     p.add_argument("--seq-len", type=int, help="training sequence length")
