@@ -1,8 +1,8 @@
 """Benchmarks, measured side by side in one run: training throughput, streaming prefill, decode.
 
-    python -m bench.bench all --out results/bench.json --write-md docs/BENCHMARKS.md   # one H200, ~2 min
-    python -m bench.bench all --compile --out results/bench.json                      # + compiled rows, ~5 min
-    python -m bench.bench --cpu all --out /tmp/bench.json --write-md /tmp/BENCH.md    # tiny sizes, CI, ~10 s
+    python -m bench.bench all --out results/bench.json --write-md docs/BENCHMARKS.md   # one H200
+    python -m bench.bench all --compile --out results/bench.json                      # + compiled rows
+    python -m bench.bench --cpu all --out /tmp/bench.json --write-md /tmp/BENCH.md    # tiny sizes, CI, ~15 s
     python -m bench.bench --out results/bench.json --write-md docs/BENCHMARKS.md       # re-render only
 
 Every section first counts the two numbers of the work it times (floating-point operations, and the fewest
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import SECTIONS, Sizes, compute_dtype, measure_ceilings
+from bench.common import (PEER, SECTIONS, Sizes, compute_dtype, measure_ceilings, registered_memories,
+                          streaming_memories)
 from bench.decode import bench_decode
 from bench.prefill import bench_prefill
 from bench.report import fmt, print_summary, write_markdown
@@ -51,6 +52,14 @@ def meta(device: torch.device, command: str, tiny: bool) -> dict:
             "device": name, "versions": versions, "tiny": tiny}
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old option name: stores into the new option's dest, with a warning on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated, use --{self.dest.replace('_', '-')}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0])
     p.add_argument("sections", nargs="*", metavar="SECTION",
@@ -61,7 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the default device")
     p.add_argument("--compile", action="store_true", help="add rows whose blocks are torch.compile'd")
     p.add_argument("--compile-sections", default="train,prefill", help="where --compile adds rows")
-    p.add_argument("--train-rules", help="comma list of none,linear,delta,full,lucidrains")
+    train_rows, prefill_rows = (*registered_memories(), PEER), streaming_memories()
+    p.add_argument("--train-memories", help=f"comma list of training rows, of {','.join(train_rows)} (default: all)")
+    p.add_argument("--train-rules", dest="train_memories", action=DeprecatedAlias,
+                   help="deprecated: --train-memories")
+    p.add_argument("--prefill-memories",
+                   help=f"comma list of streamed rows, of {','.join(prefill_rows)} (default: all)")
     p.add_argument("--seq-len", type=int, help="training sequence length")
     p.add_argument("--segment-len", type=int, help="training segment length")
     p.add_argument("--iters", type=int, help="timed training steps")
@@ -72,14 +86,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [x for x in args.sections if x not in (*SECTIONS, "all")]
     if bad:
         p.error(f"section {bad[0]!r} is not one of {', '.join(SECTIONS)}, all")
+    for option, accepted in (("train_memories", train_rows), ("prefill_memories", prefill_rows)):
+        bad = [m for m in (getattr(args, option) or "").split(",") if m and m not in accepted]
+        if bad:
+            p.error(f"--{option.replace('_', '-')}: {bad[0]!r} is not one of {', '.join(accepted)}")
     return args
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
     s = Sizes.tiny() if args.cpu or args.tiny else Sizes()
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
-    over = {"train_rules": args.train_rules and tuple(args.train_rules.split(",")), "train_seq": args.seq_len,
-            "train_segment": args.segment_len, "train_iters": args.iters,
+    names = lambda text: text and tuple(text.split(","))  # noqa: E731
+    over = {"train_memories": names(args.train_memories), "prefill_memories": names(args.prefill_memories),
+            "train_seq": args.seq_len, "train_segment": args.segment_len, "train_iters": args.iters,
             "prefill_lengths": args.prefill_lengths and ints(args.prefill_lengths),
             "full_lengths": args.full_lengths and ints(args.full_lengths),
             "decode_contexts": args.decode_contexts and ints(args.decode_contexts)}

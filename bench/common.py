@@ -5,15 +5,18 @@ import gc
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable
 
 import torch
 
-from infini_bench.model import FLAVOURS
+from infini_bench.memories import memory_class, memory_names, resolve_args
+from infini_bench.model import FLAVOURS, ModelConfig
 
 SECTIONS = ("train", "prefill", "decode")
+PEER = "lucidrains"  # the public infini-transformer-pytorch: a training row, not a registered memory
+ORDER = ("none", "linear", "delta", "full", "txl", "memorizing", "rmt")  # rows in this order, then the rest
 DATASHEET = {"device": "H200 SXM", "bf16_tflops": 989.0, "hbm_tb_s": 4.8}  # dense bf16, HBM3e (vendor)
 GIB = 2**30
 
@@ -29,6 +32,18 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
+def registered_memories() -> tuple[str, ...]:
+    """Every registered memory, in table order: a newly registered one gets its rows without a change here."""
+    names = memory_names()
+    return tuple([m for m in ORDER if m in names] + [m for m in names if m not in ORDER])
+
+
+def streaming_memories() -> tuple[str, ...]:
+    """The memories a prompt is streamed through, segment by segment: all but `none` (nothing to carry) and
+    those that ignore segments (full attention, which has its own prefill rows)."""
+    return tuple(m for m in registered_memories() if m != "none" and not memory_class(m).whole_sequence)
+
+
 @dataclass
 class Sizes:
     """Every size one run uses. The defaults fit one H200; `tiny()` runs on a 2-core CPU."""
@@ -37,7 +52,7 @@ class Sizes:
     train_flavour: str = "lm_paper"
     train_seq: int = 32768
     train_segment: int = 2048
-    train_rules: tuple[str, ...] = ("none", "linear", "delta", "full", "lucidrains")
+    train_memories: tuple[str, ...] = field(default_factory=lambda: (*registered_memories(), PEER))
     train_kv_heads: int | None = None  # None: the flavour's; the peer has no GQA, so tiny runs MHA
     train_warmup: int = 3
     train_iters: int = 10
@@ -45,14 +60,16 @@ class Sizes:
     peer_iters: int = 3
     # prefill: the Llama-3.2-1B shape, random init, bf16 weights, streamed one segment at a time
     prefill_flavour: str = "1b"
-    prefill_rules: tuple[str, ...] = ("linear", "delta")
+    prefill_memories: tuple[str, ...] = field(default_factory=streaming_memories)
     prefill_lengths: tuple[int, ...] = (32768, 131072, 1048576)
     full_lengths: tuple[int, ...] = (32768, 131072)  # plain causal attention; longer ones are extrapolated
     # decode: per-token latency of the 1B shape after a streamed prompt
     decode_flavour: str = "1b"
-    decode_rule: str = "linear"
+    decode_memory: str = "linear"
     decode_contexts: tuple[int, ...] = (4096, 1048576)
     decode_steps: int = 64
+    # memory_args per memory name (None: the memory's defaults, the paper's comparison sizes)
+    memory_args: dict[str, dict] = field(default_factory=dict)
     # ceilings
     matmul_n: int = 8192
     copy_mib: int = 2048
@@ -63,7 +80,20 @@ class Sizes:
                    train_warmup=1, train_iters=2, peer_iters=2, prefill_flavour="tiny", prefill_lengths=(256, 512, 1024),
                    full_lengths=(256, 512),
                    decode_flavour="tiny", decode_contexts=(128, 1024), decode_steps=8, matmul_n=512,
-                   copy_mib=32)
+                   copy_mib=32,
+                   # a store shorter than the longest prompt (the cap is reached), memory tokens in scale with N
+                   memory_args={"memorizing": {"knn_size": 256}, "rmt": {"num_mem_tokens": 8}})
+
+
+def with_memory(cfg: ModelConfig, name: str, sizes: Sizes) -> ModelConfig:
+    """cfg with memory `name` and this run's parameters for it."""
+    return replace(cfg, memory=name, memory_args=sizes.memory_args.get(name))
+
+
+def memory_args_used(names: list[str], sizes: Sizes) -> dict[str, dict]:
+    """Every registered memory among `names` with its parameters as resolved (defaults filled in)."""
+    names = [m.removesuffix("+compile") for m in names]
+    return {m: resolve_args(m, sizes.memory_args.get(m)) for m in dict.fromkeys(names) if m in memory_names()}
 
 
 class Clock:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from bench.common import Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms, free_memory, time_ms
+from bench.common import (Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms, free_memory, time_ms,
+                          with_memory)
 from bench.flops import decode_cost, linear_params
 from infini_bench.model import FLAVOURS, build_model
 from infini_bench.paper import length_label
@@ -21,7 +21,7 @@ def bench_decode(device: torch.device, sizes: Sizes, ceilings: dict) -> dict:
     from infini_bench.generate import StaticDecoder, decode_step, prefill
 
     clock, mem = Clock(device), PeakMemory(device)
-    cfg = replace(FLAVOURS[sizes.decode_flavour], memory=sizes.decode_rule)
+    cfg = with_memory(FLAVOURS[sizes.decode_flavour], sizes.decode_memory, sizes)
     n = cfg.segment_len
     dtype = compute_dtype(device)
     static_name = "graph" if device.type == "cuda" else "static"
@@ -76,7 +76,7 @@ def bench_decode(device: torch.device, sizes: Sizes, ceilings: dict) -> dict:
             ratio = hi["median_ms"] / lo["median_ms"]
             targets.append({"target": f"{step_name}: latency at {length_label(hi['context'])} <= 2 x at "
                                       f"{length_label(lo['context'])}", "measured": ratio, "met": ratio <= 2})
-    return {"config": {"flavour": sizes.decode_flavour, "rule": sizes.decode_rule, "batch": 1, "segment_len": n,
+    return {"config": {"flavour": sizes.decode_flavour, "memory": sizes.decode_memory, "batch": 1, "segment_len": n,
                        "precision": f"model.to({str(dtype).removeprefix('torch.')}), memory state fp32, "
                                     "torch.inference_mode",
                        "step": "eager: infini_bench.generate.decode_step; graph: generate.StaticDecoder.step, one "

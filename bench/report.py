@@ -51,6 +51,13 @@ def targets_table(targets: list[dict]) -> str:
                            ("met", lambda r: "**yes**" if r["met"] else "no")])
 
 
+def memory_args_text(cfg: dict) -> str:
+    """The memories' parameters of a section, as one sentence (empty for results written without them)."""
+    parts = [f"{m} ({', '.join(f'{k}={v}' for k, v in args.items())})"
+             for m, args in (cfg.get("memory_args") or {}).items() if args]
+    return f" Memory parameters: {'; '.join(parts)}." if parts else ""
+
+
 def render_train(sec: dict) -> str:
     def vs_none(r: dict) -> float | None:
         ref = measured_row(sec["rows"], "none+compile" if r["name"].endswith("+compile") else "none")
@@ -66,7 +73,7 @@ def render_train(sec: dict) -> str:
     return (f"Config: `{cfg['flavour']}`, {cfg['layers']} layers, {cfg['heads']} heads, FFN {cfg['ffn']}, vocab "
             f"{cfg['vocab']}, B = {cfg['batch']}, T = {cfg['seq_len']}, N = {cfg['segment_len']}. "
             f"Precision: {cfg['precision']}. Step: {cfg['step']}. Median of {cfg['iters']} steps after "
-            f"{cfg['warmup']} warm-up (the peer: {cfg.get('peer_iters')} after {cfg.get('peer_warmup')}). `full`: {cfg['full']}.\n\n{rows}\n\nFLOPs: {sec['flop_formula']}.\n\n"
+            f"{cfg['warmup']} warm-up (the peer: {cfg.get('peer_iters')} after {cfg.get('peer_warmup')}). `full`: {cfg['full']}.{memory_args_text(cfg)}\n\n{rows}\n\nFLOPs: {sec['flop_formula']}.\n\n"
             f"{targets_table(sec['targets'])}\n")
 
 
@@ -78,7 +85,7 @@ def render_prefill(sec: dict) -> str:
         ("peak GiB", "peak_gib"), ("above weights GiB", "above_weights_gib"), ("note", "extrapolated")])
     return (f"Config: `{cfg['flavour']}` (random init), {cfg['layers']} layers, {cfg['heads']} heads, "
             f"{cfg['kv_heads']} kv heads, FFN {cfg['ffn']}, N = {cfg['segment_len']}. Precision: {cfg['precision']}. "
-            f"Stream: {cfg['stream']}. Full: {cfg['full']}.\n\n{rows}\n\nFLOPs: {sec['flop_formula']}.\n\n"
+            f"Stream: {cfg['stream']}. Full: {cfg['full']}.{memory_args_text(cfg)}\n\n{rows}\n\nFLOPs: {sec['flop_formula']}.\n\n"
             f"{targets_table(sec['targets'])}\n")
 
 
@@ -89,7 +96,8 @@ def render_decode(sec: dict) -> str:
         ("median ms/token", "median_ms"), ("mean ms", "mean_ms"),
         ("p90 ms", "p90_ms"), ("max ms", "max_ms"), ("floor ms", "floor_ms"), ("prompt s", "prefill_s"),
         ("peak GiB", "peak_gib")])
-    return (f"Config: `{cfg['flavour']}` (random init), rule {cfg['rule']}, B = {cfg['batch']}, "
+    memory = cfg.get("memory", cfg.get("rule"))  # results written before the rename say "rule"
+    return (f"Config: `{cfg['flavour']}` (random init), memory {memory}, B = {cfg['batch']}, "
             f"N = {cfg['segment_len']}. Precision: {cfg['precision']}. Step: {cfg['step']}; {cfg['steps']}.\n\n"
             f"{rows}\n\nCost per token: {sec['cost_formula']}.\n\n{targets_table(sec['targets'])}\n")
 

@@ -1,5 +1,5 @@
-"""The training section: tokens/s of forward + backward + AdamW for each memory rule, full attention and the
-public infini-transformer-pytorch."""
+"""The training section: tokens/s of forward + backward + AdamW for every registered memory (full attention
+among them) and the public infini-transformer-pytorch."""
 from __future__ import annotations
 
 import statistics
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.common import DATASHEET, Clock, PeakMemory, Sizes, autocast, compute_dtype, error_text, floor_ms, free_memory
+from bench.common import (DATASHEET, PEER, Clock, PeakMemory, Sizes, autocast, compute_dtype, error_text, floor_ms,
+                          free_memory, memory_args_used, with_memory)
 from bench.flops import linear_params, train_bytes, train_flops
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 
@@ -35,7 +36,7 @@ def lucidrains_model(cfg: ModelConfig, seq: int, n: int) -> tuple[nn.Module, Cal
 def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes, ceilings: dict) -> dict:
     """One row of the training table: build, warm up, time `train_iters` steps, count."""
     t, n = sizes.train_seq, sizes.train_segment
-    rule = name.removesuffix("+compile")
+    memory = name.removesuffix("+compile")
     clock, mem = Clock(device), PeakMemory(device)
     amp = autocast(device)
     fused = device.type == "cuda"
@@ -44,20 +45,19 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
     ids = torch.randint(0, base.vocab_size, (1, t + 1), device=device, generator=g)  # random, never zeros
     torch.manual_seed(0)
     note = ""
-    if rule == "lucidrains":
+    if memory == PEER:
+        cfg = with_memory(base, "linear", sizes)  # its memory, counted by our formula
         try:
             with torch.device(device):
-                model, wrapper, note = lucidrains_model(base, t, n)
+                model, wrapper, note = lucidrains_model(cfg, t, n)
         except ImportError:
             return {"name": name, "skipped": "infini-transformer-pytorch is not installed"}
-        cfg, flops_rule = base, "linear"
 
         def fwd_bwd() -> Tensor:
             with amp:
                 return wrapper(ids, backward=True)  # splits into segments, backward inside
     else:
-        cfg = replace(base, memory="none", segment_len=t) if rule == "full" else replace(base, memory=rule)
-        flops_rule = "none" if rule == "full" else rule
+        cfg = with_memory(base, memory, sizes)
         with torch.device(device):
             model = InfiniTransformer(cfg)
         if name.endswith("+compile"):  # regional compilation, as trainer.compile=true
@@ -86,13 +86,13 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
         clock.sync()
         return [clock.ms(a, c) for a, _, c in marks], [clock.ms(a, b) for a, b, _ in marks], loss
 
-    warmup, iters = (sizes.peer_warmup, sizes.peer_iters) if rule == "lucidrains" else (sizes.train_warmup,
-                                                                                          sizes.train_iters)
+    warmup, iters = (sizes.peer_warmup, sizes.peer_iters) if memory == PEER else (sizes.train_warmup,
+                                                                                    sizes.train_iters)
     try:
         run_steps(warmup)
         out_of_memory = False
     except torch.OutOfMemoryError:
-        if rule != "lucidrains":
+        if memory != PEER:
             raise
         out_of_memory = True  # retried below, once the traceback no longer holds the failed step's tensors
     if out_of_memory:
@@ -107,10 +107,10 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
     step_ms, fb_ms, loss = run_steps(iters)
     p_all = sum(p.numel() for p in model.parameters())
     p_lin = linear_params(model)
-    flops = train_flops(cfg, p_lin, flops_rule, t, cfg.segment_len)
+    flops = train_flops(cfg, p_lin, t)
     nbytes = train_bytes(p_all, p_lin, t, cfg.vocab_size)
     med = statistics.median(step_ms)
-    row = {"name": name, "rule": flops_rule, "step_ms": med, "step_ms_min": min(step_ms),
+    row = {"name": name, "memory": cfg.memory, "step_ms": med, "step_ms_min": min(step_ms),
            "step_ms_max": max(step_ms), "fwd_bwd_ms": statistics.median(fb_ms), "tokens_per_s": t / (med * 1e-3),
            "tflop_per_step": flops / 1e12, "gb_per_step": nbytes / 1e9, "floor_ms": floor_ms(flops, nbytes, ceilings),
            "mfu": flops / (med * 1e-3) / (ceilings["matmul_tflops"] * 1e12), "params": p_all,
@@ -122,13 +122,13 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
 
 
 def bench_train(device: torch.device, sizes: Sizes, ceilings: dict, compile_blocks: bool) -> dict:
-    """Tokens/s of a full training step (forward, backward, AdamW) for each memory rule and the peer."""
+    """Tokens/s of a full training step (forward, backward, AdamW) for each memory and the peer."""
     base = replace(FLAVOURS[sizes.train_flavour], segment_len=sizes.train_segment)
     if sizes.train_kv_heads:
         base = replace(base, n_kv_heads=sizes.train_kv_heads)
-    names = list(sizes.train_rules)
+    names = list(sizes.train_memories)
     if compile_blocks:
-        names += [f"{r}+compile" for r in sizes.train_rules if r in ("none", "linear", "delta")]
+        names += [f"{m}+compile" for m in sizes.train_memories if m != PEER]
     rows = []
     for name in names:
         free_memory(device)
@@ -146,11 +146,15 @@ def bench_train(device: torch.device, sizes: Sizes, ceilings: dict, compile_bloc
                        "step": "forward + backward + AdamW step (fused on CUDA) + zero_grad; no checkpointing",
                        "warmup": sizes.train_warmup, "iters": sizes.train_iters, "peer_warmup": sizes.peer_warmup,
                        "peer_iters": sizes.peer_iters,
-                       "full": "rule none with segment_len = seq_len: one causal SDPA over the whole sequence"},
-            "flop_formula": "6 P T + 3 (A + M); P = nn.Linear weights incl. LM head; A = L H T N 2 d (causal "
-                            "attention inside segments of N, forward); M = L [2 T d^2 H_kv + T d H_kv + "
-                            "2 (T - N) d (d + 1) H] (memory write + read, forward; delta adds "
-                            "2 (T - N) d (d + 1) H_kv); MFU = FLOPs / step time / matmul rate measured in this run",
+                       "full": "memory full: one causal SDPA over the whole sequence",
+                       "memory_args": memory_args_used(names, sizes)},
+            "flop_formula": "3 (2 P R + 4 d H L pairs + memory) + kNN selection + 2 (XL's K, V recomputed); "
+                            "P = nn.Linear weights incl. LM head, R = rows (T; RMT T + 2m per segment), pairs = "
+                            "(query, key) pairs each memory's mask allows per head and layer (causal inside "
+                            "segments of N; + min(mem_len, p) cached keys for txl and memorizing; RMT's mask over "
+                            "N + 2m rows; full: causal over T), memory = compressive read + write (linear, delta) "
+                            "or memorizing's top-k attention, all forward (bench/flops.py); MFU = FLOPs / step "
+                            "time / matmul rate measured in this run",
             "rows": rows, "targets": train_targets(rows)}
 
 
@@ -158,23 +162,27 @@ def measured_row(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["name"] == name and "step_ms" in r), None)
 
 
+# Tokens/s each memory should reach against `none` (the compiled rows against none+compile).
+TARGETS = (("linear", 0.90), ("delta", 0.80), ("txl", 0.75), ("rmt", 0.75), ("memorizing", 0.50))
+
+
 def train_targets(rows: list[dict]) -> list[dict]:
     targets = []
     for suffix in ("", "+compile"):
         none = measured_row(rows, "none" + suffix)
-        for rule, bound in (("linear", 0.90), ("delta", 0.80)):
-            r = measured_row(rows, rule + suffix)
+        for memory, bound in TARGETS:
+            r = measured_row(rows, memory + suffix)
             if none and r:
                 ratio = r["tokens_per_s"] / none["tokens_per_s"]
-                targets.append({"target": f"{rule}{suffix} tokens/s >= {bound:.2f} x none{suffix}",
+                targets.append({"target": f"{memory}{suffix} tokens/s >= {bound:.2f} x none{suffix}",
                                 "measured": ratio, "met": ratio >= bound})
-    best = max((r for r in rows if "mfu" in r and r["rule"] in ("linear", "delta") and r["name"] != "lucidrains"),
+    best = max((r for r in rows if "mfu" in r and r["memory"] in ("linear", "delta") and r["name"] != PEER),
                key=lambda r: r["mfu"], default=None)
     if best:
         targets.append({"target": f"MFU >= 40% ({best['name']}, measured matmul rate)", "measured": best["mfu"],
                         "met": best["mfu"] >= 0.40})
-    peer = measured_row(rows, "lucidrains")
-    ours = max((r for r in rows if "step_ms" in r and r["rule"] == "linear" and r["name"] != "lucidrains"),
+    peer = measured_row(rows, PEER)
+    ours = max((r for r in rows if "step_ms" in r and r["memory"] == "linear" and r["name"] != PEER),
                key=lambda r: r["tokens_per_s"], default=None)
     if peer and ours:
         ratio = ours["tokens_per_s"] / peer["tokens_per_s"]

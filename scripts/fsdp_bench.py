@@ -59,8 +59,8 @@ def bench(info: DistInfo, flavour: str, seq_len: int, batch: int, args: argparse
     with torch.device(info.device):
         model = build_model(flavour, **overrides)
     cfg = model.cfg
-    # Training FLOPs per token by the one formula bench/ uses too (6 P T + 3 (attention + memory)).
-    flops_per_token = train_flops(cfg, linear_params(model), cfg.memory, seq_len, cfg.segment_len) / seq_len
+    # Training FLOPs per token by the one formula bench/ uses too (3 x forward, per memory: bench/flops.py).
+    flops_per_token = train_flops(cfg, linear_params(model), seq_len) / seq_len
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.dtype]
     shard_model(model, param_dtype=dtype, activation_checkpointing=not args.no_ac, compile=args.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
