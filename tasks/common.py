@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
@@ -16,6 +17,8 @@ from infini_bench.train import TrainConfig
 
 log = logging.getLogger(__name__)
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
+_TRAINER_SHOWN = ("steps", "batch_size", "grad_accum", "optimizer", "lr", "gate_lr", "warmup_steps", "precision")
+_TRAINER_PRESET_KEYS = ("setting", "presets")  # a task's trainer picks its values with these (conf/trainer/lm.yaml)
 
 
 def memory_fields(cfg: DictConfig) -> dict:
@@ -44,13 +47,23 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
     return out
 
 
+def setting_line(cfg: DictConfig) -> str:
+    """Which setting the task takes and the values it runs with, task.* and trainer.* overrides included."""
+    task = ", ".join(f"{k}={_plain(cfg.task[k])}" for k in cfg.task.presets[cfg.task.setting])
+    trainer = ", ".join(f"{k}={_plain(cfg.trainer[k])}" for k in _TRAINER_SHOWN)
+    return (f"task={cfg.task.name} takes its {cfg.task.setting} setting (model={cfg.model.name}): {task}; "
+            f"trainer: {trainer}")
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
     """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
     with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
-    if cfg.task.get("setting") is not None:  # every task starts here: say which defaults apply
-        preset = OmegaConf.to_container(cfg.task.presets[cfg.task.setting], resolve=True)
-        log.info("task=%s takes its %s setting (model=%s): %s; any task.* override wins", cfg.task.name,
-                 cfg.task.setting, cfg.model.name, ", ".join(f"{k}={v}" for k, v in preset.items()))
+    if cfg.task.get("setting") is not None and is_main_process():  # every task starts here: say what applies
+        log.info(setting_line(cfg))
     if cfg.model.get("pretrained"):
         from infini_bench.pretrained import load_pretrained
 
@@ -109,7 +122,9 @@ def export_weights(model: InfiniTransformer, run) -> Path:
 
 
 def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
-    values = OmegaConf.to_container(cfg.trainer, resolve=True)
+    """The TrainConfig of cfg.trainer (its preset choice aside), with overrides on top."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
+              if k not in _TRAINER_PRESET_KEYS}
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:

@@ -1,9 +1,13 @@
 """Recipes are what they say: a paper recipe refuses to fall back to embedded data; a fallback is recorded."""
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -54,3 +58,88 @@ def test_a_tasks_defaults_follow_the_models_scale():
         assert task("task=lm", "model=lm_paper").seq_len == 32768 and task("task=lm").seq_len == 512
         assert list(task("task=passkey", "model=1b", "task.setting=tiny").lengths) == [1024, 2048, 4096]
         assert task("task=passkey", "model=1b", "task.key_range=[1,99]").key_range[1] == 99  # an override wins
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    OmegaConf.resolve(cfg)  # as run.py does before a task starts
+    return cfg
+
+
+def _trainer(*overrides):
+    from tasks.common import train_config
+
+    return train_config(_compose(*overrides))
+
+
+PAPER_MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")
+                      if OmegaConf.load(p).get("scale") == "paper")
+
+
+def test_each_tasks_trainer_follows_the_setting():
+    assert {"1b", "8b", "lm_paper"} <= set(PAPER_MODELS)
+    tiny = {task: _trainer(f"task={task}") for task in ("passkey", "booksum", "lm")}
+    assert (tiny["passkey"].steps, tiny["passkey"].lr, tiny["passkey"].batch_size) == (600, 3e-3, 16)
+    assert (tiny["booksum"].steps, tiny["booksum"].lr, tiny["booksum"].batch_size) == (150, 3e-3, 4)
+    assert (tiny["lm"].steps, tiny["lm"].optimizer, tiny["lm"].lr, tiny["lm"].batch_size) == (300, "adamw", 3e-3, 8)
+    for model in PAPER_MODELS:
+        passkey, booksum, lm = (_trainer(f"task={task}", f"model={model}") for task in ("passkey", "booksum", "lm"))
+        assert (passkey.steps, passkey.lr, passkey.batch_size) == (400, 1e-4, 8), model
+        assert booksum.lr == 1e-4 and booksum.steps == 100, model
+        assert (lm.optimizer, lm.lr, lm.warmup_steps, lm.schedule, lm.batch_size * lm.grad_accum) == \
+            ("adafactor", 1e-2, 1000, "cosine", 64), model
+    # The whole setting moves together: task.setting=tiny on a paper-scale model is the tiny check, trainer too.
+    assert _trainer("task=passkey", "model=1b", "task.setting=tiny") == tiny["passkey"]
+    assert _trainer("task=lm", "model=tiny", "model.scale=paper").optimizer == "adafactor"
+
+
+def test_a_command_line_trainer_choice_or_value_wins_over_the_setting():
+    paper = _trainer("task=passkey", "model=1b")
+    assert _trainer("task=passkey", "model=1b", "trainer.lr=5e-4") == dataclasses.replace(paper, lr=5e-4)
+    assert _trainer("task=passkey", "model=1b", "trainer=passkey_tiny") == _trainer("task=passkey")
+    assert _trainer("task=passkey", "trainer=passkey_paper") == paper
+    assert _trainer("task=lm", "trainer=paper_lm") == _trainer("task=lm", "model=lm_paper")
+    default = _trainer("task=booksum", "model=8b", "trainer=default")
+    assert (default.steps, default.lr, default.batch_size) == (300, 3e-3, 8)
+
+
+def test_experiments_keep_their_trainer():
+    continual = _trainer("experiment=continual_1b")  # trainer=continual on a paper-scale model, lm task
+    assert (continual.steps, continual.lr, continual.optimizer, continual.batch_size, continual.grad_accum) == \
+        (30000, 1e-4, "adamw", 16, 4)
+    for name in ("table2_pg19", "table2_arxiv_math"):
+        table2 = _trainer(f"experiment={name}")
+        assert (table2.optimizer, table2.lr, table2.warmup_steps, table2.batch_size * table2.grad_accum) == \
+            ("adafactor", 1e-2, 1000, 64), name
+    mini = _trainer("experiment=table2_mini")
+    assert (mini.steps, mini.optimizer, mini.batch_size) == (720, "adamw", 2)
+    table3 = _trainer("experiment=table3_passkey_1b")
+    assert (table3.steps, table3.batch_size, table3.lr, table3.precision) == (400, 8, 1e-4, "bf16")
+    table4 = _trainer("experiment=table4_booksum")
+    assert (table4.lr, table4.batch_size, table4.precision) == (1e-4, 1, "bf16")
+    assert _trainer("experiment=lm_cpu") == dataclasses.replace(_trainer("task=lm"), eval_every=1000)
+    gpu = _trainer("experiment=passkey_gpu")  # a tiny model: its own values over the tiny preset
+    assert (gpu.steps, gpu.lr, gpu.gate_lr, gpu.batch_size, gpu.precision) == (1500, 1e-3, 3e-2, 16, "bf16")
+
+
+def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
+    import tasks.common as common
+
+    cfg = _compose("task=passkey", "model=1b", "task.key_range=[1,99]", "trainer.lr=5e-4")
+    line = common.setting_line(cfg)
+    assert line.startswith("task=passkey takes its paper setting (model=1b)")
+    assert "key_range=[1, 99]" in line and "lr=0.0005" in line and "steps=400" in line
+    assert "lengths=[32768, 131072, 262144, 524288, 1048576]" in line
+    tiny = common.setting_line(_compose("task=lm", "trainer.steps=7"))
+    assert "tiny setting" in tiny and "seq_len=512" in tiny and "steps=7" in tiny and "optimizer=adamw" in tiny
+
+    cfg = _compose("task=passkey")
+    for main, expected in ((True, 1), (False, 0)):  # under torchrun only rank 0 says it
+        caplog.clear()
+        monkeypatch.setattr(common, "is_main_process", lambda: main)
+        with caplog.at_level(logging.INFO, logger=common.log.name):
+            common.build_model_and_tokenizer(cfg)
+        assert sum("takes its tiny setting" in r.getMessage() for r in caplog.records) == expected
