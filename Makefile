@@ -68,7 +68,7 @@ reproduce-mini: ## Table 2 (table2_mini), passkey (passkey_gpu) and the BookSum 
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum --experiment none --budget 900 $(EACH_MEMORY) -- task=booksum $(ARGS)
 	$(BENCH_PYTHON) -m infini_bench.report outputs multirun --out docs/REPORT.md
 
-report: install ## our numbers next to the paper's, from every results.json under outputs/ and multirun/
-	$(BIN)/python -m infini_bench.report outputs multirun --out docs/REPORT.md
+report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
+	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
 .PHONY: help install run test bench bench-cpu fsdp-bench reproduce-all reproduce-mini report
