@@ -46,7 +46,7 @@ LAUNCH = $(if $(filter-out 0 1,$(NGPU)),$(BIN)/python -m torch.distributed.run -
 CONTINUAL = outputs/continual
 
 reproduce-all: install ## the paper's runs (Tables 2-4), continual pre-training first: GPUs, hub access, days
-	$(LAUNCH) run.py -m experiment=table2_pg19,table2_arxiv_math memory=linear,delta,none $(ARGS)
+	$(LAUNCH) run.py -m experiment=table2_pg19,table2_arxiv_math memory=linear,delta,none,txl,memorizing,rmt $(ARGS)
 	@set -e; for m in linear delta; do \
 		$(LAUNCH) run.py experiment=continual_1b memory=$$m hydra.run.dir=$(CONTINUAL)/1b-$$m $(ARGS); \
 		$(LAUNCH) run.py -m experiment=table3_passkey_1b memory=$$m task.zero_shot=true,false \
