@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from infini_bench.errors import ConfigError
+from infini_bench.memories import memory_names
 from infini_bench.model import FLAVOURS
 from infini_bench.pretrained import config_from_hf, load_pretrained
 
@@ -254,3 +255,31 @@ def test_small_checkpoint_shapes_shrunk_equal_transformers(flavour, tmp_path):
     assert (ours_model.cfg.n_heads, ours_model.cfg.n_kv_heads) == (heads, kv)
     assert ours_model.cfg.qkv_bias == FLAVOURS[flavour].qkv_bias
     torch.testing.assert_close(logits, hf_logits(model, x), rtol=1e-4, atol=1e-4)
+
+
+# Each memory at the setting where it adds nothing across segments: then the converted checkpoint is the
+# Hugging Face model on each segment alone. Full attention: the Hugging Face model on the whole input.
+# Memorizing Transformers has no such setting: its kNN layer's local attention uses L2-normalised queries and
+# keys with a learned scale and, by default, no RoPE, so a converted checkpoint changes at that layer.
+NEUTRAL = {"none": {}, "linear": {"gate_init": -40.0}, "delta": {"gate_init": -40.0},
+           "txl": {"memory_args": {"mem_len": 0}}, "rmt": {"memory_args": {"num_mem_tokens": 0}},
+           "memorizing": None, "full": {}}
+
+
+@pytest.mark.parametrize("memory", memory_names())
+def test_every_memory_converts_from_a_checkpoint(llama_gqa, memory):
+    """A pretrained checkpoint loads under every memory: only the memory's own parameters are new (initialised,
+    trainable), and at its neutral setting the model equals transformers."""
+    path, hf = llama_gqa
+    x = ids()
+    logits, model = ours(path, x, segment_len=16, memory=memory, **(NEUTRAL[memory] or {}))
+    assert all(not p.is_meta and torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(logits).all()
+    if NEUTRAL[memory] is None:
+        return
+    expected = hf_logits(hf, x) if memory == "full" else hf_segmentwise(hf, x, 16)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    if memory != "none":  # at its default setting the memory's parameters exist or its context changes the output
+        converted, _ = load_pretrained(str(path), segment_len=16, memory=memory)
+        with torch.no_grad():
+            assert memory == "full" or (converted.eval()(x).logits - expected)[:, 16:].abs().max() > 1e-3
