@@ -188,13 +188,3 @@ def resolve_args(name: str, args: dict[str, Any] | None) -> dict[str, Any]:
         accepted = ", ".join(sorted(cls.defaults)) or "none"
         raise ConfigError(f"memory.{unknown[0]}", f"is not a parameter of memory={name}; accepted: {accepted}")
     return {**cls.defaults, **args}
-
-
-def check_nonnegative_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"memory.{key}", f"{value!r} must be an integer >= 0")
-
-
-def check_positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"memory.{key}", f"{value!r} must be a positive integer")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infini_bench.attention import infini_attention
-from infini_bench.errors import ConfigError
-from infini_bench.memories.base import Context, Footprint, Memory, check_positive_int, mix, register_memory
+from infini_bench.errors import ConfigError, check_int
+from infini_bench.memories.base import Context, Footprint, Memory, mix, register_memory
 from infini_bench.memories.txl import KVCache, TransformerXL, _empty_cache
 
 CHUNK = 512  # query rows scored at once: the score matrix is (B, H_kv, CHUNK, window)
@@ -132,8 +132,8 @@ class MemorizingTransformer(TransformerXL):
     @staticmethod
     def resolve_knn(cfg, args: dict[str, Any]) -> tuple[int, int, int, bool]:
         """(knn_size, top_k, knn_layer 1-indexed, knn_rope), checked."""
-        check_positive_int("knn_size", args["knn_size"])
-        check_positive_int("top_k", args["top_k"])
+        check_int("memory.knn_size", args["knn_size"], low=1)
+        check_int("memory.top_k", args["top_k"], low=1)
         knn_layer = round(0.75 * cfg.n_layers) if args["knn_layer"] is None else args["knn_layer"]
         if not isinstance(knn_layer, int) or isinstance(knn_layer, bool) or not 1 <= knn_layer <= cfg.n_layers:
             raise ConfigError("memory.knn_layer", f"{knn_layer!r} must be a layer from 1 to {cfg.n_layers} "

@@ -27,9 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from infini_bench.errors import ConfigError
-from infini_bench.memories.base import (Context, Footprint, Memory, check_nonnegative_int, local_attention,
-                                        register_memory)
+from infini_bench.errors import ConfigError, check_int
+from infini_bench.memories.base import Context, Footprint, Memory, local_attention, register_memory
 
 
 class Rows(NamedTuple):
@@ -41,8 +40,8 @@ class Rows(NamedTuple):
 
 def check_args(args: dict[str, Any]) -> None:
     """num_mem_tokens and bptt_depth integers >= 0, causal and checkpoint_segments booleans."""
-    check_nonnegative_int("num_mem_tokens", args["num_mem_tokens"])
-    check_nonnegative_int("bptt_depth", args["bptt_depth"])
+    check_int("memory.num_mem_tokens", args["num_mem_tokens"])
+    check_int("memory.bptt_depth", args["bptt_depth"])
     for key in ("causal", "checkpoint_segments"):
         if not isinstance(args[key], bool):
             raise ConfigError(f"memory.{key}", f"{args[key]!r} is not one of true, false")
@@ -88,7 +87,7 @@ class RecurrentMemory(Memory):
         segments, the m x dim memory vectors, in the activations' dtype (bf16). Decoding also caches the read
         rows' keys and values per layer (2 m H_kv D l), recomputed from those vectors: not counted."""
         m = args["num_mem_tokens"]
-        check_nonnegative_int("num_mem_tokens", m)
+        check_int("memory.num_mem_tokens", m)
         return Footprint(cfg.dim * m * cfg.n_layers * 2, m * cfg.dim, 2 * m * cfg.dim)
 
 

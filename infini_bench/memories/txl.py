@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from infini_bench.errors import ConfigError
-from infini_bench.memories.base import (Context, Footprint, Memory, check_nonnegative_int, local_attention,
-                                        register_memory)
+from infini_bench.errors import ConfigError, check_int
+from infini_bench.memories.base import Context, Footprint, Memory, local_attention, register_memory
 
 
 class KVCache(NamedTuple):
@@ -57,7 +56,7 @@ class TransformerXL(Memory):
     @staticmethod
     def resolve_mem_len(cfg, args: dict[str, Any]) -> int:
         mem_len = cfg.segment_len if args.get("mem_len") is None else args["mem_len"]
-        check_nonnegative_int("mem_len", mem_len)
+        check_int("memory.mem_len", mem_len)
         return mem_len
 
     def active(self) -> bool:
