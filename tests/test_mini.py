@@ -106,7 +106,10 @@ def test_variants_share_the_gpus_and_a_budget_stops_a_run(tmp_path):
 
 def test_reproduce_mini_runs_every_memory_in_each_benchmark():
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
-    proc = subprocess.run(["make", "-n", "reproduce-mini"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Under `make test` the parent make's variables would make this one print "Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "reproduce-mini"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     runs = [line for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
     assert [r.split("--experiment ")[1].split()[0] for r in runs] == ["table2_mini", "passkey_gpu", "none"]
