@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from infini_bench.generate import decode_step, prefill
-from infini_bench.memories.rmt import segment_mask
+from infini_bench.memories.base import local_attention
+from infini_bench.memories.rmt import rows_attention, segment_mask
 from infini_bench.model import build_model
 
 N, M = 8, 3
@@ -109,16 +110,21 @@ def test_m0_rows_are_independent():
     assert torch.linalg.matrix_rank(after) == M and not torch.equal(before, after)
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["mask", "blocks"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [N, 5])
-def test_mask_probed_through_the_jacobian(causal, length):
+def test_mask_probed_through_the_jacobian(causal, length, blocks):
     """Output row i depends on input row j exactly where the rule allows it (two layers of a mask that is
-    already transitive): text rows never see write rows; every write row depends on every text row."""
+    already transitive): text rows never see write rows; every write row depends on every text row. Both for
+    the mask given as a tensor (decoding) and as a segment's blocks (`rows_attention`, training)."""
     model = rmt(causal=causal)
     stack = model.stack_memory
     assert torch.equal(segment_mask(M, length, causal), rule_mask(M, length, causal))
     x = torch.randn(1, 2 * M + length, model.cfg.dim, requires_grad=True)
-    h, _ = stack.run_rows(model, x, [None] * 2, segment_mask(M, length, causal))
+    if blocks:
+        h, _ = stack.run_rows(model, x, [None] * 2, None, (M, length, causal))
+    else:
+        h, _ = stack.run_rows(model, x, [None] * 2, segment_mask(M, length, causal))
     depends = torch.stack([torch.autograd.grad(h[0, i].sum(), x, retain_graph=True)[0][0].abs().sum(-1) > 0
                            for i in range(h.shape[1])])
     assert torch.equal(depends, rule_mask(M, length, causal))
@@ -211,3 +217,22 @@ def test_state_is_the_footprint():
 def test_bad_arguments_are_named(args, key):
     with pytest.raises(ValueError, match=key):
         rmt(**args)
+
+
+@pytest.mark.parametrize("m", [0, 1, M])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_attention_equals_the_masked_attention(m, causal):
+    """The segment's mask as three flash-friendly blocks equals one SDPA under the mask, in float64, outputs
+    and gradients (GQA: 4 query heads on 2 kv heads)."""
+    model = rmt()
+    length, d, gen = 5, model.cfg.head_dim, torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 2 * m + length, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 2 * m + length, d, dtype=torch.float64, generator=gen, requires_grad=True)
+            for _ in range(2))
+    blocks = rows_attention(q, k, v, model.rotary, m, length, causal)
+    masked = local_attention(q, k, v, model.rotary, None, visible=segment_mask(m, length, causal))
+    torch.testing.assert_close(blocks, masked, rtol=1e-12, atol=1e-12)
+    w = torch.randn(blocks.shape, dtype=torch.float64, generator=gen)
+    grads = [torch.autograd.grad((out * w).sum(), (q, k, v)) for out in (blocks, masked)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -24,7 +24,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from infini_bench.errors import ConfigError, check_int
@@ -35,7 +37,8 @@ class Rows(NamedTuple):
     """What one layer's attention needs for a run of rows: keys and values before them, and their own mask."""
 
     ctx: Context | None  # keys (B, H_kv, M, D) un-rotated at positions 0 .. M-1, or None
-    visible: Tensor  # (L, L) bool: which of the rows' own keys each row sees
+    visible: Tensor | None  # (L, L) bool: which of the rows' own keys each row sees
+    segment: tuple[int, int, bool] | None = None  # instead of visible: (m, length, causal) of `segment_mask`
 
 
 def check_args(args: dict[str, Any]) -> None:
@@ -59,6 +62,24 @@ def segment_mask(m: int, length: int, causal: bool, device: torch.device | None 
     return read[None, :] | tril | write[:, None]
 
 
+def rows_attention(q: Tensor, k: Tensor, v: Tensor, rotary, m: int, length: int, causal: bool) -> Tensor:
+    """Attention of the rows [read (m); text (length); write (m)] under `segment_mask`, without building it.
+
+    A boolean mask sends SDPA to a slower kernel than flash; the mask is three flash-friendly blocks instead:
+    read rows over the read keys (no mask), text rows over read + text keys (causal, aligned bottom-right, so
+    every read key is seen), write rows over every key (no mask). q (B, H, S, D), k and v (B, H_kv, S, D)
+    un-rotated at positions 0 .. S-1 -> (B, H, S, D_v)."""
+    qr, kr, gqa = rotary(q), rotary(k), q.shape[1] != k.shape[1]
+    if causal or m == 0:  # segment_mask is then the plain causal mask
+        return F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=gqa)
+    seen = m + length
+    read = F.scaled_dot_product_attention(qr[:, :, :m], kr[:, :, :m], v[:, :, :m], enable_gqa=gqa)
+    text = F.scaled_dot_product_attention(qr[:, :, m: seen], kr[:, :, :seen], v[:, :, :seen],
+                                          attn_mask=causal_lower_right(length, seen), enable_gqa=gqa)
+    write = F.scaled_dot_product_attention(qr[:, :, seen:], kr, v, enable_gqa=gqa)
+    return torch.cat([read, text, write], dim=2)
+
+
 @register_memory
 class RecurrentMemory(Memory):
     """The per-layer part: local attention over the rows it is given, with their mask; no state of its own."""
@@ -74,6 +95,8 @@ class RecurrentMemory(Memory):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: Rows, rotary,
                 kv_detached=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The rows' attention -> (B, H, L, D_v) and their keys and values (for the decoding cache)."""
+        if state.segment is not None:
+            return rows_attention(q, k, v, rotary, *state.segment), (k, v)
         return local_attention(q, k, v, rotary, state.ctx, visible=state.visible), (k, v)
 
     @classmethod
@@ -112,20 +135,22 @@ class MemoryTokens(nn.Module):
         """(m, m): how the read rows, and the write rows, see each other."""
         return segment_mask(self.m, 0, self.causal, device)[: self.m, : self.m]
 
-    def run_rows(self, model, x: Tensor, contexts: list[Context | None], visible: Tensor
-                 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Rows x (B, L, dim) through every block -> the final-norm output and each layer's keys and values."""
+    def run_rows(self, model, x: Tensor, contexts: list[Context | None], visible: Tensor | None,
+                 segment: tuple[int, int, bool] | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Rows x (B, L, dim) through every block -> the final-norm output and each layer's keys and values.
+        The rows see each other as `visible` says, or as a whole segment's rows (`Rows.segment`)."""
         kvs = []
         for layer, ctx in zip(model.layers, contexts):
-            x, kv = layer(x, Rows(ctx, visible), model.rotary)
+            x, kv = layer(x, Rows(ctx, visible, segment), model.rotary)
             kvs.append(kv)
         return model.norm(x), kvs
 
-    def segment(self, model, text: Tensor, memory: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    def segment(self, model, text: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
         """text (B, L, dim) embedded, memory (B, m, dim) -> text outputs (B, L, dim), next memory (B, m, dim)."""
         m, length = self.m, text.shape[1]
         memory = memory.to(text.dtype)
-        h, _ = self.run_rows(model, torch.cat([memory, text, memory], dim=1), [None] * len(model.layers), visible)
+        h, _ = self.run_rows(model, torch.cat([memory, text, memory], dim=1), [None] * len(model.layers), None,
+                             (m, length, self.causal))
         return h[:, m: m + length], h[:, m + length:]
 
     def hidden(self, model, input_ids: Tensor, states: Tensor | None, cache: list | None = None,
@@ -138,17 +163,13 @@ class MemoryTokens(nn.Module):
         memory = self.start(x.shape[0]) if states is None else states
         recompute = model.training and torch.is_grad_enabled() and (
             model.cfg.activation_checkpointing or self.checkpoint_segments)
-        masks: dict[int, Tensor] = {}  # by segment length: the full one and a shorter tail
         outs = []
         for i, start in enumerate(range(0, x.shape[1], n)):
             text = x[:, start: start + n]
-            length = text.shape[1]
-            if length not in masks:
-                masks[length] = segment_mask(self.m, length, self.causal, x.device)
             if recompute:
-                h, memory = checkpoint(self.segment, model, text, memory, masks[length], use_reentrant=False)
+                h, memory = checkpoint(self.segment, model, text, memory, use_reentrant=False)
             else:
-                h, memory = self.segment(model, text, memory, masks[length])
+                h, memory = self.segment(model, text, memory)
             outs.append(h)
             if self.bptt_depth and (i + 1) % self.bptt_depth == 0:  # truncated BPTT (counted within this call)
                 memory = memory.detach()
