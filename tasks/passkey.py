@@ -379,16 +379,18 @@ class PasskeyBatches:
     " {key}." only (`loss_on='answer'`), or every next token of prompt and answer (`'all'`).
 
     Two curricula, both counted in micro-batches: over the first `key_ramp`, the largest key grows log-uniformly
-    from 9 (one digit) to `key_range`'s maximum; over the first `length_ramp`, the length range moves linearly
-    from `lengths` to `lengths_end`.
+    from 9 (one digit) to `key_range`'s maximum; over the `length_ramp` after the first `length_start`, the
+    length range moves linearly from `lengths` to `lengths_end` (the retrieval is learned on short prompts first).
     """
 
     def __init__(self, tokenizer: Tokenizer, lengths: tuple[int, int], batch_size: int, seed: int,
                  loss_on: str = "answer", haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
-                 key_ramp: int = 0, lengths_end: tuple[int, int] | None = None, length_ramp: int = 0):
+                 key_ramp: int = 0, lengths_end: tuple[int, int] | None = None, length_ramp: int = 0,
+                 length_start: int = 0):
         self.tokenizer, self.lengths, self.batch_size, self.seed = tokenizer, lengths, batch_size, seed
         self.loss_on, self.haystack, self.key_range = loss_on, haystack, key_range
         self.key_ramp, self.lengths_end, self.length_ramp = key_ramp, lengths_end or lengths, length_ramp
+        self.length_start = length_start
         self.pad_id = getattr(tokenizer, "pad_id", tokenizer.eos_id)
 
     def keys(self, i: int) -> tuple[int, int]:
@@ -399,7 +401,7 @@ class PasskeyBatches:
 
     def length_range(self, i: int) -> tuple[int, int]:
         """The prompt length range of micro-batch i."""
-        f = ramp(i, self.length_ramp)
+        f = ramp(i - self.length_start, self.length_ramp) if i >= self.length_start else 0.0
         return tuple(round(a + f * (b - a)) for a, b in zip(self.lengths, self.lengths_end))
 
     def __call__(self, i: int) -> dict[str, Tensor]:
@@ -467,7 +469,7 @@ def check_config(t: DictConfig, tokenizer: Tokenizer) -> None:
         _int_pair(t, "train_lengths_end", shortest)
     for key in ("samples", "eval_batch", "val_samples", "warmup_segment_len"):
         check_positive(f"task.{key}", t[key])
-    for key in ("warmup_steps", "key_ramp_steps", "length_ramp_steps"):
+    for key in ("warmup_steps", "key_ramp_steps", "length_ramp_steps", "length_ramp_start"):
         value = t.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"task.{key}", f"{value!r} must be an integer >= 0")
@@ -545,6 +547,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     lengths_end = _int_pair(t, "train_lengths_end", 1) if t.get("train_lengths_end") is not None else None
     # The curricula count steps; the batches count micro-batches. Each phase ramps the keys from its own start.
     key_ramp, length_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum, t.get("length_ramp_steps", 0) * tcfg.grad_accum
+    length_start = t.get("length_ramp_start", 0) * tcfg.grad_accum
     if warmup and is_distributed():
         raise ConfigError("task.warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under torchrun")
     recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
@@ -559,7 +562,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         model.load_state_dict(local.state_dict())
     if steps:
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on, t.train_haystack,
-                                 key_range, key_ramp, lengths_end, length_ramp)
+                                 key_range, key_ramp, lengths_end, length_ramp, length_start)
         summary = train(model, tcfg, batches, logged, checkpoint_dir(run), eval_fn=validate)
     if warmup or steps:
         export_weights(model, run)  # for model.init_from

@@ -40,6 +40,15 @@ def test_lengths_move_to_the_end_range_and_then_match_a_batch_without_curriculum
         assert torch.equal(ramped(i)["labels"], plain(i)["labels"])
 
 
+def test_the_length_ramp_can_wait_for_the_short_prompts_to_be_learned():
+    late = PasskeyBatches(TOK, (300, 320), 2, seed=5, lengths_end=(600, 640), length_ramp=4, length_start=6)
+    assert [late.length_range(i) for i in (0, 5, 6, 8, 10, 30)] == [
+        (300, 320), (300, 320), (300, 320), (450, 480), (600, 640), (600, 640)]
+    early = PasskeyBatches(TOK, (300, 320), 2, seed=5, lengths_end=(600, 640), length_ramp=4)
+    assert all(late.length_range(i + 6) == early.length_range(i) for i in range(8))  # shifted by six
+    assert torch.equal(late(10)["input_ids"], early(10)["input_ids"])  # both past their ramps
+
+
 def test_accuracy_by_distance_bins_by_powers_of_two():
     rng = random.Random(0)
     outcomes = [Outcome(rng.random(), rng.random() < 0.5, "", rng.choice([0, 0, 1, 2, 3, 5, 7, 8, 100]))
@@ -56,6 +65,7 @@ def test_accuracy_by_distance_bins_by_powers_of_two():
 
 @pytest.mark.parametrize("override, key", [
     ("task.key_ramp_steps=-1", "task.key_ramp_steps"), ("task.length_ramp_steps=1.5", "task.length_ramp_steps"),
+    ("task.length_ramp_start=-2", "task.length_ramp_start"),
     ("task.train_lengths_end=[100,300]", "task.train_lengths_end"),
     ("task.train_lengths_end=[400,300]", "task.train_lengths_end"),
 ])
