@@ -137,9 +137,10 @@ def _band_forward(model, ids: torch.Tensor, mem_len: int) -> torch.Tensor:
             layer.attn.memory.forward = f
 
 
+@pytest.mark.parametrize("length", [5 * N, 4 * N + 3, 5])  # whole segments, a partial last one, less than one
 @pytest.mark.parametrize("mem_len", [N, 5, 2 * N + 3])
-def test_txl_equals_band_mask_forward(mem_len):
-    model, ids = tiny("txl", mem_len=mem_len), tokens(5 * N)
+def test_txl_equals_band_mask_forward(mem_len, length):
+    model, ids = tiny("txl", mem_len=mem_len), tokens(length)
     ref = _band_forward(model, ids, mem_len)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
@@ -163,8 +164,9 @@ def test_full_equals_one_segment_as_long_as_the_sequence():
         torch.testing.assert_close(full(ids).logits, local(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [2 * N, 2 * N - 3])  # segment 1 whole, or partial
 @pytest.mark.parametrize("cache", ["input", "kv"])
-def test_txl_gradients_stop_at_the_cache(cache):
+def test_txl_gradients_stop_at_the_cache(cache, length):
     """Segment 1's loss reaches no input of segment 0 (the cache is detached), but with the paper's input
     cache it reaches W_k through the cached rows; with a kv cache it does not."""
     model = tiny("txl", cache=cache).train()
@@ -175,10 +177,10 @@ def test_txl_gradients_stop_at_the_cache(cache):
         emb["x"] = out
 
     model.embed.register_forward_hook(keep)
-    model(tokens(2 * N)).logits[:, N:].sum().backward()
+    model(tokens(length)).logits[:, N:].sum().backward()
     assert emb["x"].grad[:, :N].abs().max() == 0 and emb["x"].grad[:, N:].abs().max() > 0
     full = tiny("full").train()
-    full(tokens(2 * N)).logits[:, N:].sum().backward()
+    full(tokens(length)).logits[:, N:].sum().backward()
     # The last layer: there full attention's segment-0 keys have the same values as the cached rows.
     reference = full.layers[-1].attn.wk.weight.grad
     wk = model.layers[-1].attn.wk.weight.grad

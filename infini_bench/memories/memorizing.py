@@ -210,8 +210,8 @@ class MemorizingTransformer(TransformerXL):
         n, t = self.cfg.segment_len, q.shape[2]
         if not self.knn:
             return super().forward(q, k, v, gate, state, rotary, kv_detached)
-        if t < n or t % n:
-            return Memory.forward(self, q, k, v, gate, state, rotary, kv_detached)  # segment by segment
+        # A partial last segment needs no fallback: its queries read the window that ends at its start like the
+        # others, and the local part handles it. (Segment by segment, each write would rebuild the C-slot ring.)
         rot = self.local_rotary(rotary)
         if self.mem_len:
             cache = KVCache(state.k, state.v, state.valid) if state is not None else None

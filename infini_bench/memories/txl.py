@@ -85,10 +85,12 @@ class TransformerXL(Memory):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: KVCache | None, rotary,
                 kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, KVCache | None]:
         """All segments in one SDPA call: segments folded into the batch, each with its window of the mem_len
-        tokens before it (from `state` for the first ones). Needs whole segments; else the reference loop."""
+        tokens before it (from `state` for the first ones); a partial last segment in a second call."""
         n, m, t = self.cfg.segment_len, self.mem_len, q.shape[2]
-        if m == 0 or t < n or t % n:
+        if m == 0:
             return super().forward(q, k, v, gate, state, rotary, kv_detached)
+        if t % n:
+            return self._with_tail(q, k, v, state, rotary, kv_detached)
         b, h, _, d = q.shape
         hk, s, dv = k.shape[1], t // n, v.shape[-1]
         kd, vd = kv_detached if kv_detached is not None else (k.detach(), v.detach())
@@ -128,6 +130,25 @@ class TransformerXL(Memory):
             out = out.view(b, s, h, n, dv)
         out = out.transpose(1, 2).reshape(b, h, t, dv)
         return out, self._last(past, kd, vd)
+
+    def _with_tail(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache | None, rotary,
+                   kv_detached: tuple[Tensor, Tensor] | None) -> tuple[Tensor, KVCache]:
+        """Whole segments (if any) through the fast path, then the partial last one against the mem_len tokens
+        before it, the same rows the fast path caches (so with `cache: input` they pass gradients to W_k, W_v).
+        Explicit rather than the base class's loop, whose read() and write() a subclass (Memorizing) overrides."""
+        m, t = self.mem_len, q.shape[2]
+        full = t - t % self.cfg.segment_len
+        kd, vd = kv_detached if kv_detached is not None else (k.detach(), v.detach())
+        outs = []
+        if full:
+            outs.append(TransformerXL.forward(self, q[:, :, :full], k[:, :, :full], v[:, :, :full], None, state,
+                                              rotary, (kd[:, :, :full], vd[:, :, :full]))[0])
+        past = state if state is not None else _empty_cache(self.cfg, k.shape[0], m, k.device, k.dtype)
+        valid = torch.cat([past.valid, past.valid.new_ones(k.shape[0], full)], dim=1)[:, -m:]
+        ctx = Context(torch.cat([past.k.to(kd.dtype), kd[:, :, :full]], dim=2)[:, :, -m:],
+                      torch.cat([past.v.to(vd.dtype), vd[:, :, :full]], dim=2)[:, :, -m:], valid)
+        outs.append(local_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], rotary, ctx))
+        return torch.cat(outs, dim=2), self._last(state, kd, vd)
 
     def _last(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
         """The cache after the sequence: its last mem_len tokens (with `past` in front when it is shorter)."""
