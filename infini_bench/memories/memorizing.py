@@ -219,6 +219,9 @@ class MemorizingTransformer(TransformerXL):
         else:
             local, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=n, rule="none", rotary=rot)
             cache = self._cache(None, k, v)
+        new_state = self._ring(state, k, v)._replace(**cache._asdict())
+        if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
+            return mix(local, self.read(q, state), gate), new_state
         c = self.knn_size
         keys = F.normalize(k.detach().float(), dim=-1).to(k.dtype)  # (B, H_kv, T, D)
         values = v.detach()
@@ -237,7 +240,6 @@ class MemorizingTransformer(TransformerXL):
         reads = [knn_attention(queries[:, :, i: i + n], keys, values, key_valid, self.top_k,
                                max(0, offset + i - c), offset + i) for i in range(0, t, n)]
         read = torch.cat([r[0] for r in reads], dim=2), torch.cat([r[1] for r in reads], dim=2)
-        new_state = self._ring(state, k, v)._replace(**cache._asdict())
         return mix(local, read, gate), new_state
 
     # ---- Table 1 ---------------------------------------------------------------------------------------------
