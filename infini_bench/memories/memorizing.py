@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from infini_bench.attention import infini_attention
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Memory, mix, register_memory
+from infini_bench.memories.base import Context, Footprint, mix, register_memory
 from infini_bench.memories.txl import KVCache, TransformerXL, _empty_cache
 
 CHUNK = 512  # query rows scored at once: the score matrix is (B, H_kv, CHUNK, window)
