@@ -143,23 +143,25 @@ class TransformerXL(Memory):
         if full:
             outs.append(TransformerXL.forward(self, q[:, :, :full], k[:, :, :full], v[:, :, :full], None, state,
                                               rotary, (kd[:, :, :full], vd[:, :, :full]))[0])
-        past = state if state is not None else _empty_cache(self.cfg, k.shape[0], m, k.device, k.dtype)
-        valid = torch.cat([past.valid, past.valid.new_ones(k.shape[0], full)], dim=1)[:, -m:]
-        ctx = Context(torch.cat([past.k.to(kd.dtype), kd[:, :, :full]], dim=2)[:, :, -m:],
-                      torch.cat([past.v.to(vd.dtype), vd[:, :, :full]], dim=2)[:, :, -m:], valid)
+        ctx = Context(*self._window(state, kd[:, :, :full], vd[:, :, :full]))
         outs.append(local_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], rotary, ctx))
         return torch.cat(outs, dim=2), self._last(state, kd, vd)
 
-    def _last(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
-        """The cache after the sequence: its last mem_len tokens (with `past` in front when it is shorter)."""
+    def _window(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
+        """The last mem_len tokens of [past; kd, vd] (`past` counts only where kd is shorter), not detached."""
         m, b, t = self.mem_len, kd.shape[0], kd.shape[2]
+        if t >= m:
+            return KVCache(kd[:, :, -m:], vd[:, :, -m:], torch.ones(b, m, dtype=torch.bool, device=kd.device))
         if past is None:
             past = _empty_cache(self.cfg, b, m, kd.device, kd.dtype)
-        if t >= m:
-            return KVCache(kd[:, :, -m:].detach(), vd[:, :, -m:].detach(), past.valid.new_ones(b, m))
-        return KVCache(torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, -m:].detach(),
-                       torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, -m:].detach(),
+        return KVCache(torch.cat([past.k.to(kd.dtype), kd], dim=2)[:, :, -m:],
+                       torch.cat([past.v.to(vd.dtype), vd], dim=2)[:, :, -m:],
                        torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, -m:])
+
+    def _last(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
+        """The cache after the sequence: its last mem_len tokens, detached."""
+        window = self._window(past, kd, vd)
+        return window._replace(k=window.k.detach(), v=window.v.detach())
 
     @staticmethod
     def _masked(q: Tensor, k: Tensor, v: Tensor, ctx_valid: Tensor, gqa: bool) -> Tensor:
