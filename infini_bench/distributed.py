@@ -94,6 +94,7 @@ def shard_model(
     # forward() and the blocks take the fp32 memory state (M, z): never cast inputs
     # (docs/PAPER_NOTES.md, pitfall 4).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    compile = compile and model.prepare_compile()
     for i, block in enumerate(model.layers):
         if activation_checkpointing:  # state-dict keys are unchanged: the wrapper strips its own prefix
             block = checkpoint_wrapper(block)
@@ -102,9 +103,6 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=mp)
         model.layers[i] = block
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if compile:  # fill the rotary cos/sin cache now: filling it inside a compiled block breaks the graph
-        cfg = model.cfg
-        model.rotary(torch.zeros(1, 1, cfg.segment_len, cfg.head_dim, device=model.rotary.inv_freq.device))
     register_fsdp_forward_method(model, "hidden")  # `train.lm_loss` calls hidden(), not forward()
     return model
 

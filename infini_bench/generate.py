@@ -145,7 +145,7 @@ class StaticDecoder:
         dtype = model.embed.weight.dtype
         self.fixed = [b.attn.memory.empty_state(batch, device, dtype) for b in model.layers]
         self._sync_memory()
-        model.rotary.table(cfg.segment_len + max(b.attn.memory.context_len() for b in model.layers), device)
+        model.fill_rotary(cfg.segment_len, None)
         self.graph = None
         self._warm_up_and_capture(graph if graph is not None else device.type == "cuda")
 

@@ -9,6 +9,7 @@ training) or a segment at a time (streaming); with a `cache` it continues a part
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator, NamedTuple
 
@@ -61,6 +62,8 @@ class ModelConfig:
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * block + emb + self.dim
 
+
+RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see InfiniTransformer.prepare_compile)
 
 FLAVOURS: dict[str, ModelConfig] = {
     # Runs in seconds on a CPU; byte-level vocabulary.
@@ -154,7 +157,10 @@ class Rotary(nn.Module):
             at = offset + torch.arange(length, device=x.device)
             cos, sin = cos.index_select(0, at).to(x.dtype), sin.index_select(0, at).to(x.dtype)
         else:
-            cos, sin = self._cos_sin(offset + length, x.device)
+            # Compiled blocks only read the table, which InfiniTransformer.fill_rotary grew outside them:
+            # checking its length here would specialise the graph on it, and every growth would recompile.
+            cos, sin = (self._cache[2], self._cache[3]) if torch.compiler.is_compiling() else \
+                self._cos_sin(offset + length, x.device)
             cos, sin = cos[offset: offset + length].to(x.dtype), sin[offset: offset + length].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -311,15 +317,42 @@ class InfiniTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block in place (regional compilation: the identical blocks share one graph).
-        Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent."""
-        if getattr(self, "_blocks_compiled", False):
+    def prepare_compile(self) -> bool:
+        """Whether the blocks may be compiled (a memory can declare that it cannot: then one warning, and they
+        run eagerly), with what compiled blocks need set up outside them first.
+
+        The blocks share one code object, so the compiler's limit of traces per code object counts every
+        variant together: each kind of layer (Memorizing has two) once for training and, in a stream, once
+        each for a first segment, a carried state and a partial segment (static, then dynamic). The default
+        limit (8) would send Memorizing's later variants to eager silently, so it is raised to RECOMPILE_LIMIT;
+        tests/test_compile.py pins how many traces each memory takes."""
+        if not memory_class(self.cfg.memory).compilable:
+            warnings.warn(f"memory={self.cfg.memory} cannot be compiled: trainer.compile=true runs it eagerly")
+            return False
+        self.fill_rotary(self.cfg.segment_len, None)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        return True
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block in place (regional compilation: the identical blocks share one graph), or
+        for a memory that drives the stack (RMT) its segment through every block; `options` go to torch.compile. Parameter names, and so checkpoints, are unchanged; training and
+        streaming both use it. Idempotent."""
+        if getattr(self, "_blocks_compiled", False) or not self.prepare_compile():
             return
-        self.rotary.table(self.cfg.segment_len, self.embed.weight.device)  # built outside the compiled graphs
-        for block in self.layers:
-            block.compile()
+        if self.stack_memory is not None and hasattr(self.stack_memory, "compile_segments"):
+            self.stack_memory.compile_segments(**options)  # a memory that drives the stack compiles its segment
+        else:
+            for block in self.layers:
+                block.compile(**options)
         self._blocks_compiled = True
+
+    def fill_rotary(self, t: int, states: list | None) -> None:
+        """Extend the cos/sin table, outside the compiled blocks, to every position a call over t tokens from
+        `states` rotates. Growing it inside a block would change a value the compiled graph was specialised
+        on (a recompile); so every non-decoding call grows it here first, and decoding stays within it."""
+        states = states if states is not None and self.stack_memory is None else [None] * self.cfg.n_layers
+        need = max(b.attn.memory.positions(t, s) for b, s in zip(self.layers, states))
+        self.rotary.table(need, self.embed.weight.device)
 
     def gate_layers(self) -> list[int]:
         """The layers whose memory is mixed in by a gate (all for Infini-attention, one for Memorizing)."""
@@ -336,6 +369,7 @@ class InfiniTransformer(nn.Module):
 
         Without `cache`, T tokens from a segment boundary; with one LocalCache per layer, T tokens at
         positions pos .. of the current segment (decoding; the states are returned unchanged)."""
+        self.fill_rotary(input_ids.shape[1] if cache is None else self.cfg.segment_len, states)
         if self.stack_memory is not None:
             return self.stack_memory.hidden(self, input_ids, states, cache, pos)
         states = list(states) if states is not None else [None] * self.cfg.n_layers

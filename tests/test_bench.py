@@ -71,7 +71,7 @@ def test_train_rows_are_positive_and_finite(run):
         assert r["fwd_bwd_ms"] <= r["step_ms"] and math.isfinite(r["loss"])
     assert "skipped" in rows["lucidrains"] or positive(rows["lucidrains"]["tokens_per_s"])
     ratios = [t["target"].split(" tokens/s")[0] for t in run[0]["train"]["targets"]]
-    assert ratios[:5] == ["linear", "delta", "txl", "rmt", "memorizing"]
+    assert ratios[:5] == ["linear", "delta", "txl", "memorizing", "rmt"]  # eager rows: the run has no compiled ones
     assert any(t.startswith("MFU") for t in ratios)
 
 

@@ -122,7 +122,7 @@ def test_mask_probed_through_the_jacobian(causal, length, blocks):
     assert torch.equal(segment_mask(M, length, causal), rule_mask(M, length, causal))
     x = torch.randn(1, 2 * M + length, model.cfg.dim, requires_grad=True)
     if blocks:
-        h, _ = stack.run_rows(model, x, [None] * 2, None, (M, length, causal))
+        h, _ = stack.run_rows(model, x, [None] * 2, None, (M, causal))
     else:
         h, _ = stack.run_rows(model, x, [None] * 2, segment_mask(M, length, causal))
     depends = torch.stack([torch.autograd.grad(h[0, i].sum(), x, retain_graph=True)[0][0].abs().sum(-1) > 0
@@ -221,15 +221,16 @@ def test_bad_arguments_are_named(args, key):
 
 @pytest.mark.parametrize("m", [0, 1, M])
 @pytest.mark.parametrize("causal", [False, True])
-def test_rows_attention_equals_the_masked_attention(m, causal):
+@pytest.mark.parametrize("flash", [True, False])
+def test_rows_attention_equals_the_masked_attention(m, causal, flash):
     """The segment's mask as three flash-friendly blocks equals one SDPA under the mask, in float64, outputs
-    and gradients (GQA: 4 query heads on 2 kv heads)."""
+    and gradients (GQA: 4 query heads on 2 kv heads), with the text rows' cached bias or an explicit mask."""
     model = rmt()
     length, d, gen = 5, model.cfg.head_dim, torch.Generator().manual_seed(3)
     q = torch.randn(2, 4, 2 * m + length, d, dtype=torch.float64, generator=gen, requires_grad=True)
     k, v = (torch.randn(2, 2, 2 * m + length, d, dtype=torch.float64, generator=gen, requires_grad=True)
             for _ in range(2))
-    blocks = rows_attention(q, k, v, model.rotary, m, length, causal)
+    blocks = rows_attention(q, k, v, model.rotary, m, length, causal, flash)
     masked = local_attention(q, k, v, model.rotary, None, visible=segment_mask(m, length, causal))
     torch.testing.assert_close(blocks, masked, rtol=1e-12, atol=1e-12)
     w = torch.randn(blocks.shape, dtype=torch.float64, generator=gen)

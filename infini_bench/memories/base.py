@@ -23,6 +23,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from infini_bench.errors import ConfigError, check_choice
 
@@ -51,6 +52,7 @@ class Memory(nn.Module):
     gated: ClassVar[bool] = False  # read() is mixed in by a per-head gate (Eq. 10)
     model_level: ClassVar[bool] = False  # changes the stack, not the layer (RMT)
     capturable: ClassVar[bool] = True  # fixed-shape state: decoding can be captured as a CUDA graph
+    compilable: ClassVar[bool] = True  # its blocks trace under torch.compile (tests/test_compile.py holds it)
     whole_sequence: ClassVar[bool] = False  # ignores segment_len (full attention)
     detached_input: bool = False  # forward() wants k, v recomputed from the layer's detached input (TXL)
 
@@ -65,6 +67,10 @@ class Memory(nn.Module):
 
     def context(self, state: Any) -> Context | None:
         return None
+
+    def positions(self, t: int, state: Any) -> int:
+        """How many RoPE positions a call over t tokens from `state` rotates: the context, then a segment."""
+        return self.context_len() + self.cfg.segment_len
 
     def read(self, q: Tensor, state: Any) -> tuple[Tensor, Tensor] | None:
         """q (B, H, L, D) un-rotated -> (A_mem (B, H, L, D_v) fp32, has (B, H, 1 or L, 1) bool), or None."""
@@ -139,6 +145,20 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None
                           visible.expand(b, 1, length, s)], dim=-1)  # (B, 1, L, M + S)
     return F.scaled_dot_product_attention(qr, keys, values.to(qr.dtype), attn_mask=mask,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+_LOWER_RIGHT: dict[tuple[int, int], CausalBias] = {}
+
+
+def lower_right(queries: int, keys: int) -> CausalBias:
+    """The causal bias aligned bottom-right for `queries` rows over `keys` keys (row i sees keys j <= keys -
+    queries + i), which SDPA runs with a flash kernel. One object per shape, kept: building a CausalBias inside
+    a compiled region breaks the graph, so a memory asks for its shapes once outside it (at construction, or
+    in an uncompiled loop) and the compiled code only looks them up."""
+    bias = _LOWER_RIGHT.get((queries, keys))
+    if bias is None:
+        bias = _LOWER_RIGHT[(queries, keys)] = causal_lower_right(queries, keys)
+    return bias
 
 
 def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None) -> Tensor:

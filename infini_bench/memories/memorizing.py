@@ -183,16 +183,22 @@ class MemorizingTransformer(TransformerXL):
         slots = (state.ptr[:, None] + torch.arange(length - take, length, device=k.device)) % c  # (B, take)
         keys = F.normalize(k[:, :, length - take:].detach().float(), dim=-1).to(state.knn_k.dtype)
         values = v[:, :, length - take:].detach().to(state.knn_v.dtype)
-        return state._replace(
-            knn_k=state.knn_k.scatter(2, slots[:, None, :, None].expand(b, hk, take, d), keys),
-            knn_v=state.knn_v.scatter(2, slots[:, None, :, None].expand(b, hk, take, values.shape[-1]), values),
-            knn_valid=state.knn_valid.scatter(1, slots, True), ptr=(state.ptr + length) % c)
+        return KNNState(state.k, state.v, state.valid,
+                        state.knn_k.scatter(2, slots[:, None, :, None].expand(b, hk, take, d), keys),
+                        state.knn_v.scatter(2, slots[:, None, :, None].expand(b, hk, take, values.shape[-1]), values),
+                        state.knn_valid.scatter(1, slots, True), (state.ptr + length) % c)
+
+    @staticmethod
+    def _with_cache(ring: KNNState, cache: KVCache) -> KNNState:
+        """The ring's fields with another XL cache. (Built anew rather than with _replace, which torch 2.11's
+        compiler cannot return from a compiled block.)"""
+        return KNNState(cache.k, cache.v, cache.valid, ring.knn_k, ring.knn_v, ring.knn_valid, ring.ptr)
 
     def write(self, state: KVCache | KNNState | None, k: Tensor, v: Tensor) -> KVCache | KNNState | None:
         """The XL cache shifted; at the kNN layer the segment also appended to the ring (after it was read)."""
         if not self.knn:
             return super().write(state, k, v)
-        return self._ring(state, k, v)._replace(**self._cache(state, k, v)._asdict())
+        return self._with_cache(self._ring(state, k, v), self._cache(state, k, v))
 
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache | KNNState | None:
         if not self.knn:
@@ -219,7 +225,7 @@ class MemorizingTransformer(TransformerXL):
         else:
             local, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=n, rule="none", rotary=rot)
             cache = self._cache(None, k, v)
-        new_state = self._ring(state, k, v)._replace(**cache._asdict())
+        new_state = self._with_cache(self._ring(state, k, v), cache)
         if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
             return mix(local, self.read(q, state), gate), new_state
         c = self.knn_size

@@ -26,11 +26,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Memory, local_attention, register_memory
+from infini_bench.memories.base import Context, Footprint, Memory, local_attention, lower_right, register_memory
 
 
 class Rows(NamedTuple):
@@ -38,7 +37,9 @@ class Rows(NamedTuple):
 
     ctx: Context | None  # keys (B, H_kv, M, D) un-rotated at positions 0 .. M-1, or None
     visible: Tensor | None  # (L, L) bool: which of the rows' own keys each row sees
-    segment: tuple[int, int, bool] | None = None  # instead of visible: (m, length, causal) of `segment_mask`
+    # Instead of visible: (m, causal) of `segment_mask`, the text length read from the rows' shape (an int here
+    # would be a constant of the compiled block, one trace per partial segment length).
+    segment: tuple[int, bool] | None = None
 
 
 def check_args(args: dict[str, Any]) -> None:
@@ -62,20 +63,27 @@ def segment_mask(m: int, length: int, causal: bool, device: torch.device | None 
     return read[None, :] | tril | write[:, None]
 
 
-def rows_attention(q: Tensor, k: Tensor, v: Tensor, rotary, m: int, length: int, causal: bool) -> Tensor:
+def rows_attention(q: Tensor, k: Tensor, v: Tensor, rotary, m: int, length: int, causal: bool,
+                   flash: bool = True) -> Tensor:
     """Attention of the rows [read (m); text (length); write (m)] under `segment_mask`, without building it.
 
     A boolean mask sends SDPA to a slower kernel than flash; the mask is three flash-friendly blocks instead:
     read rows over the read keys (no mask), text rows over read + text keys (causal, aligned bottom-right, so
     every read key is seen), write rows over every key (no mask). q (B, H, S, D), k and v (B, H_kv, S, D)
-    un-rotated at positions 0 .. S-1 -> (B, H, S, D_v)."""
+    un-rotated at positions 0 .. S-1 -> (B, H, S, D_v). `flash=False` gives the text rows an explicit mask
+    instead of the cached bias (`lower_right`), whose lookup by length would make every partial segment
+    length a trace of its own in a compiled block."""
     qr, kr, gqa = rotary(q), rotary(k), q.shape[1] != k.shape[1]
     if causal or m == 0:  # segment_mask is then the plain causal mask
         return F.scaled_dot_product_attention(qr, kr, v, is_causal=True, enable_gqa=gqa)
     seen = m + length
     read = F.scaled_dot_product_attention(qr[:, :, :m], kr[:, :, :m], v[:, :, :m], enable_gqa=gqa)
-    text = F.scaled_dot_product_attention(qr[:, :, m: seen], kr[:, :, :seen], v[:, :, :seen],
-                                          attn_mask=causal_lower_right(length, seen), enable_gqa=gqa)
+    if flash:
+        mask = lower_right(length, seen)
+    else:
+        mask = torch.ones(length, seen, dtype=torch.bool, device=q.device).tril(m)
+    text = F.scaled_dot_product_attention(qr[:, :, m: seen], kr[:, :, :seen], v[:, :, :seen], attn_mask=mask,
+                                          enable_gqa=gqa)
     write = F.scaled_dot_product_attention(qr[:, :, seen:], kr, v, enable_gqa=gqa)
     return torch.cat([read, text, write], dim=2)
 
@@ -92,11 +100,16 @@ class RecurrentMemory(Memory):
     def active(self) -> bool:
         return False  # nothing per layer: the memory is carried by the stack
 
+    def positions(self, t: int, state) -> int:
+        return 2 * self.args["num_mem_tokens"] + self.cfg.segment_len  # [read; text; write]
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: Rows, rotary,
                 kv_detached=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The rows' attention -> (B, H, L, D_v) and their keys and values (for the decoding cache)."""
         if state.segment is not None:
-            return rows_attention(q, k, v, rotary, *state.segment), (k, v)
+            m, causal = state.segment
+            length = q.shape[2] - 2 * m
+            return rows_attention(q, k, v, rotary, m, length, causal, length == self.cfg.segment_len), (k, v)
         return local_attention(q, k, v, rotary, state.ctx, visible=state.visible), (k, v)
 
     @classmethod
@@ -123,6 +136,15 @@ class MemoryTokens(nn.Module):
         self.m, self.causal = args["num_mem_tokens"], args["causal"]
         self.bptt_depth, self.checkpoint_segments = args["bptt_depth"], args["checkpoint_segments"]
         self.initial = nn.Parameter(torch.empty(self.m, cfg.dim))  # M_0 (m, dim)
+        self._segment = MemoryTokens.segment  # or its compiled version (compile_segments)
+
+    def compile_segments(self, **options) -> None:
+        """torch.compile one segment through the whole stack as one graph (`options` go to torch.compile).
+
+        Segments are sequential and each is a small amount of work for a GPU (N + 2m rows through every block),
+        so compiling block by block leaves the step bound by the host: one compiled call, with its guards and
+        wrappers, per block, segment and direction. One graph per segment makes that 12x fewer calls."""
+        self._segment = torch.compile(MemoryTokens.segment, **options)
 
     def reset_parameters(self) -> None:
         """Independent random rows: identical rows would stay identical through every layer."""
@@ -136,7 +158,7 @@ class MemoryTokens(nn.Module):
         return segment_mask(self.m, 0, self.causal, device)[: self.m, : self.m]
 
     def run_rows(self, model, x: Tensor, contexts: list[Context | None], visible: Tensor | None,
-                 segment: tuple[int, int, bool] | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+                 segment: tuple[int, bool] | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Rows x (B, L, dim) through every block -> the final-norm output and each layer's keys and values.
         The rows see each other as `visible` says, or as a whole segment's rows (`Rows.segment`)."""
         kvs = []
@@ -150,7 +172,7 @@ class MemoryTokens(nn.Module):
         m, length = self.m, text.shape[1]
         memory = memory.to(text.dtype)
         h, _ = self.run_rows(model, torch.cat([memory, text, memory], dim=1), [None] * len(model.layers), None,
-                             (m, length, self.causal))
+                             (m, self.causal))
         return h[:, m: m + length], h[:, m + length:]
 
     def hidden(self, model, input_ids: Tensor, states: Tensor | None, cache: list | None = None,
@@ -163,13 +185,15 @@ class MemoryTokens(nn.Module):
         memory = self.start(x.shape[0]) if states is None else states
         recompute = model.training and torch.is_grad_enabled() and (
             model.cfg.activation_checkpointing or self.checkpoint_segments)
+        if self.m and not self.causal:
+            lower_right(n, self.m + n)  # a full segment's text rows' mask (rows_attention), made uncompiled
         outs = []
         for i, start in enumerate(range(0, x.shape[1], n)):
             text = x[:, start: start + n]
             if recompute:
-                h, memory = checkpoint(self.segment, model, text, memory, use_reentrant=False)
+                h, memory = checkpoint(self._segment, self, model, text, memory, use_reentrant=False)
             else:
-                h, memory = self.segment(model, text, memory)
+                h, memory = self._segment(self, model, text, memory)
             outs.append(h)
             if self.bptt_depth and (i + 1) % self.bptt_depth == 0:  # truncated BPTT (counted within this call)
                 memory = memory.detach()

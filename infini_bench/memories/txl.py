@@ -17,10 +17,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Memory, local_attention, register_memory
+from infini_bench.memories.base import Context, Footprint, Memory, local_attention, lower_right, register_memory
 
 
 class KVCache(NamedTuple):
@@ -52,6 +51,8 @@ class TransformerXL(Memory):
         if args["cache"] not in ("input", "kv"):
             raise ConfigError("memory.cache", f"{args['cache']!r} is not one of input, kv")
         self.detached_input = args["cache"] == "input"
+        if 0 < self.mem_len <= cfg.segment_len:
+            lower_right(cfg.segment_len, self.mem_len + cfg.segment_len)  # the fast path's mask, made uncompiled
 
     @staticmethod
     def resolve_mem_len(cfg, args: dict[str, Any]) -> int:
@@ -115,7 +116,7 @@ class TransformerXL(Memory):
                 keys = torch.cat([cache_k, ks[:, 1:].reshape(-1, hk, n, d)], dim=2)  # (B*(S-1), H_kv, M+N, D)
                 values = torch.cat([cache_v, vs[:, 1:].reshape(-1, hk, n, dv)], dim=2)
                 rest = F.scaled_dot_product_attention(qs[:, 1:].reshape(-1, h, n, d), keys, values,
-                                                      attn_mask=causal_lower_right(n, m + n), enable_gqa=gqa)
+                                                      attn_mask=lower_right(n, m + n), enable_gqa=gqa)
                 out = torch.cat([out, rest.view(b, s - 1, h, n, dv)], dim=1)
             past = None
         else:  # a carried state (some slots may be empty), or a cache longer than a segment: explicit masks
@@ -159,9 +160,10 @@ class TransformerXL(Memory):
                        torch.cat([past.valid, past.valid.new_ones(b, t)], dim=1)[:, -m:])
 
     def _last(self, past: KVCache | None, kd: Tensor, vd: Tensor) -> KVCache:
-        """The cache after the sequence: its last mem_len tokens, detached."""
+        """The cache after the sequence: its last mem_len tokens, detached. (A new tuple rather than _replace,
+        which torch 2.11's compiler cannot return from a compiled block.)"""
         window = self._window(past, kd, vd)
-        return window._replace(k=window.k.detach(), v=window.v.detach())
+        return KVCache(window.k.detach(), window.v.detach(), window.valid)
 
     @staticmethod
     def _masked(q: Tensor, k: Tensor, v: Tensor, ctx_valid: Tensor, gqa: bool) -> Tensor:
@@ -190,6 +192,9 @@ class FullAttention(Memory):
 
     def context(self, state: KVCache) -> Context:
         return Context(state.k, state.v, state.valid)
+
+    def positions(self, t: int, state: KVCache | None) -> int:
+        return t + (state.k.shape[2] if state is not None else 0)
 
     def write(self, state: KVCache | None, k: Tensor, v: Tensor) -> KVCache:
         valid = k.new_ones(k.shape[0], k.shape[2], dtype=torch.bool)
