@@ -34,6 +34,9 @@ test: install ## run the test suite (no network, a few minutes on 2 CPU cores)
 bench: ## the benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
 	$(BENCH_PYTHON) -m bench.bench all --compile --out $(BENCH_OUT) --write-md $(BENCH_MD) $(ARGS)
 
+gpu-smoke: ## every memory compiled, a few training steps and a streamed evaluation on the GPU (about 80 s)
+	$(BENCH_PYTHON) scripts/gpu_smoke.py $(ARGS)
+
 bench-cpu: install ## the same benchmarks at tiny sizes on the CPU (CI runs them through tests/test_bench.py)
 	$(BIN)/python -m bench.bench --cpu all --out outputs/bench-cpu.json $(ARGS)
 
@@ -71,4 +74,4 @@ reproduce-mini: ## Table 2 (table2_mini), passkey (passkey_gpu) and the BookSum 
 report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
 	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
-.PHONY: help install run test bench bench-cpu fsdp-bench reproduce-all reproduce-mini report
+.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini report

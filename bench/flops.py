@@ -3,8 +3,9 @@ decoding, for every registered memory. One formula for every caller (bench/ and 
 their MFU figures compare.
 
 Counted: matrix products (2 FLOPs per multiply-add) and the memories' own arithmetic. Not counted: norms, RoPE,
-activations, gates, the local attention's softmax, the embedding lookup. A memory's parameters come from
-`cfg.memory_args` through `infini_bench.memories.resolve_args`, so the counts follow the run's config.
+activations, gates, the local attention's softmax, the embedding lookup. What a memory computes is its own
+`Memory.work` (pairs, rows, memory arithmetic), with its parameters from `cfg.memory_args`, so the counts
+follow the run's config and a new memory needs nothing here.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import math
 from torch import nn
 
 from infini_bench.memories import memory_class, resolve_args
-from infini_bench.memories.memorizing import MemorizingTransformer
-from infini_bench.memories.txl import TransformerXL
+from infini_bench.memories.base import Work
 from infini_bench.model import ModelConfig
 
 
@@ -28,44 +28,16 @@ def linear_params(model: nn.Module) -> int:
     return total
 
 
-def segment_spans(t: int, n: int) -> list[tuple[int, int]]:
-    """(start, length) of each segment of n (the last one shorter) over t tokens."""
-    return [(start, min(n, t - start)) for start in range(0, t, n)]
-
-
-def causal_pairs(s: int, m: int = 0) -> int:
-    """(query, key) pairs a bottom-right causal mask allows: s queries over m earlier keys and themselves."""
-    return s * m + s * (s + 1) // 2
-
-
-def rmt_pairs(m: int, length: int, causal: bool) -> int:
-    """Pairs allowed by RMT's mask over [read (m); text (length); write (m)] (`memories.rmt.segment_mask`).
-
-    causal: plain causal over the 2m + length rows. Else read rows see the m read keys, text rows the read keys
-    and the text causally, write rows all 2m + length keys."""
-    if causal:
-        return causal_pairs(2 * m + length)
-    return m * m + causal_pairs(length, m) + m * (2 * m + length)
-
-
-def segment_len(cfg: ModelConfig, t: int) -> int:
-    """The length the memory cuts t tokens into: the whole sequence for full attention."""
-    return t if memory_class(cfg.memory).whole_sequence else cfg.segment_len
+def memory_work(cfg: ModelConfig, t: int, training: bool) -> Work:
+    """What cfg's memory, with cfg.memory_args, computes over t tokens (`Memory.work`): each memory states its
+    own count, so a new one gets its rows here without a change to this file."""
+    return memory_class(cfg.memory).work(cfg, resolve_args(cfg.memory, cfg.memory_args), t, training)
 
 
 def attention_pairs(cfg: ModelConfig, t: int) -> int:
     """(query, key) pairs one head of one layer's local softmax attention scores over t tokens from a document
-    start, exactly as the memory's mask allows.
-
-    Segments of N (the whole sequence for `full`); a segment starting at token p has min(M, p) valid cached
-    keys before it (Transformer-XL and Memorizing, M = mem_len; 0 for the others), the segment itself causal.
-    RMT: each segment's 2m + L rows under its mask (`rmt_pairs`)."""
-    args = resolve_args(cfg.memory, cfg.memory_args)
-    spans = segment_spans(t, segment_len(cfg, t))
-    if cfg.memory == "rmt":
-        return sum(rmt_pairs(args["num_mem_tokens"], s, args["causal"]) for _, s in spans)
-    m = TransformerXL.resolve_mem_len(cfg, args) if issubclass(memory_class(cfg.memory), TransformerXL) else 0
-    return sum(causal_pairs(s, min(m, p)) for p, s in spans)
+    start, exactly as the memory's mask allows (`Memory.work`)."""
+    return memory_work(cfg, t, training=False).pairs
 
 
 def attention_flops(cfg: ModelConfig, t: int) -> float:
@@ -74,78 +46,23 @@ def attention_flops(cfg: ModelConfig, t: int) -> float:
     return cfg.n_layers * cfg.n_heads * attention_pairs(cfg, t) * 4 * cfg.head_dim
 
 
-def compressive_flops(cfg: ModelConfig, rule: str, t: int, n: int) -> float:
-    """Forward FLOPs of the compressive memory over t tokens from an empty memory.
-
-    Write (Eq. 8) 2 t d d_v H_kv; z update t d H_kv; read (Eq. 7, numerator and denominator) 2 (t - n) d
-    (d_v + 1) H, since the first segment has nothing to read; the delta rule (Eq. 9) reads once more per key.
-    """
-    if t <= n:
-        return 0.0
-    d, hk, h = cfg.head_dim, cfg.n_kv_heads, cfg.n_heads
-    per_layer = 2 * t * d * d * hk + t * d * hk + 2 * (t - n) * d * (d + 1) * h
-    if rule == "delta":
-        per_layer += 2 * (t - n) * d * (d + 1) * hk
-    return cfg.n_layers * per_layer
-
-
-def knn_window(c: int, start: int) -> int:
-    """Valid slots a kNN search from a segment starting at token `start` scores: every earlier token, at most
-    the store's c."""
-    return min(c, start)
-
-
-def knn_flops(cfg: ModelConfig, t: int) -> tuple[float, float]:
-    """Forward FLOPs at Memorizing's kNN layer over t tokens from an empty store: (selection, top-k attention).
-
-    Selection: each query head's query scored against the W = min(knn_size, p) valid slots of its window (a
-    segment starting at token p searches every earlier token, at most knn_size), 2 d W. Top-k attention over
-    k = min(top_k, W) pairs: the scores again 2 d k, the value sum 2 d_v k, and the softmax counted as 4 k
-    (subtract, exp, sum, divide: an approximation; the top-k selection itself is comparisons, not counted).
-    Streamed with a carried store the search also scores the store's still-empty slots (masked): those are
-    not counted, so early segments of a stream execute more than this."""
-    args = resolve_args(cfg.memory, cfg.memory_args)
-    c, top_k, _, _ = MemorizingTransformer.resolve_knn(cfg, args)
-    d, h = cfg.head_dim, cfg.n_heads
-    select = topk = 0
-    for p, s in segment_spans(t, cfg.segment_len):
-        w = knn_window(c, p)
-        k = min(top_k, w)
-        select += h * s * 2 * d * w
-        topk += h * s * (4 * d * k + 4 * k)
-    return float(select), float(topk)
-
-
 def forward_flops(cfg: ModelConfig, p_linear: int, t: int, training: bool) -> dict[str, float]:
     """Forward FLOPs of t tokens from a document start, by part; the memory is cfg.memory with cfg.memory_args.
 
-    linear: 2 P per row, P = nn.Linear weights; the LM head on every text row in training, on each segment's
-      last row when streamed (prefill keeps the last logits only). RMT runs every block over N + 2m rows per
-      segment (its memory tokens); its LM head sees text rows only.
+    linear: 2 P per row a block runs (`Work.rows`: T, or RMT's N + 2m per segment), P = nn.Linear weights less
+      the LM head; the LM head on every text row in training, on each segment's last row when streamed (prefill
+      keeps the last logits only).
     attention: `attention_flops`, the pairs each memory's mask allows.
-    memory: the compressive memory's read and write (linear, delta; `compressive_flops`), Memorizing's top-k
-      attention (`knn_flops`).
-    selection: Memorizing's kNN scores (`knn_flops`), computed without gradient.
-    recompute: Transformer-XL's and Memorizing's cached rows with cache=input: K and V projected again from
-      the layer's detached input over the whole sequence, 2 t dim (d + d_v) H_kv per layer, in training only.
+    memory, selection, recompute: the memory's own arithmetic, its search without gradient, and the keys and
+      values it recomputes in training (`Memory.work`: the compressive memory's read and write, Memorizing's
+      top-k attention and kNN scores, Transformer-XL's cached rows projected again).
     """
-    name, args = cfg.memory, resolve_args(cfg.memory, cfg.memory_args)
-    n = segment_len(cfg, t)
-    spans = segment_spans(t, n)
-    rows = t + (2 * args["num_mem_tokens"] * len(spans) if name == "rmt" else 0)
+    work = memory_work(cfg, t, training)
     p_head = cfg.vocab_size * cfg.dim
     streamed = math.ceil(t / cfg.segment_len)  # a stream cuts the prompt at segment_len whatever the memory
-    parts = {"linear": 2 * (p_linear - p_head) * rows + 2 * p_head * (t if training else streamed),
-             "attention": attention_flops(cfg, t), "memory": 0.0, "selection": 0.0, "recompute": 0.0}
-    if name in ("linear", "delta"):
-        parts["memory"] = compressive_flops(cfg, name, t, n)
-    elif name not in ("none", "full", "txl", "memorizing", "rmt"):
-        raise ValueError(f"bench/flops.py has no FLOP formula for memory={name}")
-    if name == "memorizing":
-        parts["selection"], parts["memory"] = knn_flops(cfg, t)
-    if training and issubclass(memory_class(name), TransformerXL) and args["cache"] == "input":
-        parts["recompute"] = cfg.n_layers * 2 * t * cfg.dim * 2 * cfg.head_dim * cfg.n_kv_heads
-    return parts
+    return {"linear": 2 * (p_linear - p_head) * work.rows + 2 * p_head * (t if training else streamed),
+            "attention": cfg.n_layers * cfg.n_heads * work.pairs * 4 * cfg.head_dim, "memory": work.memory,
+            "selection": work.selection, "recompute": work.recompute}
 
 
 def train_flops(cfg: ModelConfig, p_linear: int, t: int) -> float:

@@ -62,7 +62,8 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
             model = InfiniTransformer(cfg)
         if name.endswith("+compile"):  # regional compilation, as trainer.compile=true
             model.compile_blocks()
-            note = "torch.compile per block"
+            note = "torch.compile per segment (all blocks)" if model.stack_memory is not None else \
+                "torch.compile per block"
 
         def fwd_bwd() -> Tensor:
             with amp:

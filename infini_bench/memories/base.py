@@ -44,6 +44,29 @@ class Footprint(NamedTuple):
     state_bytes: int  # its bytes
 
 
+class Work(NamedTuple):
+    """What a memory makes a forward over t tokens from a document start compute, for the benchmark's FLOP counts
+    (bench/flops.py adds the model's projections): the (query, key) pairs its local attention scores per layer and
+    head, the rows each block runs, and, over all layers, the forward FLOPs of its own arithmetic, of a search done
+    without gradient, and of keys and values recomputed from the detached layer input in training."""
+
+    pairs: int
+    rows: int
+    memory: float = 0.0
+    selection: float = 0.0
+    recompute: float = 0.0
+
+
+def segment_spans(t: int, n: int) -> list[tuple[int, int]]:
+    """(start, length) of each segment of n (the last one shorter) over t tokens."""
+    return [(start, min(n, t - start)) for start in range(0, t, n)]
+
+
+def causal_pairs(s: int, m: int = 0) -> int:
+    """(query, key) pairs a bottom-right causal mask allows: s queries over m earlier keys and themselves."""
+    return s * m + s * (s + 1) // 2
+
+
 class Memory(nn.Module):
     """One layer's memory. Subclasses set `name`, `defaults` and override what differs from local attention."""
 
@@ -120,6 +143,14 @@ class Memory(nn.Module):
     def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
         """No state between segments."""
         return Footprint(0, 0, 0)
+
+    # ---- the benchmark's FLOP count --------------------------------------------------------------------------
+    @classmethod
+    def work(cls, cfg, args: dict[str, Any], t: int, training: bool) -> Work:
+        """Causal attention inside segments of N (the whole sequence for a `whole_sequence` memory), t rows,
+        no arithmetic of its own. A memory that computes more says so here, so its benchmark rows count it."""
+        n = t if cls.whole_sequence else cfg.segment_len
+        return Work(sum(causal_pairs(s) for _, s in segment_spans(t, n)), t)
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None, pos: int | Tensor = 0,

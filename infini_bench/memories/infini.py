@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from infini_bench.attention import MemoryState, infini_attention, memory_read, memory_write
-from infini_bench.memories.base import Footprint, Memory, register_memory
+from infini_bench.memories.base import Footprint, Memory, Work, register_memory
 
 
 @register_memory
@@ -61,6 +61,27 @@ class CompressiveMemory(Memory):
         per_head = cfg.head_dim * (cfg.head_dim + 1)
         state = per_head * cfg.n_kv_heads * cfg.n_layers
         return Footprint(per_head * cfg.n_heads * cfg.n_layers, state, 4 * state)
+
+    @classmethod
+    def work(cls, cfg, args: dict[str, Any], t: int, training: bool) -> Work:
+        """Local attention as `none`, plus the memory's write and read (`compressive_flops`)."""
+        return super().work(cfg, args, t, training)._replace(memory=compressive_flops(cfg, cls.rule, t))
+
+
+def compressive_flops(cfg, rule: str, t: int) -> float:
+    """Forward FLOPs of the compressive memory over t tokens from an empty memory, segments of N.
+
+    Write (Eq. 8) 2 t d d_v H_kv; z update t d H_kv; read (Eq. 7, numerator and denominator) 2 (t - N) d
+    (d_v + 1) H, since the first segment has nothing to read; the delta rule (Eq. 9) reads once more per key.
+    """
+    n = cfg.segment_len
+    if t <= n:
+        return 0.0
+    d, hk, h = cfg.head_dim, cfg.n_kv_heads, cfg.n_heads
+    per_layer = 2 * t * d * d * hk + t * d * hk + 2 * (t - n) * d * (d + 1) * h
+    if rule == "delta":
+        per_layer += 2 * (t - n) * d * (d + 1) * hk
+    return float(cfg.n_layers * per_layer)
 
 
 @register_memory

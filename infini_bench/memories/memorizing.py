@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from infini_bench.attention import infini_attention
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, mix, register_memory
+from infini_bench.memories.base import Context, Footprint, Work, mix, register_memory, segment_spans
 from infini_bench.memories.txl import KVCache, TransformerXL, _empty_cache
 
 CHUNK = 512  # query rows scored at once: the score matrix is (B, H_kv, CHUNK, window)
@@ -258,3 +258,24 @@ class MemorizingTransformer(TransformerXL):
         per_entry = 2 * cfg.head_dim
         state = xl.state_floats + per_entry * cfg.n_kv_heads * min(c, seq_len)
         return Footprint(xl.paper_floats + per_entry * cfg.n_heads * c, state, 2 * state)
+
+    @classmethod
+    def work(cls, cfg, args: dict[str, Any], t: int, training: bool) -> Work:
+        """Transformer-XL's, and at the kNN layer from an empty store the search and the top-k attention.
+
+        Selection: each query head's query scored against the W = min(knn_size, p) valid slots of its window (a
+        segment starting at token p searches every earlier token, at most knn_size), 2 d W. Top-k attention over
+        k = min(top_k, W) pairs: the scores again 2 d k, the value sum 2 d_v k, and the softmax counted as 4 k
+        (subtract, exp, sum, divide: an approximation; the top-k selection itself is comparisons, not counted).
+        Streamed with a carried store the search also scores the store's still-empty slots (masked): those are
+        not counted, so early segments of a stream execute more than this."""
+        args = {**cls.defaults, **args}
+        c, top_k, _, _ = cls.resolve_knn(cfg, args)
+        d, h = cfg.head_dim, cfg.n_heads
+        select = topk = 0
+        for p, s in segment_spans(t, cfg.segment_len):
+            w = min(c, p)
+            k = min(top_k, w)
+            select += h * s * 2 * d * w
+            topk += h * s * (4 * d * k + 4 * k)
+        return super().work(cfg, args, t, training)._replace(memory=float(topk), selection=float(select))

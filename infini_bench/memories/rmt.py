@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Memory, local_attention, lower_right, register_memory
+from infini_bench.memories.base import (Context, Footprint, Memory, Work, causal_pairs, local_attention, lower_right,
+                                        register_memory, segment_spans)
 
 
 class Rows(NamedTuple):
@@ -125,6 +126,22 @@ class RecurrentMemory(Memory):
         m = args["num_mem_tokens"]
         check_int("memory.num_mem_tokens", m)
         return Footprint(cfg.dim * m * cfg.n_layers * 2, m * cfg.dim, 2 * m * cfg.dim)
+
+    @classmethod
+    def work(cls, cfg, args: dict[str, Any], t: int, training: bool) -> Work:
+        """Every block runs N + 2m rows per segment (its memory tokens), under `segment_mask` (`mask_pairs`)."""
+        m = args["num_mem_tokens"]
+        spans = segment_spans(t, cfg.segment_len)
+        return Work(sum(mask_pairs(m, s, args["causal"]) for _, s in spans), t + 2 * m * len(spans))
+
+
+def mask_pairs(m: int, length: int, causal: bool) -> int:
+    """Pairs `segment_mask` allows over [read (m); text (length); write (m)]: causal, plain causal over the
+    2m + length rows; else read rows see the m read keys, text rows the read keys and the text causally, write
+    rows all 2m + length keys."""
+    if causal:
+        return causal_pairs(2 * m + length)
+    return m * m + causal_pairs(length, m) + m * (2 * m + length)
 
 
 class MemoryTokens(nn.Module):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Memory, local_attention, lower_right, register_memory
+from infini_bench.memories.base import (Context, Footprint, Memory, Work, causal_pairs, local_attention, lower_right,
+                                        register_memory, segment_spans)
 
 
 class KVCache(NamedTuple):
@@ -180,6 +181,16 @@ class TransformerXL(Memory):
         m = cls.resolve_mem_len(cfg, args)
         state = _kv_floats(cfg, cfg.n_kv_heads, m)
         return Footprint(_kv_floats(cfg, cfg.n_heads, m), state, 2 * state)
+
+    @classmethod
+    def work(cls, cfg, args: dict[str, Any], t: int, training: bool) -> Work:
+        """A segment starting at token p sees min(mem_len, p) cached keys, then itself causally. With `cache:
+        input`, training projects K and V again from the detached layer input over the whole sequence:
+        2 t dim (d + d_v) H_kv per layer."""
+        m = cls.resolve_mem_len(cfg, args)
+        pairs = sum(causal_pairs(s, min(m, p)) for p, s in segment_spans(t, cfg.segment_len))
+        recompute = cfg.n_layers * 2 * t * cfg.dim * 2 * cfg.head_dim * cfg.n_kv_heads
+        return Work(pairs, t, recompute=float(recompute) if training and args["cache"] == "input" else 0.0)
 
 
 @register_memory
