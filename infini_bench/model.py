@@ -335,8 +335,8 @@ class InfiniTransformer(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each block in place (regional compilation: the identical blocks share one graph), or
-        for a memory that drives the stack (RMT) its segment through every block; `options` go to torch.compile. Parameter names, and so checkpoints, are unchanged; training and
-        streaming both use it. Idempotent."""
+        for a memory that drives the stack (RMT) its segment through every block; `options` go to torch.compile.
+        Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent."""
         if getattr(self, "_blocks_compiled", False) or not self.prepare_compile():
             return
         if self.stack_memory is not None and hasattr(self.stack_memory, "compile_segments"):
@@ -349,7 +349,8 @@ class InfiniTransformer(nn.Module):
     def fill_rotary(self, t: int, states: list | None) -> None:
         """Extend the cos/sin table, outside the compiled blocks, to every position a call over t tokens from
         `states` rotates. Growing it inside a block would change a value the compiled graph was specialised
-        on (a recompile); so every non-decoding call grows it here first, and decoding stays within it."""
+        on (a recompile); so every call of hidden() grows it here first (a decoding call: to a segment past the
+        memory's context, which covers full attention's growing cache)."""
         states = states if states is not None and self.stack_memory is None else [None] * self.cfg.n_layers
         need = max(b.attn.memory.positions(t, s) for b, s in zip(self.layers, states))
         self.rotary.table(need, self.embed.weight.device)
