@@ -65,13 +65,29 @@ MEMORIES ?= $(sort $(basename $(notdir $(wildcard conf/memory/*.yaml))))
 VARIANTS = $(BENCH_PYTHON) scripts/passkey_gpu_variants.py
 EACH_MEMORY = $(foreach m,$(MEMORIES),--variant $(m)=memory=$(m))
 
-reproduce-mini: ## Table 2 (table2_mini), passkey (passkey_gpu) and the BookSum pipeline per memory, offline, then the report
-	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2 --experiment table2_mini --budget 1200 $(EACH_MEMORY) -- $(ARGS)
+# Table 2's seeds: three for none and linear, two for every other memory; four runs side by side per GPU.
+SEEDS_OF = $(if $(filter none linear,$(1)),0 1 2,0 1)
+EACH_MEMORY_SEED = $(foreach m,$(MEMORIES),$(foreach s,$(call SEEDS_OF,$(m)),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)"))
+
+reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (passkey_gpu) and the BookSum pipeline, offline, then the report
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2 --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_MEMORY_SEED) -- $(ARGS)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/passkey --experiment passkey_gpu --budget 900 $(EACH_MEMORY) -- $(ARGS)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum --experiment none --budget 900 $(EACH_MEMORY) -- task=booksum $(ARGS)
 	$(BENCH_PYTHON) -m infini_bench.report outputs multirun --out docs/REPORT.md
 
+# How table2_mini's model was chosen: memory=none at three shapes, each for the same 6 minutes of training with
+# four runs side by side on one GPU (the fourth, RMT, shows the slowest memory's speed under that load),
+# scored on the validation packages.
+SCAN_SHAPES = --variant "6x512-n512=memory=none" \
+	--variant "8x768-n512=memory=none model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072}" \
+	--variant "8x768-n1024=memory=none model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072} model.segment_len=1024 task.seq_len=16384 trainer.batch_size=4" \
+	--variant "rmt-8x768-n512=memory=rmt model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072}"
+
+table2-shape-scan: ## the memory=none shape scan behind table2_mini's model (one GPU, four runs at once, 9 minutes)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2_scan --experiment table2_mini --per-gpu 4 --budget 555 $(SCAN_SHAPES) \
+		-- task.eval_split=validation trainer.steps=100000 trainer.time_budget_s=360 trainer.ckpt_every=100000 $(ARGS)
+
 report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
 	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
-.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini report
+.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini table2-shape-scan report

@@ -71,6 +71,10 @@ FLAVOURS: dict[str, ModelConfig] = {
     # Paper Table 2: 12 layers, 8 heads of 128, FFN 4096, N = 2048, 32K vocabulary (tokenizer not given).
     "lm_paper": ModelConfig(vocab_size=32000, dim=1024, n_layers=12, n_heads=8, n_kv_heads=8, head_dim=128,
                             ffn_dim=4096, segment_len=2048),
+    # Table 2 at one-GPU scale (experiment=table2_mini): the shape the scan in docs/REPORT_MINI.md chose,
+    # byte vocabulary, N = 512 and 16 segments per 8K training sequence.
+    "lm_mini": ModelConfig(vocab_size=259, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, head_dim=64,
+                           ffn_dim=2048, segment_len=512),
     # Llama-3.2-1B shape.
     "1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                       ffn_dim=8192, segment_len=2048, rope_theta=500000.0, tie_embeddings=True,

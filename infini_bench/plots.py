@@ -43,9 +43,9 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
 
 def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, ylabel: str, title: str,
               x: list[float] | dict[str, list[float]] | None = None, logx: bool = False,
-              ymin: float | None = None) -> Path:
+              ymin: float | None = None, ymax: float | None = None) -> Path:
     """One line per series (None: no point); `x` is shared, or one list per series, or 0, 1, ...; `ymin`
-    anchors the y axis (e.g. 0 for ROUGE)."""
+    anchors the y axis (e.g. 0 for ROUGE), `ymax` cuts it (points above it are off the plot)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
         xs = x.get(label) if isinstance(x, dict) else x
@@ -58,6 +58,8 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if ymin is not None:
         ax.set_ylim(bottom=ymin)
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

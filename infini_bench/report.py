@@ -201,6 +201,155 @@ def table2(results: list[dict], out: Path | None = None) -> list[str]:
     return lines
 
 
+# ---- Table 2 across seeds ------------------------------------------------------------------------------------------
+
+# Loss-by-segment bands of the seed table: the first segment (no memory yet, every model computes local attention
+# alone), late segments inside the 16-segment training length, and segments beyond it.
+SEGMENT_BANDS = (("first segment", 0, 1), ("segments 8-15", 8, 16), ("segments 16+", 16, None))
+
+
+def _setting(config: dict) -> str:
+    """A run's identity without its seed and memory: the runs of one recipe that a seed table compares."""
+    kept = json.loads(_identity(config))
+    for key in ("seed", "memory", "name"):  # the run's name is made of its model and memory
+        kept.pop(key, None)
+    kept.get("trainer", {}).pop("seed", None)
+    return json.dumps(kept, sort_keys=True)
+
+
+def seed_groups(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """LM runs that differ only in seed and memory: {setting: {memory: runs}}, for settings where some memory
+    has two seeds or more (single runs stay in the per-run table above)."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in _by_task(results, "lm"):
+        groups.setdefault(_setting(r["config"]), {}).setdefault(r["config"]["memory"]["name"], []).append(r)
+    return {k: v for k, v in groups.items() if any(len(runs) > 1 for runs in v.values())}
+
+
+def _split(res: dict) -> str:
+    return "test" if "test/ppl" in res else "val"
+
+
+def band_loss(curve: list[float], lo: int, hi: int | None) -> float | None:
+    """Mean of the per-segment-index losses from index lo up to hi (each index weighs the same)."""
+    part = curve[lo:hi]
+    return sum(part) / len(part) if part else None
+
+
+def tokens_per_s(r: dict) -> float | None:
+    """The median logged training tokens/s of a run (its metrics.jsonl), else tokens over seconds trained."""
+    metrics = Path(r["path"]) / "metrics.jsonl"
+    rates = sorted(row["train/tokens_per_s"] for row in read_metrics(metrics)
+                   if "train/tokens_per_s" in row) if metrics.exists() else []
+    if rates:
+        return rates[len(rates) // 2]
+    c, res = r["config"], r["results"]
+    if res.get("train/seconds") and res.get("train/steps"):
+        t = c["trainer"]
+        return res["train/steps"] * t["batch_size"] * t["grad_accum"] * c["task"]["seq_len"] / res["train/seconds"]
+    return None
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, max - min) of the seeds' values; the spread is 0 for one seed."""
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """Lower, higher, or within noise: a difference counts only beyond twice the larger seed spread (and only
+    with two seeds or more on each side)."""
+    (ma, sa), (mb, sb) = spread(a), spread(b)
+    if len(a) < 2 or len(b) < 2:
+        return "one seed"
+    if abs(ma - mb) <= 2 * max(sa, sb):
+        return "within noise"
+    return f"{'lower' if ma < mb else 'higher'} by {abs(ma - mb):.3f}"
+
+
+def _mean_spread(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    mean, width = spread(values)
+    return f"{mean:.{digits}f} ± {width / 2:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def table2_seeds(results: list[dict], out: Path | None = None) -> list[str]:
+    lines = ["## Table 2 across seeds", "",
+             "Runs of one recipe that differ only in seed and memory, one row per memory: the mean over seeds ± half "
+             "the range (max - min) / 2. A difference from `none` is called one only when it exceeds twice the "
+             "larger of the two ranges. Loss bands are means over per-segment-index losses (nats); tokens/s is the "
+             "median logged rate, which depends on what else ran on the GPU at the time. The paper's perplexity "
+             "(PG19 / Arxiv-math, its own data and scale) stands beside ours for reference, not comparison.", ""]
+    for setting, by_memory in seed_groups(results).items():
+        first = next(iter(by_memory.values()))[0]
+        c = first["config"]
+        split = _split(first["results"])
+        lines += [f"### {c['task'].get('dataset')} ({split} split): {_scale(first)}", "",
+                  f"| memory | seeds | {split} bits/byte | {split} perplexity | "
+                  + " | ".join(name for name, _, _ in SEGMENT_BANDS)
+                  + " | bits/byte vs none | train tokens/s | carried floats: paper formula / ours / bytes "
+                    "| paper PG19 / Arxiv-math | runs |",
+                  "|---|---|---|---|" + "---|" * len(SEGMENT_BANDS) + "---|---|---|---|---|"]
+        bpb = {m: [r["results"][f"{split}/bpb"] for r in runs] for m, runs in by_memory.items()}
+        for memory in memory_names():
+            runs = sorted(by_memory.get(memory, []), key=lambda r: r["config"].get("seed", 0))
+            if not runs:
+                continue
+            curves = [r["results"].get(f"{split}/loss_by_segment") or [] for r in runs]
+            bands = [_mean_spread([x for x in (band_loss(cv, lo, hi) for cv in curves) if x is not None])
+                     for _, lo, hi in SEGMENT_BANDS]
+            rates = [x for x in map(tokens_per_s, runs) if x is not None]
+            paper = TABLE2.get(TABLE2_MEMORY.get(memory, ""), {})
+            cited = f"{paper['pg19']} / {paper['arxiv_math']}" if paper else "-"
+            versus = "-" if memory == "none" or "none" not in bpb else verdict(bpb[memory], bpb["none"])
+            links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
+                              if out is not None else f"s{r['config'].get('seed', 0)}" for r in runs)
+            lines.append(f"| {memory} | {', '.join(str(r['config'].get('seed', 0)) for r in runs)} | "
+                         f"{_mean_spread(bpb[memory])} | "
+                         f"{_mean_spread([r['results'][f'{split}/ppl'] for r in runs], 2)} | {' | '.join(bands)} | "
+                         f"{versus} | {_fmt(sum(rates) / len(rates) / 1e3, 0) + 'K' if rates else '-'} | "
+                         f"{' / '.join(_fmt(x) for x in footprint(runs[0]['results']))} | {cited} | {links} |")
+        lines.append("")
+    return lines
+
+
+SEGMENTS_SHOWN = 48  # three training lengths of 16 segments: enough to see what happens past the trained length
+
+
+def seed_curves(by_memory: dict[str, list[dict]], path: Path) -> Path:
+    """Loss by segment position, mean over seeds, one line per memory; the y axis stops at 1.5x the highest
+    first-segment loss, so a memory that fails past its training length does not flatten the others."""
+    from infini_bench.plots import line_plot
+
+    series = {}
+    for memory in memory_names():
+        runs = by_memory.get(memory, [])
+        curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
+        length = min((len(cv) for cv in curves), default=0)
+        if length:
+            series[f"{memory} ({len(runs)} seeds)"] = [sum(cv[k] for cv in curves) / len(curves)
+                                                      for k in range(min(length, SEGMENTS_SHOWN))]
+    top = 1.5 * max(ys[0] for ys in series.values())
+    return line_plot(series, path, "segment index in document", "mean token loss (nats)",
+                     "Loss by segment position (16 segments trained)", ymax=top)
+
+
+def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss against step, one line per run."""
+    from infini_bench.plots import line_plot
+
+    series, xs = {}, {}
+    for memory in memory_names():
+        for r in by_memory.get(memory, []):
+            metrics = Path(r["path"]) / "metrics.jsonl"
+            rows = {row["step"]: row["train/loss"] for row in read_metrics(metrics) if "train/loss" in row} \
+                if metrics.exists() else {}
+            if rows:
+                label = f"{memory} s{r['config'].get('seed', 0)}"
+                series[label], xs[label] = list(rows.values()), list(rows)
+    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs)
+
+
 # ---- Table 3 ---------------------------------------------------------------------------------------------------------
 
 
@@ -290,6 +439,9 @@ def figures(results: list[dict], out: Path) -> list[str]:
         series = {_label(r): next(v for k, v in r["results"].items() if k.endswith("/loss_by_segment")) for r in lm}
         add("loss by segment", line_plot(series, img / "loss_by_segment.png", "segment index in document",
                                          "mean token loss (nats)", "Loss by segment position, memories overlaid"))
+    for i, by_memory in enumerate(seed_groups(results).values()):
+        add(f"seed table {i + 1}: loss by segment", seed_curves(by_memory, img / f"table2_seeds_{i + 1}_segments.png"))
+        add(f"seed table {i + 1}: training loss", seed_training(by_memory, img / f"table2_seeds_{i + 1}_train.png"))
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
     if books:
         xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
@@ -324,7 +476,7 @@ def build_report(results: list[dict], out: Path | None = None) -> str:
              "Rows marked `paper:` are the paper's (arXiv 2404.07143 v2); the others are runs found under the given "
              "folders, each with its data source, scale and command. Runs on the embedded offline data or at small "
              "scale check the pipeline and are not comparable with the paper's numbers.", ""]
-    for table in (table1, table2, table3, table4):
+    for table in (table1, table2, table2_seeds, table3, table4):
         parts += table(results, out) + [""]
     if out is not None:
         parts += figures(results, out) + [""]

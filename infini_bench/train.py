@@ -27,6 +27,7 @@ from infini_bench.errors import ConfigError, check_choice, check_int, check_posi
 from infini_bench.tracking import Run
 
 OPTIMIZERS = ("adamw", "adafactor")
+_clock = time.perf_counter  # what trainer.time_budget_s counts (a test replaces it)
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -61,6 +62,10 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     compile: bool = False  # torch.compile each block (GPU; 1.5x the eager tokens/s in docs/BENCHMARKS.md)
+    # Seconds of training (evaluation and checkpoints not counted) after which the run ends: the cosine decay
+    # is laid over the budget instead of `steps`, which becomes a cap. For choosing a shape by what it reaches
+    # in a fixed time; the steps then depend on the clock, so a result to compare trains for fixed `steps`.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
@@ -74,6 +79,8 @@ class TrainConfig:
             check_positive(f"trainer.{key}", getattr(self, key))
         check_range("trainer.weight_decay", self.weight_decay, 0.0, math.inf)
         check_range("trainer.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.time_budget_s is not None:
+            check_positive("trainer.time_budget_s", self.time_budget_s)
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
             raise ConfigError("trainer.betas", f"{self.betas!r} must be two numbers in [0, 1)")
         for beta in self.betas:
@@ -111,13 +118,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=False)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio (the paper: 1000 warm-up steps, then cosine)."""
+def lr_factor(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio (the paper: 1000 warm-up steps, then cosine). Under
+    trainer.time_budget_s the decay runs over the budget: its progress is `seconds` trained of the budget."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.time_budget_s is not None:
+        progress = seconds / cfg.time_budget_s
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -196,7 +207,8 @@ def stop_signals() -> Iterator[list[int]]:
 
 def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
           ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None) -> dict[str, float]:
-    """Train for cfg.steps optimizer steps, resuming from ckpt_dir if a checkpoint is there."""
+    """Train for cfg.steps optimizer steps (or until cfg.time_budget_s), resuming from ckpt_dir if a checkpoint
+    is there. The summary has the last train/loss, the steps done (train/steps) and the seconds they took."""
     device = run.device
     model.to(device)
     world = dist.get_world_size() if distributed.is_distributed() else 1
@@ -233,10 +245,16 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
     tokens_per_step = 0
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     t0, window_tokens = time.perf_counter(), 0
-    while step < cfg.steps:
+    seconds = float(summary.get("train/seconds", 0.0))  # training time so far, restored on resume
+
+    def out_of_time() -> bool:
+        return cfg.time_budget_s is not None and seconds >= cfg.time_budget_s
+
+    while step < cfg.steps and not out_of_time():
         model.train()
+        started = _clock()
         for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base * lr_factor(step, cfg)
+            g["lr"] = base * lr_factor(step, cfg, seconds)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             batch = batch_fn(step * cfg.grad_accum + micro)
@@ -256,10 +274,12 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        seconds += _clock() - started
+        last = step == cfg.steps or out_of_time()
         window_tokens += tokens_per_step
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t0
             metrics = {"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"],
                        "train/grad_norm": grad_norm, "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}
@@ -268,13 +288,13 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
                 metrics["train/peak_memory_gib"] = distributed.all_reduce_max(peak).item()
             run.log(metrics, step=step)
             t0, window_tokens = time.perf_counter(), 0
-        summary["train/loss"] = loss_sum
-        if eval_fn is not None and step % cfg.eval_every == 0 and step < cfg.steps:  # the task evaluates the end
+        summary.update({"train/loss": loss_sum, "train/steps": step, "train/seconds": seconds})
+        if eval_fn is not None and step % cfg.eval_every == 0 and not last:  # the task evaluates the end
             metrics = eval_fn(model, step)
             run.log(metrics, step=step)
             summary.update(metrics)
         stopping = distributed.all_reduce_max(torch.tensor(float(bool(stop)), device=device)).item() > 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+        if step % cfg.ckpt_every == 0 or last or stopping:
             save_checkpoint(ckpt_dir, model, optimizer, step, cfg, run, summary)
         if stopping:
             bar.close()

@@ -3,11 +3,13 @@
     python scripts/passkey_gpu_variants.py outputs/passkey_variants                 # the four built-in variants
     python scripts/passkey_gpu_variants.py OUT --variant base= --variant delta=memory=delta --budget 600
     python scripts/passkey_gpu_variants.py OUT --variant a=trainer.steps=800 -- trainer.log_every=10
+    python scripts/passkey_gpu_variants.py OUT --experiment table2_mini --per-gpu 4 --variant none=memory=none ...
 
 A variant is `name=override override ...`; overrides after `--` go to every variant. Each variant runs
 `run.py experiment=passkey_gpu ...` (`--experiment` picks another recipe, `none` none) with CUDA_VISIBLE_DEVICES set to its GPU and its run folder at OUT/<name>
-(results.json, metrics.jsonl, plots), and is stopped when it outlives --budget seconds. More variants than
-GPUs wait for a free one. OUT/summary.json and OUT/summary.md collect every variant's status and headline
+(results.json, metrics.jsonl, plots), and is stopped when it outlives --budget seconds. --per-gpu K runs K
+variants side by side on each GPU (small models leave one mostly idle); more variants than slots wait for a
+free one. OUT/summary.json and OUT/summary.md collect every variant's status and headline
 numbers.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ VARIANTS = {
                      "task.train_lengths_end=[16384,32768]", "trainer.batch_size=8"],
 }
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",
-            "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "booksum/rougeL", "booksum/overall")
+            "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "test/bpb", "train/steps", "train/seconds",
+            "booksum/rougeL", "booksum/overall")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -137,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", action="append", default=[], help="name=override override ... (repeatable)")
     p.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds per variant (default 600)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices, or 'cpu' (default: every visible GPU)")
+    p.add_argument("--per-gpu", type=int, default=1, help="variants run side by side on each GPU (default 1)")
     p.add_argument("--python", default=sys.executable, help="the interpreter that runs run.py")
     p.add_argument("--experiment", default="passkey_gpu", help="the recipe every variant starts from ('none': none)")
     args = p.parse_args(own)
     variants = dict(map(parse_variant, args.variant)) if args.variant else dict(VARIANTS)
-    slots = args.gpus.split(",") if args.gpus else default_slots()
+    if args.per_gpu < 1:
+        raise SystemExit(f"error: --per-gpu: {args.per_gpu} must be an integer >= 1")
+    slots = [gpu for gpu in (args.gpus.split(",") if args.gpus else default_slots()) for _ in range(args.per_gpu)]
     rows = run_all(variants, common, slots, args.budget, args.out, args.python, args.experiment)
     print((args.out / "summary.md").read_text())
     sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)

@@ -167,7 +167,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
                f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
-               "train/steps": tcfg.steps, "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
+               "train/steps": summary.get("train/steps", tcfg.steps), "train/seconds": summary.get("train/seconds"),
+               "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                "data/eval_source": eval_source,
                "data/fallback": ", ".join(f"{k}={v}" for k, v in {**sources, t.dataset: eval_source}.items()
                                           if k != v) or None,

@@ -146,8 +146,8 @@ def test_two_rank_run_equals_one_process(task, tmp_path):
         results[name] = json.loads((out / "results.json").read_text())["results"]
     two, one = results["two"], results["one"]
     assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-4)
-    for key, value in one.items():
-        if isinstance(value, float) and key != "train/loss":
+    for key, value in one.items():  # every computed number; how long training took is not one
+        if isinstance(value, float) and key not in ("train/loss", "train/seconds"):
             assert two[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 

@@ -115,7 +115,9 @@ def test_experiments_keep_their_trainer():
         assert (table2.optimizer, table2.lr, table2.warmup_steps, table2.batch_size * table2.grad_accum) == \
             ("adafactor", 1e-2, 1000, 64), name
     mini = _trainer("experiment=table2_mini")
-    assert (mini.steps, mini.optimizer, mini.batch_size) == (720, "adamw", 2)
+    assert (mini.steps, mini.optimizer, mini.batch_size, mini.grad_accum) == (700, "adamw", 8, 2)
+    paper_shape = _trainer("experiment=table2_paper_shape")
+    assert (paper_shape.steps, paper_shape.optimizer, paper_shape.batch_size) == (720, "adamw", 2)
     table3 = _trainer("experiment=table3_passkey_1b")
     assert (table3.steps, table3.batch_size, table3.lr, table3.precision) == (400, 8, 1e-4, "bf16")
     table4 = _trainer("experiment=table4_booksum")

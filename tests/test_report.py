@@ -128,3 +128,39 @@ def test_a_run_ends_with_its_results_table(runs):
     again = json.loads((root / "outputs" / "again" / "results.json").read_text())
     assert results_table(again, root / "outputs" / "again") in printed["again"]
     assert printed["sweep"].count("paper / chance") == 2  # each job of a sweep prints its own
+
+
+def _seed_run(root: Path, memory: str, seed: int, bpb: float, curve: list[float]) -> None:
+    """A results.json as the LM task writes it, for one memory and seed of one recipe."""
+    config = {"seed": seed, "name": f"lm_mini-{memory}", "memory": {"name": memory},
+              "model": {"name": "lm_mini", "segment_len": 512},
+              "task": {"name": "lm", "dataset": "python_code", "seq_len": 8192},
+              "trainer": {"seed": seed, "steps": 700, "batch_size": 8, "grad_accum": 2}}
+    results = {"test/bpb": bpb, "test/ppl": 2 ** bpb, "test/loss_by_segment": curve, "train/steps": 700,
+               "train/seconds": 100.0, "footprint/paper_floats": 0, "footprint/state_floats": 0,
+               "footprint/state_bytes": 0}
+    folder = root / f"{memory}-s{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+
+
+def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_twice_the_range(tmp_path):
+    curve = [1.0] + [0.9] * 15 + [0.8] * 8  # first segment, 8-15 and 16+ bands: 1.0, 0.9, 0.8
+    for memory, seed, bpb in (("none", 0, 1.30), ("none", 1, 1.28), ("txl", 0, 1.17), ("txl", 1, 1.20),
+                              ("linear", 0, 1.27), ("linear", 1, 1.31)):
+        _seed_run(tmp_path / "runs", memory, seed, bpb, curve)
+    _seed_run(tmp_path / "other", "none", 0, 2.0, curve)  # another recipe, one seed: not a seed table
+    (tmp_path / "other" / "none-s0" / "results.json").write_text(
+        (tmp_path / "other" / "none-s0" / "results.json").read_text().replace('"seq_len": 8192', '"seq_len": 4096'))
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("## Table 2 across seeds")[1].split("\n## ")[0]
+    assert section.count("### python_code") == 1  # the one-seed recipe is left to the per-run table
+    header = "| memory | seeds |"
+    none, txl, linear = (cells(section, header, f"| {m} |") for m in ("none", "txl", "linear"))
+    assert none["test bits/byte"] == "1.290 ± 0.010" and none["seeds"] == "0, 1"
+    assert txl["bits/byte vs none"] == "lower by 0.105"  # 0.105 > 2 x 0.03, the larger range
+    assert linear["bits/byte vs none"] == "within noise"  # 0.0 difference, range 0.04
+    assert (txl["first segment"], txl["segments 8-15"], txl["segments 16+"]) == ("1.000 ± 0.000", "0.900 ± 0.000",
+                                                                               "0.800 ± 0.000")
+    assert txl["paper PG19 / Arxiv-math"] == "11.88 / 2.42" and txl["train tokens/s"] == "918K"  # 700 x 16 x 8192 / 100 s
+    assert (tmp_path / "docs" / "report_img" / "table2_seeds_1_segments.png").stat().st_size > 1000

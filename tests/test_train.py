@@ -96,3 +96,30 @@ def test_token_stream_is_a_pure_function_of_the_index():
     assert torch.equal(a(5)["input_ids"], b(5)["input_ids"])
     assert not torch.equal(a(5)["input_ids"], a(6)["input_ids"])
     assert torch.equal(a(5)["input_ids"][:, 1:], a(5)["labels"][:, :-1])  # labels are the next tokens
+
+
+def test_time_budget_decays_over_the_budget_and_stops_there():
+    cfg = TrainConfig(steps=10_000, warmup_steps=2, min_lr_ratio=0.1, time_budget_s=100.0)
+    assert lr_factor(5, cfg, seconds=0.0) == pytest.approx(1.0)
+    assert lr_factor(5, cfg, seconds=50.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(5, cfg, seconds=150.0) == pytest.approx(0.1)
+    with pytest.raises(Exception, match="trainer.time_budget_s"):
+        TrainConfig(time_budget_s=0)
+
+
+def test_time_budget_ends_training_and_a_resume_keeps_the_seconds(tmp_path, monkeypatch):
+    """Every step takes 10 fake seconds: a 35 s budget stops after the 4th step (40 s >= 35 s), saves a
+    checkpoint there, and a rerun of the same command finds the budget spent and trains no further."""
+    import infini_bench.train as train_module
+
+    clock = iter(range(0, 10_000, 10))  # a step reads the clock at its start and end: 10 s per step
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(clock)))
+    model, stream, run, cfg = setup(tmp_path, "budget")
+    cfg.time_budget_s, cfg.log_every = 35.0, 100
+    summary = train(model, cfg, stream, run, tmp_path / "budget" / "ckpt")
+    assert summary["train/steps"] == 4 and summary["train/seconds"] >= 35.0
+    assert len(losses(run)) == 1  # the last step is logged although log_every is not reached
+    model, stream, run, cfg = setup(tmp_path, "budget")
+    cfg.time_budget_s = 35.0
+    again = train(model, cfg, stream, run, tmp_path / "budget" / "ckpt")
+    assert again["train/steps"] == 4 and again["train/seconds"] == summary["train/seconds"]
