@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 RULES = ("linear", "delta", "none")
+# What a segment reads from an empty memory (a document's first segment). zero: A_mem = 0, so Eq. 10 gives
+# (1 - sigmoid(beta)) A_dot, the same function of the local output as in every later segment (the paper's M_0 = 0,
+# docs/PAPER_NOTES.md). local: A_dot alone, unscaled (the ablation).
+EMPTY_READS = ("zero", "local")
 
 
 class MemoryState(NamedTuple):
@@ -147,14 +151,18 @@ def infini_attention(
     rule: str = "linear",
     state: MemoryState | None = None,
     rotary: Rotary | None = None,
+    empty_read: str = "zero",
 ) -> tuple[Tensor, MemoryState | None]:
     """Infini-attention over a whole sequence, starting from `state` (None: no memory yet).
 
-    q (B, H, T, D), k (B, H_kv, T, D), v (B, H_kv, T, D_v), beta (H,) raw gate logits.
+    q (B, H, T, D), k (B, H_kv, T, D), v (B, H_kv, T, D_v), beta (H,) raw gate logits; `empty_read` is what
+    the first segment reads when there is no state (EMPTY_READS).
     Returns out (B, H, T, D_v) in q's dtype and the memory after the last token (None for rule 'none').
     """
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}")
+    if empty_read not in EMPTY_READS:
+        raise ValueError(f"empty_read={empty_read!r} is not one of {', '.join(EMPTY_READS)}")
     if segment_len <= 0:
         raise ValueError(f"segment_len={segment_len} must be > 0")
     b, h, t, d = q.shape
@@ -166,11 +174,11 @@ def infini_attention(
     if t_full < t:  # a shorter last segment: full segments in parallel, then the tail carries their state
         head, state = infini_attention(
             q[:, :, :t_full], k[:, :, :t_full], v[:, :, :t_full], beta, segment_len=n, rule=rule,
-            state=state, rotary=rotary,
+            state=state, rotary=rotary, empty_read=empty_read,
         )
         tail, state = infini_attention(
             q[:, :, t_full:], k[:, :, t_full:], v[:, :, t_full:], beta, segment_len=n, rule=rule,
-            state=state, rotary=rotary,
+            state=state, rotary=rotary, empty_read=empty_read,
         )
         return torch.cat([head, tail], dim=2), state
 
@@ -182,8 +190,11 @@ def infini_attention(
     M_prev, z_prev, new_state = _memory_writes(_split_segments(sigma(k), n), _split_segments(v, n), rule, state)
     # Segments with memory to read: all of them, or all but the first at the start of a document.
     first = 0 if state is not None else 1
+    head = a_dot[:, :, : first * n]  # the first segment of a document: A_mem = 0 (or, ablation, A_dot alone)
+    if first and empty_read == "zero":
+        head = (head * (1.0 - torch.sigmoid(beta.float())).view(1, h, 1, 1)).to(a_dot.dtype)
     if s == first:
-        return a_dot, new_state
+        return head.to(q.dtype), new_state
     sq = _split_segments(sigma(q[:, :, first * n:]), n).reshape(b, hk, g, s - first, n, d)  # un-rotated q
     # Eq. 10 with Eq. 7 inside: sigmoid(beta) A_mem = sigma(q) (sigmoid(beta) M) / (sigma(q) z), so the gate
     # scales the small memories, not the T x D_v retrievals; the mix is then one fused addcdiv.
@@ -192,6 +203,6 @@ def infini_attention(
     local = a_dot[:, :, first * n:].reshape(b, hk, g, s - first, n, dv)
     mixed = torch.addcdiv(local * (1.0 - gate).to(local.dtype), num, den)  # (B, H_kv, G, S', N, D_v)
     # Assembled as (B, T, H, D_v) in memory, so the output projection's reshape needs no copy.
-    out = torch.cat([a_dot[:, :, : first * n].transpose(1, 2),
+    out = torch.cat([head.transpose(1, 2),
                      mixed.reshape(b, h, t - first * n, dv).transpose(1, 2)], dim=1).transpose(1, 2)
     return out.to(q.dtype), new_state

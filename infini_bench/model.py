@@ -243,7 +243,7 @@ def cached_attention(memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | Non
         cache.v[:, :, pos: pos + length] = v
     ctx = memory.context(state) if state is not None else None
     local = local_attention(q, cache.k, cache.v, memory.local_rotary(rotary), ctx, pos=pos)
-    return mix(local, memory.read(q, state) if state is not None else None, gate)
+    return mix(local, memory.read(q, state) if state is not None else None, gate, memory.empty_read)
 
 
 class FeedForward(nn.Module):

@@ -6,8 +6,9 @@ from infini_bench.attention import MemoryState, infini_attention
 from infini_bench.model import ModelConfig, Rotary
 
 
-def naive(q, k, v, beta, n, rule, rotary=None):
-    """Float64, one segment and one query at a time, written straight from Eqs. 6-10."""
+def naive(q, k, v, beta, n, rule, rotary=None, empty_read="zero"):
+    """Float64, one segment and one query at a time, written straight from Eqs. 6-10; M_0 = 0 reads A_mem = 0
+    (empty_read="zero") or, the ablation, leaves A_dot unmixed in the first segment ("local")."""
     q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
     b, h, t, d = q.shape
     g = h // k.shape[1]
@@ -24,8 +25,10 @@ def naive(q, k, v, beta, n, rule, rotary=None):
             for i in range(L):
                 scores = torch.einsum("bd,bjd->bj", qr[:, hh, i], kr[:, kv, : i + 1]) / d**0.5
                 a_dot = torch.einsum("bj,bje->be", scores.softmax(-1), vs[:, kv, : i + 1])
-                if M is None or rule == "none":
+                if rule == "none" or (M is None and empty_read == "local"):
                     out[:, hh, s0 + i] = a_dot
+                elif M is None:  # Eq. 10 with A_mem = 0
+                    out[:, hh, s0 + i] = (1 - torch.sigmoid(beta[hh])) * a_dot
                 else:
                     sq = sig(qs[:, hh, i])  # un-rotated
                     a_mem = torch.einsum("bd,bde->be", sq, M[:, kv]) / (sq * z[:, kv]).sum(-1, keepdim=True)
@@ -58,11 +61,12 @@ def make_inputs(h=4, hk=2, t=40, d=8, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize("rule", ["linear", "delta", "none"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("t", [40, 37], ids=["full-segments", "partial-last"])
-def test_matches_float64_loop(rule, heads, t):
+@pytest.mark.parametrize("t", [40, 37, 5], ids=["full-segments", "partial-last", "one-partial"])
+@pytest.mark.parametrize("empty_read", ["zero", "local"])
+def test_matches_float64_loop(rule, heads, t, empty_read):
     q, k, v, beta = make_inputs(*heads, t=t)
-    out, state = infini_attention(q, k, v, beta, segment_len=8, rule=rule)
-    ref, M, z = naive(q, k, v, beta, 8, rule)
+    out, state = infini_attention(q, k, v, beta, segment_len=8, rule=rule, empty_read=empty_read)
+    ref, M, z = naive(q, k, v, beta, 8, rule, empty_read=empty_read)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     if rule == "none":
         assert state is None
@@ -135,12 +139,16 @@ def test_output_is_laid_out_for_the_output_projection():
     assert out.transpose(1, 2).is_contiguous()
 
 
-def test_first_segment_is_local_attention_only():
+def test_first_segment_is_local_attention_scaled_by_the_gate_as_in_every_segment():
     q, k, v, beta = make_inputs(t=16)
-    out, _ = infini_attention(q, k, v, torch.full_like(beta, 5.0), segment_len=8, rule="linear")
+    beta = torch.full_like(beta, 1.0)
+    out, _ = infini_attention(q, k, v, beta, segment_len=8, rule="linear")
     local, _ = infini_attention(q, k, v, beta, segment_len=8, rule="none")
-    torch.testing.assert_close(out[:, :, :8], local[:, :, :8])
+    torch.testing.assert_close(out[:, :, :8], (1 - torch.sigmoid(torch.tensor(1.0))) * local[:, :, :8])
     assert (out[:, :, 8:] - local[:, :, 8:]).abs().max() > 1e-2
+    unscaled, _ = infini_attention(q, k, v, beta, segment_len=8, rule="linear", empty_read="local")
+    torch.testing.assert_close(unscaled[:, :, :8], local[:, :, :8])  # the ablation: A_dot alone
+    torch.testing.assert_close(unscaled[:, :, 8:], out[:, :, 8:])  # later segments do not depend on it
 
 
 def test_memory_gets_gradients_from_later_segments():
@@ -159,11 +167,11 @@ def test_given_state_is_read_by_first_segment():
     assert (with_mem - without).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("bad", [{"rule": "foo"}, {"segment_len": 0}])
+@pytest.mark.parametrize("bad", [{"rule": "foo"}, {"segment_len": 0}, {"empty_read": "none"}])
 def test_bad_arguments_raise(bad):
     q, k, v, beta = make_inputs(t=8)
     kwargs = {"segment_len": 8, **bad}
-    with pytest.raises(ValueError, match="rule|segment_len"):
+    with pytest.raises(ValueError, match="rule|segment_len|empty_read"):
         infini_attention(q, k, v, beta, **kwargs)
 
 

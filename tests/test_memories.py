@@ -25,13 +25,18 @@ def tiny(memory: str, seed: int = 0, **args):
     return model
 
 
+# Every memory, plus the empty-memory ablation of Infini-attention (A_dot unscaled in a document's first segment).
+CONVENTIONS = [(m, {}) for m in memory_names()] + [(m, {"empty_read": "local"}) for m in ("linear", "delta")]
+CONVENTION_IDS = [m + ("-empty_local" if a else "") for m, a in CONVENTIONS]
+
+
 def tokens(t: int, b: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 259, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("memory", memory_names())
-def test_parallel_equals_streaming_and_chunks(memory):
-    model, ids = tiny(memory), tokens(5 * N + 3)
+@pytest.mark.parametrize("memory,args", CONVENTIONS, ids=CONVENTION_IDS)
+def test_parallel_equals_streaming_and_chunks(memory, args):
+    model, ids = tiny(memory, **args), tokens(5 * N + 3)
     with torch.no_grad():
         whole = model(ids)
         streamed = model.stream(ids)
@@ -41,11 +46,11 @@ def test_parallel_equals_streaming_and_chunks(memory):
     torch.testing.assert_close(torch.cat([head.logits, tail.logits], 1), whole.logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("memory", memory_names())
-@pytest.mark.parametrize("prompt_len", [3 * N + 5, 2 * N])
-def test_decoding_equals_parallel(memory, prompt_len):
+@pytest.mark.parametrize("memory,args", CONVENTIONS, ids=CONVENTION_IDS)
+@pytest.mark.parametrize("prompt_len", [3 * N + 5, 2 * N, 5])  # 5: decoding starts inside the first segment
+def test_decoding_equals_parallel(memory, args, prompt_len):
     """prefill + one token at a time, eager and through the fixed-shape step, across several segment ends."""
-    model, ids = tiny(memory), tokens(5 * N + 2)
+    model, ids = tiny(memory, **args), tokens(5 * N + 2)
     with torch.no_grad():
         parallel = model(ids).logits
     for static in (False, True):
@@ -97,6 +102,20 @@ def test_paper_shape_footprints():
         assert fp.paper_floats == 183_451_648
     if "rmt" in MEMORIES:
         assert memory_class("rmt").footprint(cfg, {"num_mem_tokens": 100}, 32768).paper_floats == 2_457_600
+
+
+def test_the_empty_read_convention_changes_only_what_an_empty_memory_gives():
+    """Same weights: the two conventions differ in the first segment of the first layer and nowhere before it;
+    none is not a convention of its own (no gate); a bad value is named."""
+    ids = tokens(3 * N)
+    zero, local = tiny("linear"), tiny("linear", empty_read="local")
+    local.load_state_dict(zero.state_dict())
+    with torch.no_grad():
+        a, b = zero(ids).logits, local(ids).logits
+    assert (a[:, :N] - b[:, :N]).abs().max() > 1e-3
+    from infini_bench.errors import ConfigError
+    with pytest.raises(ConfigError, match="memory.empty_read"):
+        tiny("delta", empty_read="none")
 
 
 def test_unknown_memory_argument_is_named():

@@ -78,6 +78,7 @@ class Memory(nn.Module):
     compilable: ClassVar[bool] = True  # its blocks trace under torch.compile (tests/test_compile.py holds it)
     whole_sequence: ClassVar[bool] = False  # ignores segment_len (full attention)
     detached_input: bool = False  # forward() wants k, v recomputed from the layer's detached input (TXL)
+    empty_read: str = "local"  # what the gate mixes in where nothing was read (mix(); Infini sets it per run)
 
     def __init__(self, cfg, layer: int, args: dict[str, Any]):
         super().__init__()
@@ -192,14 +193,19 @@ def lower_right(queries: int, keys: int) -> CausalBias:
     return bias
 
 
-def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None) -> Tensor:
-    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head, A_local where nothing was read."""
-    if read is None or gate is None:
+def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None, empty_read: str = "local") -> Tensor:
+    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head. Where nothing was read (no state, or
+    an empty one), `empty_read` decides: zero reads A_mem = 0, so (1 - sigmoid(beta)) A_local; local keeps
+    A_local unscaled (attention.EMPTY_READS)."""
+    if gate is None:
         return local
-    a_mem, has = read
     g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
+    empty = (1.0 - g) * local.float() if empty_read == "zero" else local.float()
+    if read is None:
+        return empty.to(local.dtype)
+    a_mem, has = read
     mixed = g * a_mem + (1.0 - g) * local.float()
-    return torch.where(has, mixed, local.float()).to(local.dtype)
+    return torch.where(has, mixed, empty).to(local.dtype)
 
 
 def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any,
@@ -208,7 +214,7 @@ def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Ten
     mixed with its read. q (B, H, L, D), k and v (B, H_kv, L, D) -> (B, H, L, D_v)."""
     ctx = memory.context(state) if state is not None else None
     local = local_attention(q, k, v, memory.local_rotary(rotary), ctx)
-    return mix(local, memory.read(q, state) if state is not None else None, gate)
+    return mix(local, memory.read(q, state) if state is not None else None, gate, memory.empty_read)
 
 
 # ---- the registry ----------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infini_bench.attention import MemoryState, infini_attention, memory_read, memory_write
+from infini_bench.attention import EMPTY_READS, MemoryState, infini_attention, memory_read, memory_write
+from infini_bench.errors import check_choice
 from infini_bench.memories.base import Footprint, Memory, Work, register_memory
 
 
@@ -34,16 +35,24 @@ class CompressiveMemory(Memory):
 
     gated = True
     rule: str
+    # empty_read: what a document's first segment reads (attention.EMPTY_READS). zero is Eq. 10 with M_0 = 0:
+    # (1 - sigmoid(beta)) A_dot, as in every other segment; local keeps A_dot unscaled there (an ablation).
+    defaults = {"empty_read": "zero"}
+
+    def __init__(self, cfg, layer: int, args: dict[str, Any]):
+        super().__init__(cfg, layer, args)
+        check_choice("memory.empty_read", args["empty_read"], EMPTY_READS)
+        self.empty_read = args["empty_read"]
 
     def forward(self, q, k, v, gate, state, rotary, kv_detached=None):
         return infini_attention(q, k, v, gate, segment_len=self.cfg.segment_len, rule=self.rule, state=state,
-                                rotary=rotary)
+                                rotary=rotary, empty_read=self.empty_read)
 
     def read(self, q: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
         b, h = q.shape[:2]
         hk = state.z.shape[1]
-        # Nothing written yet (an empty fixed-shape state): z = 0, and the read is 0 / 0; the mix then keeps
-        # the local output. Once written, z > 0 everywhere because ELU + 1 > 0.
+        # Nothing written yet (an empty fixed-shape state): z = 0, and the read is 0 / 0; the mix then takes
+        # empty_read's output. Once written, z > 0 everywhere because ELU + 1 > 0.
         has = (state.z.sum(-1) > 0).repeat_interleave(h // hk, dim=1).view(b, h, 1, 1)
         return memory_read(q, state), has
 

@@ -227,7 +227,7 @@ class MemorizingTransformer(TransformerXL):
             cache = self._cache(None, k, v)
         new_state = self._with_cache(self._ring(state, k, v), cache)
         if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
-            return mix(local, self.read(q, state), gate), new_state
+            return mix(local, self.read(q, state), gate, self.empty_read), new_state
         c = self.knn_size
         keys = F.normalize(k.detach().float(), dim=-1).to(k.dtype)  # (B, H_kv, T, D)
         values = v.detach()
@@ -246,7 +246,7 @@ class MemorizingTransformer(TransformerXL):
         reads = [knn_attention(queries[:, :, i: i + n], keys, values, key_valid, self.top_k,
                                max(0, offset + i - c), offset + i) for i in range(0, t, n)]
         read = torch.cat([r[0] for r in reads], dim=2), torch.cat([r[1] for r in reads], dim=2)
-        return mix(local, read, gate), new_state
+        return mix(local, read, gate, self.empty_read), new_state
 
     # ---- Table 1 ---------------------------------------------------------------------------------------------
     @classmethod
