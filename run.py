@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -216,6 +218,8 @@ def main(cfg: DictConfig) -> None:
     from tasks import get_task
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if threading.current_thread() is threading.main_thread():  # training installs its own, graceful handler
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         OmegaConf.resolve(cfg)
         from infini_bench.distributed import init_distributed, is_main_process, recover_checkpoint
@@ -260,13 +264,22 @@ def main(cfg: DictConfig) -> None:
         fail(*line)
 
 
+def _terminate(signum, frame) -> None:
+    from infini_bench.errors import Terminated
+
+    raise Terminated
+
+
 def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
     """The one line and exit code for an error the user can act on; None for anything else."""
     import torch
 
-    from infini_bench.errors import ConfigError
+    from infini_bench.errors import ConfigError, Terminated
     from infini_bench.train import Interrupted, TrainingDiverged
 
+    if isinstance(err, Terminated):
+        return ("terminated (SIGTERM) outside training (setup, evaluation or export), before the results were "
+                "written; rerun the same command: it resumes from the last checkpoint", 143)
     if isinstance(err, ConfigError):
         return str(err), 2
     if isinstance(err, TrainingDiverged):

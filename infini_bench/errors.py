@@ -33,3 +33,7 @@ def check_range(key: str, value: object, low: float, high: float, high_open: boo
     """low <= value <= high (value < high if high_open)."""
     if not _is_number(value) or value < low or value > high or (high_open and value == high):
         raise ConfigError(key, f"{value!r} must be a number in [{low}, {high}{')' if high_open else ']'}")
+
+
+class Terminated(Exception):
+    """SIGTERM arrived outside the training loop (evaluation, export): the job stops with one line."""

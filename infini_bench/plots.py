@@ -13,6 +13,7 @@ import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 from infini_bench.paper import length_label  # noqa: E402
+from infini_bench.tracking import follow_umask  # noqa: E402
 
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head",
@@ -98,6 +99,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file follows the umask like any other
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,6 +33,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file written through a temporary one (mkstemp makes it 0600, some writers pick their own mode)
+    the permissions any new file gets under the user's umask."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _jsonable(x: Any) -> Any:

@@ -13,6 +13,7 @@ from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
+from infini_bench.tracking import follow_umask
 from infini_bench.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def export_weights(model: InfiniTransformer, run) -> Path:
             state.pop("lm_head.weight", None)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        follow_umask(tmp)
         os.replace(tmp, path)
     return path
 

@@ -16,6 +16,7 @@ from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, l
 from infini_bench.distributed import is_main_process, main_first
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
+from infini_bench.faults import fault
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
@@ -163,6 +164,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     summary = train(model, tcfg, stream, run, checkpoint_dir(run), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
+    fault("final_evaluation")
     final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],

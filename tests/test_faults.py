@@ -265,12 +265,24 @@ def test_sigint_saves_a_checkpoint_then_stops(tmp_path):
 
 
 def test_output_files_follow_the_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "results.json", {"a": 1})
-    finally:
-        os.umask(old)
-    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
+    """results.json, every PNG and the exported weights: 0644 under umask 022, 0600 under 077."""
+    from types import SimpleNamespace
+
+    from infini_bench.plots import line_plot
+    from tasks.common import export_weights
+
+    model = build_model("tiny", n_layers=1)
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        out = tmp_path / oct(mask)
+        old = os.umask(mask)
+        try:
+            write_json(out / "results.json", {"a": 1})
+            line_plot({"a": [1.0, 2.0]}, out / "plot.png", "x", "y", "t")
+            export_weights(model, SimpleNamespace(out_dir=out, is_main=True))
+        finally:
+            os.umask(old)
+        for name in ("results.json", "plot.png", "model.safetensors"):
+            assert (out / name).stat().st_mode & 0o777 == mode, (name, oct(mask))
 
 
 def test_corrupt_token_cache_names_trainer_resume(tmp_path):
@@ -308,3 +320,20 @@ def test_errors_a_user_can_act_on_get_one_line(error, start, tmp_path):
     line, code = error_line(error, tmp_path)
     assert line.startswith(start) and "\n" not in line and code in (1, 2, 130)
     assert error_line(RuntimeError("a bug"), tmp_path) is None  # a bug keeps its traceback
+
+
+def test_sigterm_in_the_final_evaluation_says_how_to_resume(tmp_path):
+    """Preempted after training, before results.json: one line and exit 143, nothing half-written; the rerun
+    finds the finished checkpoint, trains nothing and writes the results."""
+    args = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64",
+            "trainer.progress=false", "logger=none"]
+    env = {**ENV, "INFINI_BENCH_FAULT": "final_evaluation", "INFINI_BENCH_FAULT_SIGNAL": "TERM"}
+    proc = cli(*args, out=tmp_path / "run", env=env)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: terminated (SIGTERM) outside training")
+    assert not (tmp_path / "run" / "results.json").exists()
+    again = cli(*args, out=tmp_path / "run")
+    assert again.returncode == 0, again.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert results["train/steps"] == 2

@@ -123,3 +123,23 @@ def test_time_budget_ends_training_and_a_resume_keeps_the_seconds(tmp_path, monk
     cfg.time_budget_s = 35.0
     again = train(model, cfg, stream, run, tmp_path / "budget" / "ckpt")
     assert again["train/steps"] == 4 and again["train/seconds"] == summary["train/seconds"]
+
+
+def test_metrics_rows_of_one_step_never_repeat_a_metric(tmp_path):
+    """What the README promises of metrics.jsonl: an evaluating step has a training row, an evaluation row and
+    a gates row, and no key is logged twice for a step."""
+    model, stream, run, cfg = setup(tmp_path, "rows")
+    cfg.eval_every, cfg.log_every = 4, 2
+
+    def evaluate(m, step):
+        run.log({f"gates/L0/H{j}": float(g) for j, g in enumerate(m.gates()[0])}, step=step)
+        return {"val/loss": 1.0}
+
+    train(model, cfg, stream, run, tmp_path / "rows" / "ckpt", eval_fn=evaluate)
+    by_step: dict[int, list[set]] = {}
+    for row in read_metrics(run.metrics_path):
+        by_step.setdefault(row["step"], []).append(set(row) - {"step"})
+    assert len(by_step[4]) == 3  # step 4: training, gates, evaluation
+    for step, rows in by_step.items():
+        keys = [k for r in rows for k in r]
+        assert len(keys) == len(set(keys)), step
