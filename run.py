@@ -288,7 +288,9 @@ def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
         return str(err), 130
     if isinstance(err, KeyboardInterrupt):
         return "interrupted; rerun the same command to resume from the last checkpoint", 130
-    if isinstance(err, torch.OutOfMemoryError):
+    # the CPU allocator raises a RuntimeError, not OutOfMemoryError
+    if isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                   and "DefaultCPUAllocator: can't allocate memory" in str(err)):
         return ("trainer.batch_size: out of memory; lower trainer.batch_size (raise trainer.grad_accum to keep "
                 "the batch), task.seq_len or model.segment_len, or set model.activation_checkpointing=true", 1)
     if isinstance(err, PermissionError) and str(err.filename or "").startswith(str(out_dir)):

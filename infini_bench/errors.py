@@ -19,9 +19,19 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # optimizer states and gates are fp32: a larger value overflows there
+
+
 def check_positive(key: str, value: object) -> None:
     if not _is_number(value) or value <= 0:
         raise ConfigError(key, f"{value!r} must be a positive number")
+    if value > FLOAT32_MAX:
+        raise ConfigError(key, f"{value!r} overflows float32 (at most {FLOAT32_MAX:.3g})")
+
+
+def check_finite(key: str, value: object) -> None:
+    if not _is_number(value) or abs(value) > FLOAT32_MAX:
+        raise ConfigError(key, f"{value!r} must be a finite number")
 
 
 def check_int(key: str, value: object, low: int = 0) -> None:

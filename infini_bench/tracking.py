@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from infini_bench.errors import check_choice
+
+LOGGER_MODES = ("offline", "online", "disabled")
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers see the old file or the new one."""
@@ -82,6 +86,8 @@ class Run:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._wandb = None
         self.logger = dict(logger or {})
+        if self.logger.get("backend", "none") == "wandb":  # checked before wandb.init, so no failed W&B run
+            check_choice("logger.mode", self.logger.get("mode", "offline"), LOGGER_MODES)
         if is_main and self.logger.get("backend", "none") == "wandb" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 

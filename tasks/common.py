@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from infini_bench.distributed import is_main_process
-from infini_bench.errors import ConfigError, check_choice
+from infini_bench.errors import ConfigError, check_choice, check_finite
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.tracking import follow_umask
@@ -38,6 +38,8 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
     if unknown:
         raise ConfigError(f"model.arch.{unknown[0]}", f"is not a model field; accepted: {', '.join(sorted(fields))}")
     knobs = {k: cfg.model[k] for k in _MODEL_KNOBS if cfg.model.get(k) is not None}
+    if "gate_init" in knobs:
+        check_finite("model.gate_init", knobs["gate_init"])
     out = dataclasses.replace(base, **arch, **knobs, **memory_fields(cfg))
     if vocab_size is not None and vocab_size > out.vocab_size:
         if cfg.model.flavour == "tiny":  # the tiny flavour follows its tokenizer

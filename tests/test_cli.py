@@ -38,6 +38,9 @@ def cli(*args, tmp_path):
     (["task=lm", "model.init_from=README.md"], "model.init_from: 'README.md' does not fit this model"),
     (["task=lm", "seed=abc"], "seed: 'abc' must be an integer >= 0"),
     (["task=lm", "trainer.lrr=1"], "trainer.lrr: is not a trainer option; accepted: batch_size, ckpt_every"),
+    (["task=lm", "trainer.lr=1e39"], "trainer.lr: 1e+39 overflows float32"),
+    (["task=lm", "model.gate_init=nan"], "model.gate_init: nan must be a finite number"),
+    (["task=lm", "logger=wandb", "logger.mode=onlin"], "logger.mode: 'onlin' is not one of offline, online, disabled"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -45,6 +48,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_more_memory_than_the_machine_has_is_one_line_naming_the_batch(tmp_path):
+    proc, out = cli("task=lm", "trainer.steps=2", "task.seq_len=64", "trainer.batch_size=1000000000000", "logger=none",
+                    "trainer.progress=false",
+                    tmp_path=tmp_path / "run")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.batch_size: out of memory")
+    assert not (out / "results.json").exists()
 
 
 def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
