@@ -101,6 +101,7 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
         return
     if "-m" in argv or "--multirun" in argv:
         return
+    _BEFORE[str(run_dir.resolve())] = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -112,6 +113,9 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
 
 
 _LOCK = []  # the open lock file, held until the process exits (a kill -9 releases it too)
+# What each run folder held before this run touched it (None: it did not exist), so that a refused run removes
+# only what it created.
+_BEFORE: dict[str, set[str] | None] = {}
 
 
 def lock_run_folder(out_dir: Path) -> None:
@@ -175,15 +179,19 @@ def check_same_config(config: dict, stored: dict, out_dir: Path) -> None:
 
 
 def remove_if_only_hydra(out_dir: Path) -> None:
-    """After a config error: remove the run folder if it holds nothing but what Hydra and the lock put there."""
-    own = {".hydra", ".lock", "run.log"}
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= own:
-        for name in own:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists():
-                path.unlink()
+    """After a config error: remove what Hydra and the lock put in the run folder, if that is all this run put
+    there, and the folder itself if this run made it. Nothing that was there before the run is touched."""
+    before = _BEFORE.get(str(out_dir.resolve()), None)
+    own = {".hydra", ".lock", "run.log"} - (before or set())
+    if not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} <= own | (before or set()):
+        return
+    for name in own:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if before is None:
         out_dir.rmdir()
 def hydra_info() -> dict:
     """What Hydra chose and was told, for W&B's config and the report: the group choices, the overrides, the

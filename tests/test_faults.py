@@ -73,6 +73,15 @@ def test_config_error_keeps_what_the_folder_held(tmp_path):
     fresh = tmp_path / "fresh"
     proc = cli("task=lm", "task.seq_len=0", out=fresh)
     assert proc.returncode == 2 and not fresh.exists()  # a folder this run made, holding nothing: gone
+    for held in ({}, {"run.log": "mine\n"}):  # a folder the user made: empty, or holding their own run.log
+        made = tmp_path / f"made{len(held)}"
+        made.mkdir()
+        for name, text in held.items():
+            (made / name).write_text(text)
+        proc = cli("task=lm", "trainer.grad_clip=0", out=made)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: trainer.grad_clip"), proc.stderr
+        assert made.is_dir() and {p.name for p in made.iterdir()} == set(held)  # as it was
+        assert all((made / n).read_text().startswith(t) for n, t in held.items())
 
 
 # 2. memory=none: the gate gets no gradient, so the optimizer holds no state for it; resume still works.
