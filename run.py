@@ -102,6 +102,9 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
     if "-m" in argv or "--multirun" in argv:
         return
     _BEFORE[str(run_dir.resolve())] = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
+    hydra_dir = run_dir / ".hydra"
+    if hydra_dir.is_dir():  # Hydra rewrites these before main(): a refused run puts them back
+        _HYDRA_BEFORE[str(run_dir.resolve())] = {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -116,6 +119,23 @@ _LOCK = []  # the open lock file, held until the process exits (a kill -9 releas
 # What each run folder held before this run touched it (None: it did not exist), so that a refused run removes
 # only what it created.
 _BEFORE: dict[str, set[str] | None] = {}
+_HYDRA_BEFORE: dict[str, dict[str, bytes]] = {}  # the files of its .hydra/ folder, when it had one
+
+
+def restore_hydra_files(out_dir: Path) -> None:
+    """A refused run leaves .hydra/ as the earlier run left it (Hydra wrote the refused run's config there)."""
+    saved = _HYDRA_BEFORE.get(str(out_dir.resolve()))
+    if saved is None:
+        return
+    hydra_dir = out_dir / ".hydra"
+    for path in hydra_dir.iterdir() if hydra_dir.is_dir() else ():
+        if path.is_file() and path.name not in saved:
+            path.unlink()
+    hydra_dir.mkdir(exist_ok=True)
+    for name, data in saved.items():
+        tmp = hydra_dir / f".{name}.restore"
+        tmp.write_bytes(data)
+        os.replace(tmp, hydra_dir / name)
 
 
 def lock_run_folder(out_dir: Path) -> None:
@@ -127,6 +147,7 @@ def lock_run_folder(out_dir: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
+        restore_hydra_files(out_dir)
         fail(f"hydra.run.dir: {out_dir} is in use by another run; wait for it to finish or pick another folder")
     _LOCK.append(handle)
 
@@ -268,6 +289,7 @@ def main(cfg: DictConfig) -> None:
         if line is None:
             raise
         if isinstance(err, ConfigError):
+            restore_hydra_files(out_dir)  # a refused run leaves the folder as it found it
             remove_if_only_hydra(out_dir)  # never anything this run did not create
         fail(*line)
 

@@ -160,6 +160,7 @@ def test_nonfinite_gradient_stops_before_the_step_and_the_checkpoint_stays_good(
 def test_resume_with_another_config_is_refused_in_one_line(tmp_path):
     first = cli(*TINY_LM, out=tmp_path)
     assert first.returncode == 0, first.stderr
+    hydra = {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()}  # the run's config and overrides
     before = (tmp_path / "results.json").read_text(), (tmp_path / "metrics.jsonl").read_text()
     for change, key in (("memory=delta", "memory.name"), ("model.arch={dim:32}", "model.arch.dim")):
         proc = cli(*TINY_LM, change, out=tmp_path)
@@ -167,12 +168,15 @@ def test_resume_with_another_config_is_refused_in_one_line(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"error: {key}: ") and "trainer.resume=false" in lines[0]
     assert ((tmp_path / "results.json").read_text(), (tmp_path / "metrics.jsonl").read_text()) == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / ".hydra").iterdir()} == hydra  # not the refused run's
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
                                str(tmp_path / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- the running job's overrides\n")
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = cli(*TINY_LM, out=tmp_path)
@@ -181,6 +185,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
         holder.wait(timeout=30)
     assert proc.returncode == 2 and "is in use by another run" in proc.stderr, proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists() and (tmp_path / ".lock").exists()  # the other run's, kept
+    assert [p.name for p in (tmp_path / ".hydra").iterdir()] == ["overrides.yaml"]  # as the running job left it
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == "- the running job's overrides\n"
 
 
 # 6. Metrics never hold a step twice.
