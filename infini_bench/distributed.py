@@ -10,9 +10,11 @@ Launch: `torchrun --nproc_per_node=N run.py ...`; without torchrun everything ru
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -283,6 +285,30 @@ def _reader(directory: Path):
     return SafeReader(directory)
 
 
+def _planner(directory: Path):
+    """DCP's load planner, with every non-tensor entry (the optimizer's lr, betas, group names...) read by
+    torch.load(weights_only=True): plain numbers, strings and containers, never an object that runs code."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner.load_bytes uses
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as err:
+                named = re.search(r"GLOBAL ([\w.]+)", str(err))
+                raise _corrupt(directory, f"holds a non-tensor entry {read_item.dest_index.fqn} that is not plain "
+                               f"data (it names {named.group(1) if named else 'an object'}); refusing to load it"
+                               ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -394,7 +420,16 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         state["optim"]["state"] = {name: s for name, s in state["optim"]["state"].items()
                                    if f"optim.state.{name}" in prefixes}
     with _single_process_ok():
-        dcp.load(state, storage_reader=_reader(directory), no_dist=not is_distributed())
+        try:
+            dcp.load(state, storage_reader=_reader(directory), planner=_planner(directory),
+                     no_dist=not is_distributed())
+        except dcp.api.CheckpointException as err:  # a BaseException that wraps each rank's error
+            from infini_bench.errors import ConfigError
+
+            refused = [exc for exc, _ in err.failures.values() if isinstance(exc, ConfigError)]
+            if refused:
+                raise refused[0] from None
+            raise
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         # strict=False lets those parameters go without state; every state the checkpoint has is still loaded.

@@ -263,6 +263,36 @@ def test_crafted_checkpoint_metadata_is_refused_and_runs_nothing(tmp_path):
     assert "\n" not in message and message.startswith("trainer.resume: ") and "builtins.exec" in message
 
 
+
+def test_crafted_optimizer_state_in_the_shards_is_refused_and_runs_nothing(tmp_path):
+    """The shards' non-tensor entries (the optimizer's lr, betas, group names) are pickles too: one that names
+    a callable, re-saved with dcp.save and every checksum rewritten, is refused with one line on resume."""
+    import torch.distributed.checkpoint as dcp
+
+    from infini_bench.distributed import MANIFEST, _single_process_ok, _state
+    from infini_bench.train import make_optimizer
+
+    model, stream, run, cfg = setup(tmp_path, steps=2)
+    train(model, cfg, stream, run, tmp_path / "ckpt")
+    last, marker = tmp_path / "ckpt" / "last", tmp_path / "marker"
+    optimizer = make_optimizer(model, cfg)
+    optimizer.param_groups[0]["name"] = _Payload(marker)
+    state = _state(model, optimizer)
+    for path in last.glob("*.distcp"):
+        path.unlink()
+    (last / ".metadata").unlink()
+    with _single_process_ok():
+        dcp.save(state, checkpoint_id=str(last), no_dist=True)
+    sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in last.iterdir()
+            if p.is_file() and p.name != MANIFEST}
+    (last / MANIFEST).write_text(json.dumps(sums))  # the attacker records every new checksum
+    model, stream, run, cfg = setup(tmp_path, steps=3)
+    with pytest.raises(ConfigError) as err:
+        train(model, cfg, stream, run, tmp_path / "ckpt")
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("trainer.resume: ") and "not plain data" in message
+
 # Clear errors: SIGINT saves the steps done, then stops with one line; output files follow the umask.
 def test_sigint_saves_a_checkpoint_then_stops(tmp_path):
     model, stream, run, cfg = setup(tmp_path, steps=6, ckpt_every=100)
