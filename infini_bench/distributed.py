@@ -178,13 +178,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+_WAIT_GROUPS: dict[float, Any] = {}
+
+
+def _wait_group(timeout_h: float):
+    """One gloo group per timeout, made by every rank at its first main_first (a collective, so in the same
+    order everywhere) and kept until cleanup(). Destroying it after each broadcast let rank 0 tear it down
+    while a slower rank was still receiving, which aborted that rank."""
+    if timeout_h not in _WAIT_GROUPS:
+        _WAIT_GROUPS[timeout_h] = dist.new_group(backend="gloo", timeout=timedelta(hours=timeout_h))
+    return _WAIT_GROUPS[timeout_h]
+
+
 def main_first(fn: Callable[[], T], timeout_h: float = 12.0) -> T | None:
     """Run fn on rank 0 only while the other ranks wait, for hours if need be (streaming a data set from the hub
     outlasts NCCL's timeout, so the wait is on a CPU group). Every rank gets rank 0's result or, if fn raised,
     its exception; returns None on ranks other than 0, which then read what rank 0 wrote."""
     if not is_distributed():
         return fn()
-    group = dist.new_group(backend="gloo", timeout=timedelta(hours=timeout_h))
+    group = _wait_group(timeout_h)
     result, error = None, None
     if dist.get_rank() == 0:
         try:
@@ -193,7 +205,6 @@ def main_first(fn: Callable[[], T], timeout_h: float = 12.0) -> T | None:
             error = err
     message = [error]
     dist.broadcast_object_list(message, src=0, group=group)
-    dist.destroy_process_group(group)
     if message[0] is not None:
         raise message[0]
     return result
@@ -201,7 +212,8 @@ def main_first(fn: Callable[[], T], timeout_h: float = 12.0) -> T | None:
 
 def cleanup() -> None:
     if is_distributed():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, main_first's too
+    _WAIT_GROUPS.clear()
 
 
 @contextmanager
