@@ -277,6 +277,11 @@ def main(cfg: DictConfig) -> None:
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
+        from tasks.common import train_config
+
+        train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
+        if hasattr(task, "check_config"):
+            task.check_config(cfg)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
         if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)

@@ -50,6 +50,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("bad", ["trainer.lr=abc", "task.dataset=wikitext"])
+def test_a_job_that_cannot_run_starts_no_wandb_run(bad, tmp_path):
+    """Values only the job can judge are still judged before wandb.init: no offline W&B run, no folder."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "run.py", "task=lm", "logger=wandb", bad, f"hydra.run.dir={out}"],
+                          cwd=ROOT, env={**ENV, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad.split('=')[0]}: "), proc.stderr[-2000:]
+    assert not out.exists()  # no wandb/ folder, nothing else either
+
+
 def test_more_memory_than_the_machine_has_is_one_line_naming_the_batch(tmp_path):
     proc, out = cli("task=lm", "trainer.steps=2", "task.seq_len=64", "trainer.batch_size=1000000000000", "logger=none",
                     "trainer.progress=false",
