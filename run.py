@@ -309,7 +309,7 @@ def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
     """The one line and exit code for an error the user can act on; None for anything else."""
     import torch
 
-    from infini_bench.errors import ConfigError, Terminated
+    from infini_bench.errors import ConfigError, ResourceError, Terminated
     from infini_bench.train import Interrupted, TrainingDiverged
 
     if isinstance(err, Terminated):
@@ -317,7 +317,7 @@ def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
                 "written; rerun the same command: it resumes from the last checkpoint", 143)
     if isinstance(err, ConfigError):
         return str(err), 2
-    if isinstance(err, TrainingDiverged):
+    if isinstance(err, (TrainingDiverged, ResourceError)):
         return str(err), 1
     if isinstance(err, Interrupted):
         return str(err), 130

@@ -47,3 +47,7 @@ def check_range(key: str, value: object, low: float, high: float, high_open: boo
 
 class Terminated(Exception):
     """SIGTERM arrived outside the training loop (evaluation, export): the job stops with one line."""
+
+
+class ResourceError(RuntimeError):
+    """A resource ran out (disk space, say): one line naming it, exit 1, no partial file left."""

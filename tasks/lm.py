@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from infini_bench.code_corpus import code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
-from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.errors import ConfigError, ResourceError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
 from infini_bench.faults import fault
 from infini_bench.plots import line_plot
@@ -118,7 +118,13 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
                  "streams": {name: s.state() for name, s in parts.items()}}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except (OSError, RuntimeError) as err:  # a full disk: torch's writer raises RuntimeError
+            tmp.unlink(missing_ok=True)
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            raise ResourceError(f"{cache} could not be written ({first}); free disk space there or pick "
+                                "another hydra.run.dir") from None
         os.replace(tmp, cache)
         return stream, sources
 

@@ -382,3 +382,23 @@ def test_sigterm_in_the_final_evaluation_says_how_to_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
     assert results["train/steps"] == 2
+
+
+
+def test_a_full_disk_while_caching_the_tokens_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    import tasks.lm as lm
+    from infini_bench.errors import ResourceError
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"half a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 0: No space left")
+
+    monkeypatch.setattr(lm.torch, "save", full_disk)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=lm", "task.seq_len=64"])
+    cache = tmp_path / "train_tokens.pt"
+    with pytest.raises(ResourceError, match=r"train_tokens\.pt could not be written .*No space left.*free disk"):
+        lm.prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, fresh=True)
+    assert list(tmp_path.iterdir()) == []  # neither the cache nor its .tmp
