@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice, check_finite
+from infini_bench.faults import fault
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.tracking import follow_umask
@@ -113,6 +114,7 @@ def export_weights(model: InfiniTransformer, run) -> Path:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    fault("export")
     path = Path(run.out_dir) / "model.safetensors"
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if run.is_main:

@@ -367,12 +367,14 @@ def test_errors_a_user_can_act_on_get_one_line(error, start, tmp_path):
     assert error_line(RuntimeError("a bug"), tmp_path) is None  # a bug keeps its traceback
 
 
-def test_sigterm_in_the_final_evaluation_says_how_to_resume(tmp_path):
-    """Preempted after training, before results.json: one line and exit 143, nothing half-written; the rerun
-    finds the finished checkpoint, trains nothing and writes the results."""
+@pytest.mark.parametrize("point", ["export", "final_evaluation"])
+def test_sigterm_after_training_says_how_to_resume(tmp_path, point):
+    """Preempted after training (exporting the weights, or in the final evaluation), before results.json: one
+    line and exit 143, nothing half-written; the rerun finds the finished checkpoint, trains nothing and writes
+    the results."""
     args = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64",
             "trainer.progress=false", "logger=none"]
-    env = {**ENV, "INFINI_BENCH_FAULT": "final_evaluation", "INFINI_BENCH_FAULT_SIGNAL": "TERM"}
+    env = {**ENV, "INFINI_BENCH_FAULT": point, "INFINI_BENCH_FAULT_SIGNAL": "TERM"}
     proc = cli(*args, out=tmp_path / "run", env=env)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
