@@ -101,10 +101,14 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
         return
     if "-m" in argv or "--multirun" in argv:
         return
-    _BEFORE[str(run_dir.resolve())] = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
-    hydra_dir = run_dir / ".hydra"
-    if hydra_dir.is_dir():  # Hydra rewrites these before main(): a refused run puts them back
-        _HYDRA_BEFORE[str(run_dir.resolve())] = {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()}
+    try:  # what the folder holds now (a name the file system refuses is reported below)
+        _BEFORE[str(run_dir.resolve())] = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
+        hydra_dir = run_dir / ".hydra"
+        if hydra_dir.is_dir():  # Hydra rewrites these before main(): a refused run puts them back
+            _HYDRA_BEFORE[str(run_dir.resolve())] = {p.name: p.read_bytes() for p in hydra_dir.iterdir()
+                                                     if p.is_file()}
+    except OSError:
+        pass
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -280,8 +284,8 @@ def main(cfg: DictConfig) -> None:
         from tasks.common import train_config
 
         train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
-        if hasattr(task, "check_config"):
-            task.check_config(cfg)
+        if hasattr(task, "check_values"):
+            task.check_values(cfg)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
         if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)

@@ -1,5 +1,5 @@
 """Benchmarks behind one contract: a module with `run_task(cfg, run) -> dict` of `split/metric` results, and
-optionally `check_config(cfg)`, which names a bad task value before the run starts (before W&B)."""
+optionally `check_values(cfg)`, which names a bad task value before the run starts (before W&B)."""
 from importlib import import_module
 
 TASKS = ("lm", "passkey", "booksum")

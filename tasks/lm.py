@@ -138,7 +138,7 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
     return MixtureStream(streams, state["weights"], batch_size, seed), state["sources"]
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_values(cfg: DictConfig) -> None:
     """The task values that need no data to judge."""
     check_choice("task.dataset", cfg.task.dataset, EMBEDDED + CODE + tuple(HUB))
     check_choice("task.eval_split", cfg.task.eval_split, ("validation", "test"))
@@ -146,7 +146,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
-    check_config(cfg)
+    check_values(cfg)
     check_positive("task.seq_len", t.seq_len)
     check_positive("task.eval_max_docs", t.eval_max_docs)
     mix, min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
