@@ -78,10 +78,11 @@ reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (pass
 # How table2_mini's model was chosen: memory=none at three shapes, each for the same 6 minutes of training with
 # four runs side by side on one GPU (the fourth, RMT, shows the slowest memory's speed under that load),
 # scored on the validation packages.
+ARCH_8x768 = model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072}
 SCAN_SHAPES = --variant "6x512-n512=memory=none" \
-	--variant "8x768-n512=memory=none model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072}" \
-	--variant "8x768-n1024=memory=none model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072} model.segment_len=1024 task.seq_len=16384 trainer.batch_size=4" \
-	--variant "rmt-8x768-n512=memory=rmt model.arch={dim:768,n_layers:8,n_heads:12,n_kv_heads:12,head_dim:64,ffn_dim:3072}"
+	--variant "8x768-n512=memory=none $(ARCH_8x768)" \
+	--variant "8x768-n1024=memory=none $(ARCH_8x768) model.segment_len=1024 task.seq_len=16384 trainer.batch_size=4" \
+	--variant "rmt-8x768-n512=memory=rmt $(ARCH_8x768)"
 
 table2-shape-scan: ## the memory=none shape scan behind table2_mini's model (one GPU, four runs at once, 9 minutes)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2_scan --experiment table2_mini --per-gpu 4 --budget 555 $(SCAN_SHAPES) \

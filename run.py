@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -102,11 +103,10 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
     if "-m" in argv or "--multirun" in argv:
         return
     try:  # what the folder holds now (a name the file system refuses is reported below)
-        _BEFORE[str(run_dir.resolve())] = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
         hydra_dir = run_dir / ".hydra"
-        if hydra_dir.is_dir():  # Hydra rewrites these before main(): a refused run puts them back
-            _HYDRA_BEFORE[str(run_dir.resolve())] = {p.name: p.read_bytes() for p in hydra_dir.iterdir()
-                                                     if p.is_file()}
+        _BEFORE[str(run_dir.resolve())] = Before(
+            {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None,
+            {p.name: p.read_bytes() for p in hydra_dir.iterdir() if p.is_file()} if hydra_dir.is_dir() else None)
     except OSError:
         pass
     try:
@@ -120,15 +120,26 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
 
 
 _LOCK = []  # the open lock file, held until the process exits (a kill -9 releases it too)
-# What each run folder held before this run touched it (None: it did not exist), so that a refused run removes
-# only what it created.
-_BEFORE: dict[str, set[str] | None] = {}
-_HYDRA_BEFORE: dict[str, dict[str, bytes]] = {}  # the files of its .hydra/ folder, when it had one
+
+
+class Before(NamedTuple):
+    """A run folder before this run touched it, so that a refused run removes only what it created and puts
+    back the .hydra/ files Hydra rewrote before main()."""
+
+    names: set[str] | None  # what it held; None: it did not exist
+    hydra: dict[str, bytes] | None  # the files of its .hydra/, when it had one
+
+
+_BEFORE: dict[str, Before] = {}  # by resolved run folder
+
+
+def _before(out_dir: Path) -> Before:
+    return _BEFORE.get(str(out_dir.resolve()), Before(None, None))
 
 
 def restore_hydra_files(out_dir: Path) -> None:
     """A refused run leaves .hydra/ as the earlier run left it (Hydra wrote the refused run's config there)."""
-    saved = _HYDRA_BEFORE.get(str(out_dir.resolve()))
+    saved = _before(out_dir).hydra
     if saved is None:
         return
     hydra_dir = out_dir / ".hydra"
@@ -206,7 +217,7 @@ def check_same_config(config: dict, stored: dict, out_dir: Path) -> None:
 def remove_if_only_hydra(out_dir: Path) -> None:
     """After a config error: remove what Hydra and the lock put in the run folder, if that is all this run put
     there, and the folder itself if this run made it. Nothing that was there before the run is touched."""
-    before = _BEFORE.get(str(out_dir.resolve()), None)
+    before = _before(out_dir).names
     own = {".hydra", ".lock", "run.log"} - (before or set())
     if not out_dir.is_dir() or not {p.name for p in out_dir.iterdir()} <= own | (before or set()):
         return

@@ -53,7 +53,9 @@ def _end_segment(model: InfiniTransformer, state: DecodeState) -> None:
     if model.stack_memory is not None:
         model.stack_memory.end_decode_segment(model, state)
     else:
-        state.states = [block.attn.memory.write(s, c.k, c.v)
+        # Copies: the next segment overwrites these buffers, and a memory may keep what it is given (full
+        # attention's first write holds its keys as they are).
+        state.states = [block.attn.memory.write(s, c.k.clone(), c.v.clone())
                         for block, s, c in zip(model.layers, state.states, state.cache)]
     state.pos = 0
 

@@ -86,9 +86,10 @@ class Run:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self._wandb = None
         self.logger = dict(logger or {})
-        if self.logger.get("backend", "none") == "wandb":  # checked before wandb.init, so no failed W&B run
+        wandb_backend = self.logger.get("backend", "none") == "wandb"
+        if wandb_backend:  # checked before wandb.init, so no failed W&B run
             check_choice("logger.mode", self.logger.get("mode", "offline"), LOGGER_MODES)
-        if is_main and self.logger.get("backend", "none") == "wandb" and os.environ.get("WANDB_MODE") != "disabled":
+        if is_main and wandb_backend and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
 
             self._wandb = wandb.init(

@@ -27,9 +27,9 @@ from infini_bench.errors import ConfigError, check_choice, check_int, check_posi
 from infini_bench.tracking import Run
 
 OPTIMIZERS = ("adamw", "adafactor")
-_clock = time.perf_counter  # what trainer.time_budget_s counts (a test replaces it)
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+_clock = time.perf_counter  # what trainer.time_budget_s counts (a test replaces it)
 
 
 class TrainingDiverged(RuntimeError):

@@ -255,13 +255,18 @@ def test_crafted_checkpoint_metadata_is_refused_and_runs_nothing(tmp_path):
         sums = json.loads(manifest.read_text())
         sums[".metadata"] = hashlib.sha256((last / ".metadata").read_bytes()).hexdigest()
         manifest.write_text(json.dumps(sums))
+    assert "builtins.exec" in _resume_refusal(tmp_path, marker)
+
+
+def _resume_refusal(tmp_path, marker: Path) -> str:
+    """Resume from the tampered checkpoint in tmp_path/ckpt: the one-line refusal, with nothing run."""
     model, stream, run, cfg = setup(tmp_path, steps=3)
     with pytest.raises(ConfigError) as err:
         train(model, cfg, stream, run, tmp_path / "ckpt")
     assert not marker.exists()
     message = str(err.value)
-    assert "\n" not in message and message.startswith("trainer.resume: ") and "builtins.exec" in message
-
+    assert "\n" not in message and message.startswith("trainer.resume: ")
+    return message
 
 
 def test_crafted_optimizer_state_in_the_shards_is_refused_and_runs_nothing(tmp_path):
@@ -286,12 +291,8 @@ def test_crafted_optimizer_state_in_the_shards_is_refused_and_runs_nothing(tmp_p
     sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in last.iterdir()
             if p.is_file() and p.name != MANIFEST}
     (last / MANIFEST).write_text(json.dumps(sums))  # the attacker records every new checksum
-    model, stream, run, cfg = setup(tmp_path, steps=3)
-    with pytest.raises(ConfigError) as err:
-        train(model, cfg, stream, run, tmp_path / "ckpt")
-    assert not marker.exists()
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("trainer.resume: ") and "not plain data" in message
+    assert "not plain data" in _resume_refusal(tmp_path, marker)
+
 
 # Clear errors: SIGINT saves the steps done, then stops with one line; output files follow the umask.
 def test_sigint_saves_a_checkpoint_then_stops(tmp_path):

@@ -209,8 +209,8 @@ class FullAttention(Memory):
 
     def write(self, state: KVCache | None, k: Tensor, v: Tensor) -> KVCache:
         valid = k.new_ones(k.shape[0], k.shape[2], dtype=torch.bool)
-        if state is None:  # a copy: the decoder passes its one-segment cache, which the next segment overwrites
-            return KVCache(k.detach().clone(), v.detach().clone(), valid)
+        if state is None:
+            return KVCache(k.detach(), v.detach(), valid)
         return KVCache(torch.cat([state.k, k.detach()], dim=2), torch.cat([state.v, v.detach()], dim=2),
                        torch.cat([state.valid, valid], dim=1))
 
