@@ -111,7 +111,7 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
         pass
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.touch()
         probe.unlink()
     except OSError as err:
