@@ -350,6 +350,39 @@ def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
     return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs)
 
 
+def final_gates(run: dict) -> dict[tuple[int, int], float]:
+    """{(layer, head): sigmoid(beta)} at the last step a run logged its gates (metrics.jsonl), else {}."""
+    metrics = Path(run["path"]) / "metrics.jsonl"
+    rows = [row for row in read_metrics(metrics) if any(k.startswith("gates/L") for k in row)] \
+        if metrics.exists() else []
+    if not rows:
+        return {}
+    last = max(rows, key=lambda row: row["step"])
+    return {(int(k.split("/")[1][1:]), int(k.split("/")[2][1:])): v for k, v in last.items()
+            if k.startswith("gates/L")}
+
+
+def seed_gates(by_memory: dict[str, list[dict]], folder: Path, stem: str) -> list[tuple[str, Path]]:
+    """The paper's Figure 3 for each gated memory of a seed table: the final sigmoid(beta) per layer and head,
+    the mean over the seeds that logged gates."""
+    import torch
+
+    from infini_bench.plots import gate_heatmap
+
+    figures = []
+    for memory in memory_names():
+        per_run = [g for g in map(final_gates, by_memory.get(memory, [])) if g]
+        if not per_run:
+            continue
+        cells = sorted(set().union(*per_run))
+        layers, heads = sorted({i for i, _ in cells}), max(j for _, j in cells) + 1
+        mean = torch.tensor([[sum(g.get((i, j), float("nan")) for g in per_run) / len(per_run)
+                              for j in range(heads)] for i in layers])
+        title = f"{memory}: sigmoid(beta), mean of {len(per_run)} seed{'s' * (len(per_run) > 1)}"
+        figures.append((memory, gate_heatmap(mean, folder / f"{stem}_gates_{memory}.png", title, layers=layers)))
+    return figures
+
+
 # ---- Table 3 ---------------------------------------------------------------------------------------------------------
 
 
@@ -442,6 +475,8 @@ def figures(results: list[dict], out: Path) -> list[str]:
     for i, by_memory in enumerate(seed_groups(results).values()):
         add(f"seed table {i + 1}: loss by segment", seed_curves(by_memory, img / f"table2_seeds_{i + 1}_segments.png"))
         add(f"seed table {i + 1}: training loss", seed_training(by_memory, img / f"table2_seeds_{i + 1}_train.png"))
+        for memory, path in seed_gates(by_memory, img, f"table2_seeds_{i + 1}"):
+            add(f"seed table {i + 1}: gates of {memory}", path)
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
     if books:
         xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}

@@ -130,7 +130,8 @@ def test_a_run_ends_with_its_results_table(runs):
     assert printed["sweep"].count("paper / chance") == 2  # each job of a sweep prints its own
 
 
-def _seed_run(root: Path, memory: str, seed: int, bpb: float, curve: list[float]) -> None:
+def _seed_run(root: Path, memory: str, seed: int, bpb: float, curve: list[float],
+              gates: list[dict[str, float]] = ()) -> None:
     """A results.json as the LM task writes it, for one memory and seed of one recipe."""
     config = {"seed": seed, "name": f"lm_mini-{memory}", "memory": {"name": memory},
               "model": {"name": "lm_mini", "segment_len": 512},
@@ -142,6 +143,8 @@ def _seed_run(root: Path, memory: str, seed: int, bpb: float, curve: list[float]
     folder = root / f"{memory}-s{seed}"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+    rows = [{"step": 10 * (k + 1), **g} for k, g in enumerate(gates)]  # gates logged at steps 10, 20, ...
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_twice_the_range(tmp_path):
@@ -164,3 +167,21 @@ def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_
                                                                                "0.800 ± 0.000")
     assert txl["paper PG19 / Arxiv-math"] == "11.88 / 2.42" and txl["train tokens/s"] == "918K"  # 700 x 16 x 8192 / 100 s
     assert (tmp_path / "docs" / "report_img" / "table2_seeds_1_segments.png").stat().st_size > 1000
+
+
+def test_the_seed_table_draws_each_gated_memorys_final_gates_averaged_over_seeds(tmp_path):
+    from infini_bench.report import final_gates, seed_groups
+
+    curve = [1.0] * 16
+    early, late = {"gates/L0/H0": 0.5, "gates/L0/H1": 0.5}, {"gates/L0/H0": 0.2, "gates/L0/H1": 0.9}
+    _seed_run(tmp_path, "linear", 0, 1.3, curve, gates=[early, late])
+    _seed_run(tmp_path, "linear", 1, 1.3, curve, gates=[early, {"gates/L0/H0": 0.4, "gates/L0/H1": 0.7}])
+    _seed_run(tmp_path, "none", 0, 1.3, curve)
+    _seed_run(tmp_path, "none", 1, 1.3, curve)
+    runs = find_results([tmp_path])
+    linear = seed_groups(runs)[next(iter(seed_groups(runs)))]["linear"]
+    assert sorted(final_gates(r)[(0, 1)] for r in linear) == [0.7, 0.9]  # the last logged step, not the first
+    text = build_report(runs, tmp_path / "docs" / "REPORT.md")
+    assert "![seed table 1: gates of linear](report_img/table2_seeds_1_gates_linear.png)" in text
+    assert (tmp_path / "docs" / "report_img" / "table2_seeds_1_gates_linear.png").stat().st_size > 1000
+    assert "gates of none" not in text  # no gate, no figure
