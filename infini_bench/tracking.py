@@ -5,7 +5,9 @@ import json
 import math
 import os
 import secrets
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,29 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in this checkout, or None (no git, or not a clone)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What produced a run's numbers: the code (git commit, and whether the tree had uncommitted changes),
+    the versions, the device and the time the results were written."""
+    import platform
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 STEP = "trainer/step"  # every W&B panel's x axis (define_metric), logged beside each row
@@ -166,7 +191,7 @@ class Run:
         if self.metrics_path.exists():
             loss_curves(read_metrics(self.metrics_path), self.out_dir / "loss_curves.png",
                         title=str(self.config.get("name", "")))
-        record = {"config": self.config, "results": results}
+        record = {"config": self.config, "results": results, "environment": environment(self.device)}
         if self._wandb is not None:
             record["wandb"] = {"id": self._wandb.id, "project": self._wandb.project, "url": self._wandb.url,
                                "dir": str(Path(self._wandb.dir).parent)}

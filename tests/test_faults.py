@@ -405,3 +405,19 @@ def test_a_full_disk_while_caching_the_tokens_is_one_line_and_leaves_no_partial_
     with pytest.raises(ResourceError, match=r"train_tokens\.pt could not be written .*No space left.*free disk"):
         lm.prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, fresh=True)
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its .tmp
+
+
+def test_results_say_which_code_versions_and_device_made_them(tmp_path, monkeypatch):
+    from infini_bench import tracking
+
+    Run(tmp_path / "here", {}, device="cpu").finish({"val/ppl": 2.0})
+    env = json.loads((tmp_path / "here" / "results.json").read_text())["environment"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tracking.__file__).parent, capture_output=True,
+                          text=True)
+    assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert env["torch"] == torch.__version__ and env["device"] and env["finished_utc"].endswith("Z")
+    assert isinstance(env["git_dirty"], bool) or env["git_commit"] is None
+    monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    Run(tmp_path / "nogit", {}, device="cpu").finish({})  # no git on the machine: recorded as unknown
+    env = json.loads((tmp_path / "nogit" / "results.json").read_text())["environment"]
+    assert env["git_commit"] is None and env["git_dirty"] is None
