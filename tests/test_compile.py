@@ -20,10 +20,14 @@ from infini_bench.model import RECOMPILE_LIMIT, build_model
 
 N = 8
 ARGS = {"memorizing": {"knn_size": 20, "top_k": 4, "knn_layer": 2}, "rmt": {"num_mem_tokens": 3}}
-# Traces one training call takes: one per kind of layer (Memorizing's kNN layer differs from its others);
-# RMT compiles a whole segment: the first (the learned M_0, broadcast over the batch), a later one, and a
-# partial last one.
-TRAIN_TRACES = {"memorizing": 2, "rmt": 3}
+# Traces after each of three training calls: one per kind of layer, all in the first call; RMT compiles a whole
+# segment: the first (the learned M_0, broadcast over the batch), a later one, and a partial last one.
+# Memorizing's block breaks its graph around the kNN search (below), so it is compiled in parts, and two of
+# the parts first meet the other kind of layer in the second call; nothing is traced after that.
+TRAIN_TRACES = {"memorizing": [7, 9, 9], "rmt": [3, 3, 3]}
+# Memories whose blocks break their graph on purpose: Memorizing's kNN search runs eagerly (knn_attention is
+# torch.compiler.disable'd, since inductor miscompiled its backward on the GPU), so its block is compiled in parts.
+GRAPH_BREAKS = {"memorizing"}
 
 
 class Traces:
@@ -31,9 +35,12 @@ class Traces:
 
     def __init__(self):
         self.graphs = 0
+        self.per_frame: dict[int, int] = {}  # traces of each compiled function (the limit counts per function)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.graphs += 1
+        frame = torch._guards.CompileContext.current_compile_id().frame_id
+        self.per_frame[frame] = self.per_frame.get(frame, 0) + 1
         return gm.forward
 
 
@@ -53,7 +60,7 @@ def pair(memory: str) -> tuple[torch.nn.Module, torch.nn.Module, Traces]:
             if layer.attn.gate is not None:
                 layer.attn.gate.normal_(0, 2)
     compiled, traces = copy.deepcopy(eager), Traces()
-    compiled.compile_blocks(backend=traces, fullgraph=True)
+    compiled.compile_blocks(backend=traces, fullgraph=memory not in GRAPH_BREAKS)
     return eager, compiled, traces
 
 
@@ -108,7 +115,7 @@ def test_no_recompiles_after_the_first_training_step(memory):
     for step in range(3):
         train_step(compiled, tokens(4 * N + 3, seed=step))
         counts.append(traces.graphs)
-    assert counts == [TRAIN_TRACES.get(memory, 1)] * 3
+    assert counts == TRAIN_TRACES.get(memory, [1, 1, 1])
     compiled.eval()
     with torch.no_grad():
         for seed, length in enumerate((5 * N + 1, 6 * N + 5, 7 * N + 2, 3 * N + 7, 6 * N + 5)):
@@ -116,7 +123,7 @@ def test_no_recompiles_after_the_first_training_step(memory):
                 pass
             counts.append(traces.graphs)
     assert counts[-1] == counts[-2]
-    assert counts[-1] <= RECOMPILE_LIMIT // 2
+    assert max(traces.per_frame.values()) <= RECOMPILE_LIMIT // 2
 
 
 def test_a_memory_that_cannot_compile_runs_eagerly(monkeypatch):
@@ -131,3 +138,24 @@ def test_a_memory_that_cannot_compile_runs_eagerly(monkeypatch):
         warnings.simplefilter("error")
         train_step(model, tokens(2 * N))
     assert traced == [False]
+
+
+def test_the_knn_search_runs_eagerly_inside_a_compiled_block(monkeypatch):
+    """Inductor compiled Memorizing's kNN search and top-k attention into a wrong backward on an H200 (torch
+    2.11: non-finite gradients at batch 8 x 8,192 tokens, finite eagerly), a failure no CPU backend shows; so
+    knn_attention is excluded from compilation, and this holds that it stays excluded."""
+    from infini_bench.memories import memorizing
+
+    seen = []
+    original = memorizing.TopKAttention.apply
+
+    class Recording:
+        @staticmethod
+        def apply(*args):
+            seen.append(torch.compiler.is_compiling())
+            return original(*args)
+
+    monkeypatch.setattr(memorizing, "TopKAttention", Recording)
+    _, compiled, traces = pair("memorizing")
+    train_step(compiled, tokens(4 * N + 3))
+    assert traces.graphs > 0 and seen and not any(seen)

@@ -87,12 +87,18 @@ class TopKAttention(torch.autograd.Function):
         return dq.to(ctx.q_dtype), None, None, None, None
 
 
+@torch.compiler.disable
 def knn_attention(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | None, top_k: int,
                   lo: int, hi: int) -> tuple[Tensor, Tensor]:
     """Each query's top_k keys among slots lo .. hi-1, then a softmax over those k pairs alone.
 
     q (B, H, L, D) normalised and scaled, fp32; keys (B, H_kv, S, D) normalised, values (B, H_kv, S, D_v);
-    key_valid (B, S) or None (all valid). Returns (out (B, H, L, D_v) fp32, has (B, H, L, 1): anything valid)."""
+    key_valid (B, S) or None (all valid). Returns (out (B, H, L, D_v) fp32, has (B, H, L, 1): anything valid).
+
+    Always eager, also inside a compiled block (the block's graph breaks around it): compiled by inductor on an
+    H200 (torch 2.11) at batch 8 x 8,192 tokens, the search-and-gather gave the same loss as eager but
+    non-finite gradients (and, written with plain autograd ops instead of TopKAttention, gradients off by a
+    factor of 1e5 in the kNN layer and below), while eager and batch 1 were right (docs/BENCHMARKS.md)."""
     b, h, length, d = q.shape
     hk = keys.shape[1]
     k = min(top_k, hi - lo)
