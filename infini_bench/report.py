@@ -213,8 +213,16 @@ def _setting(config: dict) -> str:
     kept = json.loads(_identity(config))
     for key in ("seed", "memory", "name"):  # the run's name is made of its model and memory
         kept.pop(key, None)
-    kept.get("trainer", {}).pop("seed", None)
+    trainer = kept.get("trainer", {})
+    trainer.pop("seed", None)
+    if "batch_size" in trainer:  # 8 sequences x 2 accumulated micro-batches is the same step as 16 x 1
+        trainer["sequences_per_step"] = trainer.pop("batch_size") * trainer.pop("grad_accum", 1)
     return json.dumps(kept, sort_keys=True)
+
+
+def _micro_batches(run: dict) -> str:
+    t = run["config"].get("trainer", {})
+    return f"{t.get('batch_size')} x {t.get('grad_accum', 1)}"
 
 
 def seed_groups(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -309,6 +317,11 @@ def table2_seeds(results: list[dict], out: Path | None = None) -> list[str]:
                          f"{_mean_spread([r['results'][f'{split}/ppl'] for r in runs], 2)} | {' | '.join(bands)} | "
                          f"{versus} | {_fmt(sum(rates) / len(rates) / 1e3, 0) + 'K' if rates else '-'} | "
                          f"{' / '.join(_fmt(x) for x in footprint(runs[0]['results']))} | {cited} | {links} |")
+        splits = {m: sorted({_micro_batches(r) for r in runs}) for m, runs in by_memory.items()}
+        if len({b for bs in splits.values() for b in bs}) > 1:
+            lines += ["", "Sequences per step as micro-batch x accumulated micro-batches (the same optimizer step; "
+                          "the windows drawn differ): "
+                      + "; ".join(f"{m} {', '.join(bs)}" for m in memory_names() if (bs := splits.get(m)))]
         lines.append("")
     return lines
 

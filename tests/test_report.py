@@ -152,6 +152,11 @@ def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_
     for memory, seed, bpb in (("none", 0, 1.30), ("none", 1, 1.28), ("txl", 0, 1.17), ("txl", 1, 1.20),
                               ("linear", 0, 1.27), ("linear", 1, 1.31)):
         _seed_run(tmp_path / "runs", memory, seed, bpb, curve)
+    _seed_run(tmp_path / "runs", "rmt", 0, 1.25, curve)
+    _seed_run(tmp_path / "runs", "rmt", 1, 1.27, curve)
+    for seed in (0, 1):  # RMT's step as one micro-batch of 16: the same recipe, in the same table
+        path = tmp_path / "runs" / f"rmt-s{seed}" / "results.json"
+        path.write_text(path.read_text().replace('"batch_size": 8, "grad_accum": 2', '"batch_size": 16, "grad_accum": 1'))
     _seed_run(tmp_path / "other", "none", 0, 2.0, curve)  # another recipe, one seed: not a seed table
     (tmp_path / "other" / "none-s0" / "results.json").write_text(
         (tmp_path / "other" / "none-s0" / "results.json").read_text().replace('"seq_len": 8192', '"seq_len": 4096'))
@@ -163,6 +168,8 @@ def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_
     assert none["test bits/byte"] == "1.290 ± 0.010" and none["seeds"] == "0, 1"
     assert txl["bits/byte vs none"] == "lower by 0.105"  # 0.105 > 2 x 0.03, the larger range
     assert linear["bits/byte vs none"] == "within noise"  # 0.0 difference, range 0.04
+    assert cells(section, header, "| rmt |")["test bits/byte"] == "1.260 ± 0.010"
+    assert "rmt 16 x 1" in section and "none 8 x 2" in section
     assert (txl["first segment"], txl["segments 8-15"], txl["segments 16+"]) == ("1.000 ± 0.000", "0.900 ± 0.000",
                                                                                "0.800 ± 0.000")
     assert txl["paper PG19 / Arxiv-math"] == "11.88 / 2.42" and txl["train tokens/s"] == "918K"  # 700 x 16 x 8192 / 100 s
