@@ -201,6 +201,21 @@ def stored_config(out_dir: Path) -> tuple[dict | None, bool]:
     return None, False
 
 
+def code_change(out_dir: Path) -> str:
+    """', with the code at <commit>; the checkout is now at <commit>' when the finished run's results were made
+    by another commit than the checkout's (its numbers may be stale), else ''."""
+    from infini_bench.tracking import code_version
+
+    try:
+        then = json.loads((out_dir / "results.json").read_text()).get("environment", {}).get("git_commit")
+    except (OSError, ValueError):
+        return ""
+    now, _ = code_version()
+    if then and now and then != now:
+        return f", with the code at {then[:10]}; the checkout is now at {now[:10]}"
+    return ""
+
+
 def check_same_config(config: dict, stored: dict, out_dir: Path) -> None:
     """Resuming a folder with another config would mix two runs: refuse, naming what differs."""
     from infini_bench.errors import ConfigError
@@ -286,8 +301,8 @@ def main(cfg: DictConfig) -> None:
             check_same_config(config, stored, out_dir)
             if finished:
                 if is_main_process():
-                    print(f"results: {out_dir / 'results.json'} (this run had finished; trainer.resume=false "
-                          "runs it again)")
+                    print(f"results: {out_dir / 'results.json'} (this run had finished{code_change(out_dir)}; "
+                          "trainer.resume=false runs it again)")
                 return
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one

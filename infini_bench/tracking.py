@@ -75,14 +75,20 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def code_version() -> tuple[str | None, bool | None]:
+    """(the checkout's git commit, whether tracked files differ from it), or (None, None) outside a clone."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit, None if status is None else bool(status)
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What produced a run's numbers: the code (git commit, and whether the tree had uncommitted changes),
     the versions, the device and the time the results were written."""
     import platform
 
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
+    commit, dirty = code_version()
+    return {"git_commit": commit, "git_dirty": dirty,
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -86,6 +86,14 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
     again, _ = cli(*args, tmp_path=tmp_path)  # the same command finds the run finished: it reports and exits
     assert again.returncode == 0 and "had finished" in again.stdout, again.stderr
     assert ((out / "results.json").read_text(), (out / "metrics.jsonl").read_text()) == before
+    assert "the checkout is now at" not in again.stdout  # made by this checkout's code
+    record = json.loads(before[0])
+    if record["environment"]["git_commit"] is not None:  # a clone: results of another commit are called stale
+        record["environment"]["git_commit"] = "0123456789" * 4
+        (out / "results.json").write_text(json.dumps(record))
+        stale, _ = cli(*args, tmp_path=tmp_path)
+        now = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert f"had finished, with the code at 0123456789; the checkout is now at {now[:10]}" in stale.stdout
 
 
 @pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
