@@ -11,11 +11,13 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -303,6 +305,7 @@ def main(cfg: DictConfig) -> None:
                 if is_main_process():
                     print(f"results: {out_dir / 'results.json'} (this run had finished{code_change(out_dir)}; "
                           "trainer.resume=false runs it again)")
+                    sweep_outcome(True, "finished earlier: " + headline_of(out_dir))
                 return
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
@@ -319,14 +322,50 @@ def main(cfg: DictConfig) -> None:
         run.finish(results)
         if run.is_main:
             print_results(out_dir, config)
+            sweep_outcome(True, headline_of(out_dir))
     except BaseException as err:  # noqa: BLE001 - what a user can act on gets one line, a bug its traceback
         line = error_line(err, out_dir)
-        if line is None:
-            raise
-        if isinstance(err, ConfigError):
+        if line is not None and isinstance(err, ConfigError):
             restore_hydra_files(out_dir)  # a refused run leaves the folder as it found it
             remove_if_only_hydra(out_dir)  # never anything this run did not create
+        if in_sweep() and not isinstance(err, _stops_a_sweep()):  # the sweep goes on to its next job
+            if line is None:
+                traceback.print_exc()
+            message = line[0] if line is not None else f"{type(err).__name__}: {err}".splitlines()[0]
+            print(f"error: {message}", file=sys.stderr)
+            sweep_outcome(False, message)
+            return
+        if line is None:
+            raise
         fail(*line)
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_outcome(ok: bool, detail: str) -> None:
+    """In a sweep, this job's outcome for the table the sweep ends with (tasks/sweep.py)."""
+    if in_sweep():
+        from tasks.sweep import record_outcome
+
+        hc = HydraConfig.get()
+        record_outcome(int(hc.job.num), list(hc.overrides.task), ok, detail)
+
+
+def headline_of(out_dir: Path) -> str:
+    from infini_bench.report import headline
+
+    record = json.loads((out_dir / "results.json").read_text())
+    return headline(record["config"], record["results"])
+
+
+def _stops_a_sweep() -> tuple[type, ...]:
+    """Errors that end a whole sweep, not just its job: the user stopping it."""
+    from infini_bench.errors import Terminated
+    from infini_bench.train import Interrupted
+
+    return KeyboardInterrupt, SystemExit, Terminated, Interrupted
 
 
 def _terminate(signum, frame) -> None:

@@ -543,6 +543,16 @@ def _paper_ppl(config: dict, results: dict) -> str:
     return "-" if used in HUB_COLUMNS else f"- (paper: PG19 / Arxiv-math; this is {used})"
 
 
+HEADLINE = ("test/ppl", "val/ppl", "passkey/acc %", "booksum/overall")
+
+
+def headline(config: dict, res: dict) -> str:
+    """A run's main number in a few characters ('val/ppl 19.94'), for a sweep's table of its jobs."""
+    rows = {name: ours for name, ours, _ in _main_rows(config, res)}
+    name = next((k for k in HEADLINE if k in rows), next(iter(rows), None))
+    return f"{name} {rows[name]}" if name is not None else "no metric"
+
+
 def _main_rows(config: dict, res: dict) -> list[tuple[str, str, str]]:
     """(metric, ours, the paper's value or chance) for a run's headline numbers."""
     task, memory = config["task"]["name"], config["memory"]["name"]

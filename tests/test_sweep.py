@@ -63,7 +63,37 @@ def test_a_bad_sweep_value_is_one_line_before_any_job(args, message, tmp_path):
 @pytest.mark.slow
 def test_a_value_only_the_job_can_judge_fails_that_job_in_one_line(tmp_path):
     proc = sweep("-m", "model.segment_len=32,0", *SMALL, tmp_path=tmp_path)
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # the sweep's: one of its jobs failed
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.segment_len: 0 must be a positive integer" in lines[0], proc.stderr
     assert sorted(results(tmp_path)) == [("linear", 32)]  # the good job before it finished
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_end_the_sweep_which_ends_with_every_jobs_outcome(tmp_path):
+    args = ["-m", "model.segment_len=0,32", *SMALL]
+    proc = sweep(*args, tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # a job failed: the sweep says so in its exit code
+    assert "Traceback" not in proc.stderr and "error: model.segment_len: 0 must be a positive integer" in proc.stderr
+    (ppl,) = [r["val/ppl"] for (_, n), r in results(tmp_path).items() if n == 32]  # job 1 ran after job 0 failed
+    table = (tmp_path / "sweep_summary.md").read_text()
+    assert table in proc.stdout and "sweep: 2 jobs, 1 failed" in table
+    assert "| 0 | model.segment_len=0 | error: model.segment_len: 0 must be a positive integer |" in table
+    assert f"| 1 | model.segment_len=32 | val/ppl {ppl:.2f} |" in table
+    assert "every job: " in table and "task=lm" in table.split("| job |")[0]
+    assert not list(tmp_path.glob(".outcomes-*"))
+    again = sweep(*args, tmp_path=tmp_path)  # rerun: the finished job reports its numbers, the bad one fails again
+    assert again.returncode == 1
+    assert f"| 1 | model.segment_len=32 | finished earlier: val/ppl {ppl:.2f} |" in again.stdout
+
+
+def test_the_sweep_table_names_what_differs_between_jobs():
+    from tasks.sweep import summary_table
+
+    table = summary_table([
+        {"job": 1, "overrides": ["memory=none", "task=lm"], "ok": True, "detail": "val/ppl 2.00"},
+        {"job": 0, "overrides": ["memory=linear", "task=lm", "seed=1"], "ok": False, "detail": "a | b"}])
+    assert table.splitlines()[0] == "sweep: 2 jobs, 1 failed"
+    assert "every job: task=lm" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 0") or line.startswith("| 1")]
+    assert rows == ["| 0 | memory=linear seed=1 | error: a / b |", "| 1 | memory=none | val/ppl 2.00 |"]

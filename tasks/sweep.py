@@ -1,0 +1,73 @@
+"""A sweep that finishes: every job of a Hydra multirun runs even when another fails, and the sweep ends with a
+table of every job's outcome (its main metric, or its one-line error) and exit code 1 if any job failed.
+
+Jobs write their outcome to a folder the sweep names in an environment variable (launchers that start jobs in
+other processes on this machine inherit it); `SweepSummary`, a Hydra callback in conf/config.yaml, makes the
+folder when the sweep starts and reads it when the sweep ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+OUTCOMES = "INFINI_BENCH_SWEEP_OUTCOMES"  # the folder of this sweep's job outcomes
+
+
+def record_outcome(job: int, overrides: list[str], ok: bool, detail: str) -> None:
+    """One job's outcome, when it runs inside a sweep (else nothing): ok and its main metric, or the error."""
+    folder = os.environ.get(OUTCOMES)
+    if not folder or not Path(folder).is_dir():
+        return
+    path = Path(folder) / f"{job}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job": job, "overrides": overrides, "ok": ok, "detail": detail}))
+    os.replace(tmp, path)
+
+
+def summary_table(outcomes: list[dict]) -> str:
+    """A markdown table, one row per job in job order, naming the overrides that differ between the jobs (the
+    ones every job shares are listed once above it)."""
+    failed = sum(not o["ok"] for o in outcomes)
+    values: dict[str, set[str]] = {}
+    for o in outcomes:
+        for arg in o["overrides"]:
+            key, _, value = arg.partition("=")
+            values.setdefault(key, set()).add(value)
+    swept = {k for k, v in values.items() if len(v) > 1 or sum(k == a.partition("=")[0] for o in outcomes
+                                                                  for a in o["overrides"]) < len(outcomes)}
+    shared = sorted({a for o in outcomes for a in o["overrides"] if a.partition("=")[0] not in swept})
+    lines = [f"sweep: {len(outcomes)} jobs, {failed} failed", ""]
+    lines += [f"every job: {' '.join(shared)}", ""] if shared and len(outcomes) > 1 else []
+    lines += ["| job | overrides | outcome |", "|---|---|---|"]
+    for o in sorted(outcomes, key=lambda o: o["job"]):
+        own = [a for a in o["overrides"] if a.partition("=")[0] in swept or len(outcomes) == 1]
+        outcome = o["detail"] if o["ok"] else f"error: {o['detail']}"
+        lines.append(f"| {o['job']} | {' '.join(own) or '-'} | {outcome.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+class SweepSummary(Callback):
+    """Makes the outcome folder when a multirun starts; prints and saves the table when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.folder = Path(str(config.hydra.sweep.dir)) / f".outcomes-{os.getpid()}"
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        os.environ[OUTCOMES] = str(self.folder)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        outcomes = [json.loads(p.read_text()) for p in self.folder.glob("*.json")]
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.environ.pop(OUTCOMES, None)
+        text = summary_table(outcomes)
+        path = Path(str(config.hydra.sweep.dir)) / "sweep_summary.md"
+        path.write_text(text)
+        print(f"\n{text}saved: {path}")
+        if not all(o["ok"] for o in outcomes):
+            sys.exit(1)
