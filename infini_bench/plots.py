@@ -18,14 +18,14 @@ from infini_bench.tracking import follow_umask  # noqa: E402
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head",
                  layers: list[int] | None = None) -> Path:
-    """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only. The colour scale spans the values
-    (centred on 0.5, the mixer value), each cell shows its value, and the ticks are whole layers and heads;
-    `layers` names the rows when only some layers have a gate (Memorizing Transformers: one)."""
+    """gates (L, H) in [0, 1]: 0 = local attention only, 1 = memory only. The colour scale is the whole range
+    0-1 (white at 0.5, where every gate starts), so figures compare and noise near 0.5 stays pale; each cell
+    shows its value, and the ticks are whole layers and heads; `layers` names the rows when only some layers
+    have a gate (Memorizing Transformers: one)."""
     values = gates.detach().float().cpu()
-    spread = max(float((values - 0.5).abs().max()), 1e-3)
     n_layers, n_heads = values.shape
     fig, ax = plt.subplots(figsize=(max(4, n_heads * 0.45 + 2), max(3, n_layers * 0.35 + 1.5)))
-    im = ax.imshow(values.numpy(), vmin=0.5 - spread, vmax=0.5 + spread, cmap="coolwarm", aspect="auto")
+    im = ax.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="coolwarm", aspect="auto")
     if n_layers * n_heads <= 512:  # beyond that the numbers would not be legible
         for i in range(n_layers):
             for j in range(n_heads):

@@ -164,6 +164,9 @@ def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, floa
     metrics = {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
     run.log(metrics, step=step)
     if run.is_main:
-        run.log_image("gates/heatmap", gate_heatmap(gates, Path(run.out_dir) / "gates.png", layers=layers),
+        title = f"{run.config.get('name', '')}: sigmoid(beta) per layer and head".lstrip(": ")
+        if step is not None:
+            title += f", step {step}"
+        run.log_image("gates/heatmap", gate_heatmap(gates, Path(run.out_dir) / "gates.png", title, layers=layers),
                       step=step)
     return metrics

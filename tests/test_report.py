@@ -192,3 +192,28 @@ def test_the_seed_table_draws_each_gated_memorys_final_gates_averaged_over_seeds
     assert "![seed table 1: gates of linear](report_img/table2_seeds_1_gates_linear.png)" in text
     assert (tmp_path / "docs" / "report_img" / "table2_seeds_1_gates_linear.png").stat().st_size > 1000
     assert "gates of none" not in text  # no gate, no figure
+
+
+def test_gates_figure_spans_zero_to_one_and_names_its_run(tmp_path, monkeypatch):
+    """A colour scale fitted to the values would paint 0.49 and 0.51 as the two extremes of the map."""
+    import matplotlib.axes
+    import torch
+
+    from infini_bench.model import build_model
+    from infini_bench.tracking import Run
+    from tasks.common import log_gates
+
+    seen = {}
+    imshow, set_title = matplotlib.axes.Axes.imshow, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, *a, **k: seen.update(k) or imshow(self, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: seen.update(title=label) or set_title(self, label, *a, **k))
+    model = build_model("tiny", memory="linear", n_layers=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.gate.uniform_(-0.04, 0.04)  # sigmoid within 0.49-0.51
+    log_gates(model, Run(tmp_path, {"name": "tiny-linear"}, device="cpu"), step=7)
+    assert (seen["vmin"], seen["vmax"]) == (0.0, 1.0)
+    assert seen["title"] == "tiny-linear: sigmoid(beta) per layer and head, step 7"
+    assert (tmp_path / "gates.png").stat().st_size > 1000
