@@ -6,6 +6,7 @@ from the checkpoint, the losses after a resume are identical to an uninterrupted
 """
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -30,6 +31,8 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 _clock = time.perf_counter  # what trainer.time_budget_s counts (a test replaces it)
+HEARTBEAT_S = 120.0  # with trainer.progress=false, a line with the step, loss, speed and ETA this often
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -205,6 +208,19 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def heartbeat(step: int, cfg: TrainConfig, loss: float, tokens_per_step: int, steps: int, seconds: float,
+              trained: float) -> None:
+    """One line for a run without a progress bar: where it is, how fast (over the `steps` that took `seconds`
+    since the last line), and when it will be done (`trained`: training seconds so far, for a time budget)."""
+    per_step = seconds / max(steps, 1)
+    left = (cfg.steps - step) * per_step
+    if cfg.time_budget_s is not None:
+        left = min(left, max(0.0, cfg.time_budget_s - trained))
+    eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    log.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, cfg.steps, loss,
+             tokens_per_step / max(per_step, 1e-9), eta)
+
+
 def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
           ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None) -> dict[str, float]:
     """Train for cfg.steps optimizer steps (or until cfg.time_budget_s), resuming from ckpt_dir if a checkpoint
@@ -246,6 +262,7 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     t0, window_tokens = time.perf_counter(), 0
     seconds = float(summary.get("train/seconds", 0.0))  # training time so far, restored on resume
+    beat = (step, seconds)  # the step and training seconds of the last heartbeat line
 
     def out_of_time() -> bool:
         return cfg.time_budget_s is not None and seconds >= cfg.time_budget_s
@@ -289,6 +306,9 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             run.log(metrics, step=step)
             t0, window_tokens = time.perf_counter(), 0
         summary.update({"train/loss": loss_sum, "train/steps": step, "train/seconds": seconds})
+        if not cfg.progress and run.is_main and (seconds - beat[1] >= HEARTBEAT_S or last):
+            heartbeat(step, cfg, loss_sum, tokens_per_step, step - beat[0], seconds - beat[1], seconds)
+            beat = (step, seconds)
         if eval_fn is not None and step % cfg.eval_every == 0 and not last:  # the task evaluates the end
             metrics = eval_fn(model, step)
             run.log(metrics, step=step)

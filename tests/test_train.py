@@ -143,3 +143,22 @@ def test_metrics_rows_of_one_step_never_repeat_a_metric(tmp_path):
     for step, rows in by_step.items():
         keys = [k for r in rows for k in r]
         assert len(keys) == len(set(keys)), step
+
+
+def test_a_run_without_a_progress_bar_logs_a_heartbeat_every_two_minutes(tmp_path, monkeypatch, caplog):
+    """10 fake seconds a step, 30 steps: a line at 120 s (step 12) and 240 s (step 24), and one at the end."""
+    import logging
+
+    import infini_bench.train as train_module
+
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(clock)))
+    model, stream, run, cfg = setup(tmp_path, "quiet")
+    cfg.steps, cfg.progress, cfg.log_every, cfg.ckpt_every = 30, False, 100, 100
+    with caplog.at_level(logging.INFO, logger="infini_bench.train"):
+        train(model, cfg, stream, run, tmp_path / "quiet" / "ckpt")
+    beats = [r.getMessage() for r in caplog.records if r.name == "infini_bench.train"]
+    assert [b.split()[1] for b in beats] == ["12/30", "24/30", "30/30"]
+    tokens = cfg.batch_size * cfg.grad_accum * stream.seq_len
+    assert beats[0].endswith(f"{tokens / 10:.0f} tokens/s  ETA 0:03:00")  # 18 steps left at 10 s each
+    assert beats[-1].endswith("ETA 0:00:00")
