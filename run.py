@@ -305,7 +305,7 @@ def main(cfg: DictConfig) -> None:
                 if is_main_process():
                     print(f"results: {out_dir / 'results.json'} (this run had finished{code_change(out_dir)}; "
                           "trainer.resume=false runs it again)")
-                    sweep_outcome(True, "finished earlier: " + headline_of(out_dir))
+                    sweep_outcome(out_dir, earlier=True)
                 return
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
@@ -322,7 +322,7 @@ def main(cfg: DictConfig) -> None:
         run.finish(results)
         if run.is_main:
             print_results(out_dir, config)
-            sweep_outcome(True, headline_of(out_dir))
+            sweep_outcome(out_dir)
     except BaseException as err:  # noqa: BLE001 - what a user can act on gets one line, a bug its traceback
         line = error_line(err, out_dir)
         if line is not None and isinstance(err, ConfigError):
@@ -333,7 +333,7 @@ def main(cfg: DictConfig) -> None:
                 traceback.print_exc()
             message = line[0] if line is not None else f"{type(err).__name__}: {err}".splitlines()[0]
             print(f"error: {message}", file=sys.stderr)
-            sweep_outcome(False, message)
+            sweep_outcome(out_dir, error=message)
             return
         if line is None:
             raise
@@ -344,20 +344,20 @@ def in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def sweep_outcome(ok: bool, detail: str) -> None:
-    """In a sweep, this job's outcome for the table the sweep ends with (tasks/sweep.py)."""
-    if in_sweep():
-        from tasks.sweep import record_outcome
-
-        hc = HydraConfig.get()
-        record_outcome(int(hc.job.num), list(hc.overrides.task), ok, detail)
-
-
-def headline_of(out_dir: Path) -> str:
+def sweep_outcome(out_dir: Path, error: str | None = None, earlier: bool = False) -> None:
+    """In a sweep (else nothing), this job's outcome for the table the sweep ends with (tasks/sweep.py): its
+    error, or the main number of its results.json (`earlier`: a run that had finished before this sweep)."""
+    if not in_sweep():
+        return
     from infini_bench.report import headline
+    from tasks.sweep import record_outcome
 
-    record = json.loads((out_dir / "results.json").read_text())
-    return headline(record["config"], record["results"])
+    detail = error
+    if error is None:
+        record = json.loads((out_dir / "results.json").read_text())
+        detail = ("finished earlier: " if earlier else "") + headline(record["config"], record["results"])
+    hc = HydraConfig.get()
+    record_outcome(int(hc.job.num), list(hc.overrides.task), error is None, detail)
 
 
 def _stops_a_sweep() -> tuple[type, ...]:

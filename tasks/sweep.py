@@ -34,19 +34,12 @@ def summary_table(outcomes: list[dict]) -> str:
     """A markdown table, one row per job in job order, naming the overrides that differ between the jobs (the
     ones every job shares are listed once above it)."""
     failed = sum(not o["ok"] for o in outcomes)
-    values: dict[str, set[str]] = {}
-    for o in outcomes:
-        for arg in o["overrides"]:
-            key, _, value = arg.partition("=")
-            values.setdefault(key, set()).add(value)
-    swept = {k for k, v in values.items() if len(v) > 1 or sum(k == a.partition("=")[0] for o in outcomes
-                                                                  for a in o["overrides"]) < len(outcomes)}
-    shared = sorted({a for o in outcomes for a in o["overrides"] if a.partition("=")[0] not in swept})
+    common = set.intersection(*(set(o["overrides"]) for o in outcomes)) if len(outcomes) > 1 else set()
     lines = [f"sweep: {len(outcomes)} jobs, {failed} failed", ""]
-    lines += [f"every job: {' '.join(shared)}", ""] if shared and len(outcomes) > 1 else []
+    lines += [f"every job: {' '.join(sorted(common))}", ""] if common else []
     lines += ["| job | overrides | outcome |", "|---|---|---|"]
     for o in sorted(outcomes, key=lambda o: o["job"]):
-        own = [a for a in o["overrides"] if a.partition("=")[0] in swept or len(outcomes) == 1]
+        own = [a for a in o["overrides"] if a not in common]
         outcome = o["detail"] if o["ok"] else f"error: {o['detail']}"
         lines.append(f"| {o['job']} | {' '.join(own) or '-'} | {outcome.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
