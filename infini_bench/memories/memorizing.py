@@ -97,8 +97,8 @@ def knn_attention(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | N
 
     Always eager, also inside a compiled block (the block's graph breaks around it): compiled by inductor on an
     H200 (torch 2.11) at batch 8 x 8,192 tokens, the search-and-gather gave the same loss as eager but
-    non-finite gradients (and, written with plain autograd ops instead of TopKAttention, gradients off by a
-    factor of 1e5 in the kNN layer and below), while eager and batch 1 were right (docs/BENCHMARKS.md)."""
+    non-finite gradients (and, written with plain autograd ops instead of TopKAttention, gradients with a
+    relative error of 2e5 in the kNN layer and below), while eager and batch 1 were right (docs/BENCHMARKS.md)."""
     b, h, length, d = q.shape
     hk = keys.shape[1]
     k = min(top_k, hi - lo)
