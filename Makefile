@@ -66,10 +66,11 @@ VARIANTS = $(BENCH_PYTHON) scripts/passkey_gpu_variants.py
 EACH_MEMORY = $(foreach m,$(MEMORIES),--variant $(m)=memory=$(m))
 
 # Table 2's seeds: three for none and linear, two for every other memory; four runs side by side per GPU.
-# RMT runs its 16 sequences per step as one micro-batch (16 x 1, not 8 x 2): the same optimizer step, and its
-# segments, which run one after another, launch half as often (its committed runs were made so).
+# RMT and Memorizing run their 16 sequences per step as one micro-batch (16 x 1, not 8 x 2): the same optimizer
+# step, and their per-segment work (RMT's segments one after another, the kNN search) launches half as often
+# (their committed runs were made so).
 SEEDS_OF = $(if $(filter none linear,$(1)),0 1 2,0 1)
-MICRO_OF = $(if $(filter rmt,$(1)), trainer.batch_size=16 trainer.grad_accum=1,)
+MICRO_OF = $(if $(filter memorizing rmt,$(1)), trainer.batch_size=16 trainer.grad_accum=1,)
 EACH_MEMORY_SEED = $(foreach m,$(MEMORIES),$(foreach s,$(call SEEDS_OF,$(m)),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)$(call MICRO_OF,$(m))"))
 
 reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (passkey_gpu) and the BookSum pipeline, offline, then the report

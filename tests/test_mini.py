@@ -145,7 +145,8 @@ def test_reproduce_mini_runs_every_memory_in_each_benchmark():
         assert "HF_HUB_OFFLINE=1" in line and all(f"--variant {m}=memory={m}" in line for m in memories)
     seeds = {m: (0, 1, 2) if m in ("none", "linear") else (0, 1) for m in memories}  # Table 2 with its seeds
     assert runs[0].count("--variant") == sum(map(len, seeds.values())) and "--per-gpu 4" in runs[0]
-    micro = {"rmt": " trainer.batch_size=16 trainer.grad_accum=1"}  # the same 16 sequences per step, one micro-batch
+    one_micro_batch = " trainer.batch_size=16 trainer.grad_accum=1"  # the same 16 sequences per step
+    micro = {"memorizing": one_micro_batch, "rmt": one_micro_batch}
     assert all(f'--variant "{m}-s{s}=memory={m} seed={s}{micro.get(m, "")}"' in runs[0]
                for m in memories for s in seeds[m])
     assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
