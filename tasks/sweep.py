@@ -8,7 +8,7 @@ folder when the sweep starts and reads it when the sweep ends.
 Job folders are named by each job's overrides, so sweeps of one task share `multirun/<task>/` and a job two
 sweeps have in common runs once. Hydra's `multirun.yaml` there is the latest sweep's; each sweep also keeps its own
 record in `<sweep dir>/sweeps/<its name>/` (`sweep_name`: the same command line, the same folder): its
-multirun.yaml and its summary table.
+multirun.yaml, its summary table and results.csv, one row per finished job (the report's `--csv` table).
 """
 from __future__ import annotations
 
@@ -23,17 +23,21 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from infini_bench.report import csv_table, read_run
+from infini_bench.tracking import atomic_write_text
+
 OUTCOMES = "INFINI_BENCH_SWEEP_OUTCOMES"  # the folder of this sweep's job outcomes
 
 
-def record_outcome(job: int, overrides: list[str], ok: bool, detail: str) -> None:
-    """One job's outcome, when it runs inside a sweep (else nothing): ok and its main metric, or the error."""
+def record_outcome(job: int, overrides: list[str], ok: bool, detail: str, run_dir: str) -> None:
+    """One job's outcome, when it runs inside a sweep (else nothing): ok and its main metric, or the error, and
+    the job's folder."""
     folder = os.environ.get(OUTCOMES)
     if not folder or not Path(folder).is_dir():
         return
     path = Path(folder) / f"{job}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"job": job, "overrides": overrides, "ok": ok, "detail": detail}))
+    tmp.write_text(json.dumps({"job": job, "overrides": overrides, "ok": ok, "detail": detail, "run_dir": run_dir}))
     os.replace(tmp, path)
 
 
@@ -65,7 +69,7 @@ def sweep_name(overrides: list[str], ignored: list[str]) -> str:
 
 class SweepSummary(Callback):
     """Makes the outcome folder and the sweep's own record (its multirun.yaml) when a multirun starts; prints the
-    table and saves it in the record when it ends."""
+    table and saves it and the jobs' results.csv in the record when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -83,8 +87,9 @@ class SweepSummary(Callback):
         shutil.rmtree(self.folder, ignore_errors=True)
         os.environ.pop(OUTCOMES, None)
         text = summary_table(outcomes)
-        path = self.record / "sweep_summary.md"
-        path.write_text(text)
-        print(f"\n{text}saved: {path}")
+        (self.record / "sweep_summary.md").write_text(text)
+        finished = [read_run(Path(o["run_dir"])) for o in sorted(outcomes, key=lambda o: o["job"]) if o["ok"]]
+        atomic_write_text(self.record / "results.csv", csv_table(finished))
+        print(f"\n{text}saved: {self.record}/ (sweep_summary.md, results.csv, multirun.yaml)")
         if not all(o["ok"] for o in outcomes):
             sys.exit(1)

@@ -1,4 +1,5 @@
 """Hydra multirun: choice, range, glob and experiment sweeps run one job per value; bad values get one line."""
+import csv
 import json
 import os
 import subprocess
@@ -16,6 +17,11 @@ SMALL = ["task=lm", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1"
 def sweep(*args, tmp_path):
     return subprocess.run([sys.executable, "run.py", *args, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def results(tmp_path) -> dict[tuple, dict]:
@@ -88,6 +94,8 @@ def test_a_failing_job_does_not_end_the_sweep_which_ends_with_every_jobs_outcome
     assert f"| 1 | model.segment_len=32 | finished earlier: val/ppl {ppl:.2f} |" in again.stdout
     assert list((tmp_path / "sweeps").iterdir()) == [record]  # the same command line, the same record
     assert (record / "sweep_summary.md").read_text() in again.stdout
+    (row,) = read_csv(record / "results.csv")  # the finished job only
+    assert row["model.segment_len"] == "32" and float(row["val/ppl"]) == ppl and row["task"] == "lm"
 
 
 @pytest.mark.slow
@@ -106,6 +114,12 @@ def test_each_sweep_keeps_its_own_multirun_yaml_beside_the_job_folders_they_shar
         assert "sweep: 2 jobs, 0 failed" in (record / "sweep_summary.md").read_text()
     assert sorted(records) == ["memory=delta,linear", "memory=linear,none"]
     assert "memory=none" in (records["memory=linear,none"] / "sweep_summary.md").read_text()
+    for memories, record in records.items():  # each sweep's results.csv: its own jobs, in job order
+        rows = read_csv(record / "results.csv")
+        assert [r["memory"] for r in rows] == memories.split("=")[1].split(",")
+        for r in rows:
+            saved = json.loads((Path(r["path"]) / "results.json").read_text())["results"]
+            assert float(r["val/ppl"]) == saved["val/ppl"] and r["trainer.steps"] == "1"
     assert OmegaConf.load(tmp_path / "multirun.yaml").hydra.overrides.task[0] == "memory=delta,linear"  # Hydra's: the latest
 
 
