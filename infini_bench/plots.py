@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
@@ -39,7 +40,7 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="memory weight")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, ylabel: str, title: str,
@@ -67,7 +68,7 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
@@ -86,19 +87,22 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     ax.set_title(f"loss curves {title}".strip())
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig: matplotlib.figure.Figure, path: Path) -> Path:
+    """Lay the figure out (unless it has its own layout, e.g. constrained), write it and close it. The saved image
+    is cut to what is drawn (`bbox_inches="tight"`), so no label or legend falls off its edge."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     # A unique temporary name, then a rename: readers never see half a PNG, and ranks drawing the same
     # figure do not trip over each other.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
         follow_umask(tmp)
         os.replace(tmp, path)
     finally:
