@@ -418,24 +418,25 @@ def seed_curves(by_memory: dict[str, list[dict]], path: Path) -> Path:
     first-segment loss, so a memory that fails past its training length does not flatten the others."""
     from infini_bench.plots import line_plot
 
-    series = {}
+    series, memories = {}, {}
     for memory in memory_names():
         runs = by_memory.get(memory, [])
         curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
         length = min((len(cv) for cv in curves), default=0)
         if length:
-            series[f"{memory} ({len(runs)} seeds)"] = [sum(cv[k] for cv in curves) / len(curves)
-                                                      for k in range(min(length, SEGMENTS_SHOWN))]
+            label = f"{memory} ({len(runs)} seeds)"
+            series[label] = [sum(cv[k] for cv in curves) / len(curves) for k in range(min(length, SEGMENTS_SHOWN))]
+            memories[label] = memory
     top = 1.5 * max(ys[0] for ys in series.values())
     return line_plot(series, path, "segment index in document", "mean token loss (nats)",
-                     "Loss by segment position (16 segments trained)", ymax=top)
+                     "Loss by segment position (16 segments trained)", ymax=top, memories=memories)
 
 
 def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
     """Training loss against step, one line per run."""
     from infini_bench.plots import line_plot
 
-    series, xs = {}, {}
+    series, xs, memories = {}, {}, {}
     for memory in memory_names():
         for r in by_memory.get(memory, []):
             metrics = Path(r["path"]) / "metrics.jsonl"
@@ -443,8 +444,8 @@ def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
                 if metrics.exists() else {}
             if rows:
                 label = f"{memory} s{r['config'].get('seed', 0)}"
-                series[label], xs[label] = list(rows.values()), list(rows)
-    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs)
+                series[label], xs[label], memories[label] = list(rows.values()), list(rows), memory
+    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs, memories=memories)
 
 
 def final_gates(run: dict) -> dict[tuple[int, int], float]:
@@ -554,9 +555,48 @@ def _label(r: dict) -> str:
     return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
 
 
+def _memories(runs: list[dict]) -> dict[str, str]:
+    """{a run's `_label`: its memory}, which picks its colour in a figure."""
+    return {_label(r): r["config"]["memory"]["name"] for r in runs}
+
+
+def segment_group(r: dict) -> str:
+    """The panel of an LM run's loss-by-segment curve: its evaluation data and split, model, size and segment
+    length. Curves compare only within one: other data or another model moves the whole curve, and at another
+    segment length segment k covers other tokens. The size has two significant figures, so that a memory's own
+    few parameters (RMT's memory tokens, the gates) leave its run beside the others."""
+    c, res = r["config"], r["results"]
+    dataset = c["task"].get("dataset")
+    params = res.get("model/params")
+    size = f" ({float(f'{params:.2g}') / 1e6:g}M params)" if params else ""
+    return (f"{sources(res).get(dataset, dataset)} ({_split(res)}): {c['model']['name']}{size}, "
+            f"N={c['model'].get('segment_len')}")
+
+
+def segment_panels(results: list[dict]) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+    """The LM runs' loss by segment as {panel (`segment_group`): {line: curve}}, and each line's memory. A line is
+    named by its memory and the overrides that set its run apart from the others in its panel."""
+    groups: dict[str, list[dict]] = {}
+    for r in _by_task(results, "lm"):
+        if f"{_split(r['results'])}/loss_by_segment" in r["results"]:
+            groups.setdefault(segment_group(r), []).append(r)
+    panels, memories = {}, {}
+    for name in sorted(groups):
+        shared = set.intersection(*(set(overrides(r)) for r in groups[name]))
+        series = {}
+        for r in groups[name]:
+            memory = r["config"]["memory"]["name"]
+            label = " ".join([memory, *(a for a in overrides(r) if a not in shared and not a.startswith("memory="))])
+            if label in series:  # same overrides, another folder
+                label += f" ({Path(r['path']).name})"
+            series[label], memories[label] = r["results"][f"{_split(r['results'])}/loss_by_segment"], memory
+        panels[name] = series
+    return panels, memories
+
+
 def figures(results: list[dict], out: Path) -> list[str]:
     """Plots across runs (written next to the report, in report_img/) and links to each run's own."""
-    from infini_bench.plots import line_plot
+    from infini_bench.plots import line_plot, panels_plot
 
     img = out.parent / "report_img"
     lines = ["## Figures", ""]
@@ -564,11 +604,11 @@ def figures(results: list[dict], out: Path) -> list[str]:
     def add(title: str, path: Path) -> None:
         lines.extend([f"![{title}]({os.path.relpath(path, out.parent)})", ""])
 
-    lm = [r for r in _by_task(results, "lm") if any(k.endswith("/loss_by_segment") for k in r["results"])]
-    if lm:
-        series = {_label(r): next(v for k, v in r["results"].items() if k.endswith("/loss_by_segment")) for r in lm}
-        add("loss by segment", line_plot(series, img / "loss_by_segment.png", "segment index in document",
-                                         "mean token loss (nats)", "Loss by segment position, memories overlaid"))
+    panels, memories = segment_panels(results)
+    if panels:
+        add("loss by segment", panels_plot(panels, img / "loss_by_segment.png", "segment index in document",
+                                           "mean token loss (nats)", "Loss by segment position: one panel per data "
+                                           "set, model and segment length", memories))
     for i, by_memory in enumerate(seed_groups(results).values()):
         add(f"seed table {i + 1}: loss by segment", seed_curves(by_memory, img / f"table2_seeds_{i + 1}_segments.png"))
         add(f"seed table {i + 1}: training loss", seed_training(by_memory, img / f"table2_seeds_{i + 1}_train.png"))
@@ -581,10 +621,10 @@ def figures(results: list[dict], out: Path) -> list[str]:
                   for r in books}
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
                                                "overall ROUGE", "Summary quality against input length (Figure 4)",
-                                               x=xs, logx=True, ymin=0))
+                                               x=xs, logx=True, ymin=0, memories=_memories(books)))
     for task in ("lm", "passkey", "booksum"):
-        curves = {}
-        for r in _by_task(results, task):
+        curves, runs = {}, _by_task(results, task)
+        for r in runs:
             metrics = Path(r["path"]) / "metrics.jsonl"
             rows = [row for row in read_metrics(metrics) if "train/loss" in row] if metrics.exists() else []
             if rows:
@@ -592,7 +632,8 @@ def figures(results: list[dict], out: Path) -> list[str]:
         if curves:
             add(f"{task} loss curves", line_plot({k: list(v.values()) for k, v in curves.items()},
                                                  img / f"{task}_loss_curves.png", "step", "training loss (nats)",
-                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()}))
+                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()},
+                                                 memories=_memories(runs)))
     lines += ["Each run's own figures:", "", "| run | figures |", "|---|---|"]
     for r in results:
         own = [p for p in ("gates.png", "passkey_heatmap.png", "booksum_length_sweep.png", "loss_by_segment.png",

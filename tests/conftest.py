@@ -9,11 +9,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def assert_labels_inside():
-    """A check that every axis label and title of a figure lies inside the figure once it is drawn."""
+    """A check that every axis label and title of a figure lies inside the figure once it is drawn (also after
+    the figure was saved and closed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     def check(fig) -> None:
-        fig.canvas.draw()
-        renderer, box = fig.canvas.get_renderer(), fig.bbox
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer, box = canvas.get_renderer(), fig.bbox
         for ax in fig.axes:
             for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
                 extent = text.get_window_extent(renderer)

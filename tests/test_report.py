@@ -302,3 +302,62 @@ def test_a_bad_filter_is_one_line(args, line, three_runs, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), lines
     assert not (three_runs / "runs.csv").exists()
+
+
+def _curve_run(root: Path, name: str, dataset: str, model: str, args: list[str], params: int = 460_000) -> None:
+    """An LM run's results.json with a loss-by-segment curve, and its training losses in metrics.jsonl."""
+    values = dict(a.split("=") for a in args)
+    config = {"seed": int(values.get("seed", 0)), "memory": {"name": values["memory"]},
+              "model": {"name": model, "segment_len": 32}, "task": {"name": "lm", "dataset": dataset, "seq_len": 128},
+              "hydra": {"overrides": ["task=lm", *args]}}
+    results = {"val/ppl": 5.0, "val/bpb": 2.0, "val/loss_by_segment": [3.0, 2.5, 2.4], "model/params": params,
+               "data/source": dataset}
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 4.0 - s}) + "\n" for s in (1, 2)))
+
+
+def test_report_figures_give_each_memory_one_colour_and_each_data_set_and_scale_its_own_panel(
+        tmp_path, monkeypatch, assert_labels_inside):
+    from matplotlib.colors import to_hex
+
+    from infini_bench import plots
+    from infini_bench.memories import memory_names
+
+    colours = {m: to_hex(plots.memory_color(m)) for m in memory_names()}
+    assert len(set(colours.values())) == len(colours)  # one colour per registered memory, none shared
+    runs = tmp_path / "runs"
+    _curve_run(runs, "books/linear", "embedded_pg19", "tiny", ["memory=linear"])
+    _curve_run(runs, "books/linear-s1", "embedded_pg19", "tiny", ["memory=linear", "seed=1"])
+    _curve_run(runs, "books/none", "embedded_pg19", "tiny", ["memory=none"])
+    _curve_run(runs, "books/rmt", "embedded_pg19", "tiny", ["memory=rmt"], params=462_000)  # its memory tokens
+    _curve_run(runs, "code/delta", "python_code", "tiny", ["memory=delta"])  # delta before linear in this panel
+    _curve_run(runs, "code/linear", "python_code", "tiny", ["memory=linear"])
+    _curve_run(runs, "mini/delta", "embedded_pg19", "lm_mini", ["memory=delta", "model=lm_mini"], params=20_000_000)
+
+    drawn = {}
+    save = plots.save_figure
+
+    def capture(fig, path):
+        saved = save(fig, path)  # laid out and written
+        assert_labels_inside(fig)
+        drawn[Path(path).name] = {ax.get_title(): {line.get_label(): (to_hex(line.get_color()), line.get_linestyle())
+                                                   for line in ax.get_lines()} for ax in fig.axes}
+        return saved
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    build_report(find_results([runs]), tmp_path / "docs" / "REPORT.md")
+
+    panels = drawn["loss_by_segment.png"]  # one panel per data set and model scale, lines named by what differs
+    assert {title: sorted(lines) for title, lines in panels.items()} == {
+        "embedded_pg19 (val): lm_mini (20M params), N=32": ["delta"],
+        "embedded_pg19 (val): tiny (0.46M params), N=32": ["linear", "linear seed=1", "none", "rmt"],
+        "python_code (val): tiny (0.46M params), N=32": ["delta", "linear"]}
+    books = panels["embedded_pg19 (val): tiny (0.46M params), N=32"]
+    assert books["linear"][1] != books["linear seed=1"][1]  # one colour, two line styles
+    assert {"loss_by_segment.png", "lm_loss_curves.png", "table2_seeds_1_train.png"} <= set(drawn)
+    for figure in drawn.values():  # every line in its memory's colour, whatever else the figure holds
+        for lines in figure.values():
+            for label, (colour, _) in lines.items():
+                assert colour == colours[next(w for w in label.split() if w in colours)], (label, colour)
