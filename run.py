@@ -357,7 +357,7 @@ def sweep_outcome(out_dir: Path, error: str | None = None, earlier: bool = False
         record = json.loads((out_dir / "results.json").read_text())
         detail = ("finished earlier: " if earlier else "") + headline(record["config"], record["results"])
     hc = HydraConfig.get()
-    record_outcome(int(hc.job.num), list(hc.overrides.task), error is None, detail)
+    record_outcome(int(hc.job.num), list(hc.overrides.task), error is None, detail, str(out_dir))
 
 
 def _stops_a_sweep() -> tuple[type, ...]:

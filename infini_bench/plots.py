@@ -1,6 +1,8 @@
-"""Figures people would rather look at than read: gate heatmaps (paper Fig. 3), loss by segment, loss curves."""
+"""Figures people would rather look at than read: gate heatmaps (paper Fig. 3), loss by segment, loss curves;
+each memory has one colour in all of them (`memory_color`)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -8,6 +10,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.axes  # noqa: E402
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
@@ -39,19 +43,45 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="memory weight")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+# One colour per memory, the same in every figure of the report, so a memory is recognised at a glance; a
+# memory without one here is drawn in black.
+MEMORY_COLORS = {"none": "tab:gray", "full": "tab:brown", "linear": "tab:blue", "delta": "tab:orange",
+                 "txl": "tab:green", "memorizing": "tab:red", "rmt": "tab:purple"}
+# Lines of one colour in one panel (two seeds of a memory) differ in style and marker.
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
+
+
+def memory_color(memory: str) -> str:
+    """The colour of a memory in every figure of the report."""
+    return MEMORY_COLORS.get(memory, "black")
+
+
+def draw_lines(ax: matplotlib.axes.Axes, series: dict[str, list[float | None]],
+               x: list[float] | dict[str, list[float]] | None = None, memories: dict[str, str] | None = None) -> None:
+    """One line per series (None: no point); `x` is shared, or one list per series, or 0, 1, ...; `memories`
+    names the memory of each series, which gives it its colour (else matplotlib's colour cycle)."""
+    drawn: dict[str | None, int] = {}  # lines drawn so far in each memory's colour
+    for label, ys in series.items():
+        xs = x.get(label) if isinstance(x, dict) else x
+        ys = [float("nan") if y is None else y for y in ys]
+        color = memory_color(memories[label]) if memories and label in memories else None
+        k = drawn.get(color, 0) if color else 0  # the colour cycle tells apart lines of no memory
+        drawn[color] = k + 1
+        ax.plot(xs if xs is not None else range(len(ys)), ys, color=color, linestyle=LINESTYLES[k % len(LINESTYLES)],
+                marker=MARKERS[k % len(MARKERS)], markersize=3, label=label)
 
 
 def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, ylabel: str, title: str,
               x: list[float] | dict[str, list[float]] | None = None, logx: bool = False,
-              ymin: float | None = None, ymax: float | None = None) -> Path:
-    """One line per series (None: no point); `x` is shared, or one list per series, or 0, 1, ...; `ymin`
-    anchors the y axis (e.g. 0 for ROUGE), `ymax` cuts it (points above it are off the plot)."""
+              ymin: float | None = None, ymax: float | None = None, memories: dict[str, str] | None = None) -> Path:
+    """One line per series (`draw_lines`); `ymin` anchors the y axis (e.g. 0 for ROUGE), `ymax` cuts it (points
+    above it are off the plot)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, ys in series.items():
-        xs = x.get(label) if isinstance(x, dict) else x
-        ys = [float("nan") if y is None else y for y in ys]
-        ax.plot(xs if xs is not None else range(len(ys)), ys, marker="o", markersize=3, label=label)
+    draw_lines(ax, series, x, memories)
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: length_label(int(v))))
@@ -67,7 +97,28 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def panels_plot(panels: dict[str, dict[str, list[float | None]]], path: Path, xlabel: str, ylabel: str, title: str,
+                memories: dict[str, str] | None = None) -> Path:
+    """One panel per entry of `panels`, titled by its key, with one line per series against 0, 1, ...
+    (`draw_lines`) and its legend beside it; two panels to a row."""
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 4 * rows), squeeze=False, layout="constrained")
+    for ax, (name, series) in zip(axes.flat, panels.items()):
+        draw_lines(ax, series, memories=memories)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    for ax in axes.flat[len(panels):]:  # an odd number of panels leaves the last cell empty
+        ax.remove()
+    fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
@@ -86,19 +137,22 @@ def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     ax.set_title(f"loss curves {title}".strip())
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig: matplotlib.figure.Figure, path: Path) -> Path:
+    """Lay the figure out (unless it has its own layout, e.g. constrained), write it and close it. The saved image
+    is cut to what is drawn (`bbox_inches="tight"`), so no label or legend falls off its edge."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     # A unique temporary name, then a rename: readers never see half a PNG, and ranks drawing the same
     # figure do not trip over each other.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
         follow_umask(tmp)
         os.replace(tmp, path)
     finally:

@@ -4,13 +4,22 @@ Reads every results.json under the given folders (a run found twice, e.g. rerun 
 latest wins) and writes Tables 1-4 and the Figure 4 length sweep with the paper's rows and columns, our rows
 aligned under them, and the figures. Each of our rows says its data source, scale and command, so a run on the
 embedded books is never read as a PG19 number. `results_table` is the table a run prints when it ends.
+
+`--csv runs.csv` writes one row per run (its overrides and numeric metrics) for a spreadsheet or pandas;
+`--task`, `--experiment` and `--only PATTERN` (a folder glob) keep some runs out of both outputs.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import fnmatch
+import io
 import json
 import os
+import sys
 from pathlib import Path
+
+import yaml
 
 from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
@@ -25,12 +34,12 @@ MEMORY_ORDER = ("none", "full", "linear", "delta", "txl", "memorizing", "rmt")
 # Keys that say how a run was launched or logged, not what it computed: runs differing only there are one run.
 _NOT_IDENTITY = {"hydra", "logger", "device"}
 _NOT_IDENTITY_TRAINER = {"progress", "resume"}
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def memory_names(conf: Path | None = None) -> list[str]:
     """The memories to report on: the memory config group's options and the paper's, in Table 2's order."""
-    conf = conf or Path(__file__).resolve().parents[1] / "conf"
-    names = {p.stem for p in (conf / "memory").glob("*.yaml")} | set(MEMORY_ORDER)
+    names = set(options("memory", conf or CONF)) | set(MEMORY_ORDER)
     return sorted(names, key=lambda n: (MEMORY_ORDER.index(n) if n in MEMORY_ORDER else len(MEMORY_ORDER), n))
 
 
@@ -41,21 +50,96 @@ def _identity(config: dict) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def find_results(roots: list[Path]) -> list[dict]:
-    """Every results.json below the roots, with its folder; runs with the same config count once (the latest
-    results.json wins, and `merged` says how many it stands for)."""
+def read_run(folder: Path) -> dict:
+    """A run folder's results.json, with the folder (`path`) and when the file was written (`mtime`)."""
+    path = Path(folder) / "results.json"
+    data = json.loads(path.read_text())
+    data["path"], data["mtime"] = str(path.parent), path.stat().st_mtime
+    return data
+
+
+def all_runs(roots: list[Path]) -> list[dict]:
+    """Every results.json below the roots, with its folder, in folder order."""
+    return [read_run(path.parent) for root in roots for path in sorted(Path(root).rglob("results.json"))]
+
+
+def merge_reruns(runs: list[dict]) -> list[dict]:
+    """Runs with the same config count once: the latest results.json wins, and `merged` says how many it stands
+    for."""
     latest: dict[str, dict] = {}
-    for root in roots:
-        for path in sorted(Path(root).rglob("results.json")):
-            data = json.loads(path.read_text())
-            data["path"], data["mtime"] = str(path.parent), path.stat().st_mtime
-            key = _identity(data.get("config", {}))
-            if key in latest:
-                data["merged"] = latest[key].get("merged", 1) + 1
-                if data["mtime"] < latest[key]["mtime"]:
-                    data = {**latest[key], "merged": data["merged"]}
-            latest[key] = data
+    for data in runs:
+        key = _identity(data.get("config", {}))
+        if key in latest:
+            data = {**data, "merged": latest[key].get("merged", 1) + 1}
+            if data["mtime"] < latest[key]["mtime"]:
+                data = {**latest[key], "merged": data["merged"]}
+        latest[key] = data
     return sorted(latest.values(), key=lambda r: r["path"])
+
+
+def find_results(roots: list[Path]) -> list[dict]:
+    """Every run below the roots, a rerun counted once (`merge_reruns`)."""
+    return merge_reruns(all_runs(roots))
+
+
+# ---- choosing runs, and the CSV of them ------------------------------------------------------------------------------
+
+
+def options(group: str, conf: Path = CONF) -> list[str]:
+    """The options of a config group: the names of conf/<group>/*.yaml."""
+    return sorted(p.stem for p in (conf / group).glob("*.yaml"))
+
+
+def overrides(r: dict) -> list[str]:
+    """The command-line overrides that made a run, as its results.json recorded them; for a run that predates that
+    record, its .hydra/overrides.yaml (second best: every later command on the folder rewrites it)."""
+    recorded = (r["config"].get("hydra") or {}).get("overrides")
+    if recorded is not None:
+        return list(recorded)
+    path = Path(r["path"]) / ".hydra" / "overrides.yaml"
+    return [str(a) for a in yaml.safe_load(path.read_text()) or []] if path.exists() else []
+
+
+def experiment_of(r: dict) -> str | None:
+    """The experiment a run was made with (Hydra's choice, else its experiment= override), or None."""
+    choices = (r["config"].get("hydra") or {}).get("choices") or {}
+    if "experiment" in choices:
+        return choices["experiment"]
+    return next((a.split("=", 1)[1] for a in overrides(r) if a.startswith("experiment=")), None)
+
+
+def select(runs: list[dict], task: str | None = None, experiment: str | None = None,
+           only: list[str] | None = None) -> list[dict]:
+    """The runs of `task`, made with `experiment`, whose folder matches one of the `only` patterns: each a glob
+    matched anywhere in the path, so a plain word matches as a substring (`mini`, `table2*/tiny-linear`).
+    None or empty: no filter."""
+    return [r for r in runs
+            if (task is None or r["config"]["task"]["name"] == task)
+            and (experiment is None or experiment_of(r) == experiment)
+            and (not only or any(fnmatch.fnmatch(r["path"], f"*{pattern}*") for pattern in only))]
+
+
+def csv_table(runs: list[dict]) -> str:
+    """One CSV row per run: its folder, task, model and memory, then one column per override key (empty where a
+    run did not set it) and one per numeric metric (`val/ppl`, `passkey/acc`, ...)."""
+    rows, metrics = [], set()
+    for r in runs:
+        c = r["config"]
+        row = {"path": r["path"], "task": c["task"]["name"], "model": c["model"]["name"],
+               "memory": c["memory"]["name"]}
+        for arg in overrides(r):
+            key, _, value = arg.lstrip("+~").partition("=")
+            row[key] = value
+        numbers = {k: v for k, v in r["results"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics |= set(numbers)
+        rows.append({**row, **numbers})
+    fixed = ["path", "task", "model", "memory"]
+    keys = sorted({k for row in rows for k in row} - set(fixed) - metrics)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fixed + keys + sorted(metrics), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -334,24 +418,25 @@ def seed_curves(by_memory: dict[str, list[dict]], path: Path) -> Path:
     first-segment loss, so a memory that fails past its training length does not flatten the others."""
     from infini_bench.plots import line_plot
 
-    series = {}
+    series, memories = {}, {}
     for memory in memory_names():
         runs = by_memory.get(memory, [])
         curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
         length = min((len(cv) for cv in curves), default=0)
         if length:
-            series[f"{memory} ({len(runs)} seeds)"] = [sum(cv[k] for cv in curves) / len(curves)
-                                                      for k in range(min(length, SEGMENTS_SHOWN))]
+            label = f"{memory} ({len(runs)} seeds)"
+            series[label] = [sum(cv[k] for cv in curves) / len(curves) for k in range(min(length, SEGMENTS_SHOWN))]
+            memories[label] = memory
     top = 1.5 * max(ys[0] for ys in series.values())
     return line_plot(series, path, "segment index in document", "mean token loss (nats)",
-                     "Loss by segment position (16 segments trained)", ymax=top)
+                     "Loss by segment position (16 segments trained)", ymax=top, memories=memories)
 
 
 def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
     """Training loss against step, one line per run."""
     from infini_bench.plots import line_plot
 
-    series, xs = {}, {}
+    series, xs, memories = {}, {}, {}
     for memory in memory_names():
         for r in by_memory.get(memory, []):
             metrics = Path(r["path"]) / "metrics.jsonl"
@@ -359,8 +444,8 @@ def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
                 if metrics.exists() else {}
             if rows:
                 label = f"{memory} s{r['config'].get('seed', 0)}"
-                series[label], xs[label] = list(rows.values()), list(rows)
-    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs)
+                series[label], xs[label], memories[label] = list(rows.values()), list(rows), memory
+    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs, memories=memories)
 
 
 def final_gates(run: dict) -> dict[tuple[int, int], float]:
@@ -470,9 +555,48 @@ def _label(r: dict) -> str:
     return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
 
 
+def _memories(runs: list[dict]) -> dict[str, str]:
+    """{a run's `_label`: its memory}, which picks its colour in a figure."""
+    return {_label(r): r["config"]["memory"]["name"] for r in runs}
+
+
+def segment_group(r: dict) -> str:
+    """The panel of an LM run's loss-by-segment curve: its evaluation data and split, model, size and segment
+    length. Curves compare only within one: other data or another model moves the whole curve, and at another
+    segment length segment k covers other tokens. The size has two significant figures, so that a memory's own
+    few parameters (RMT's memory tokens, the gates) leave its run beside the others."""
+    c, res = r["config"], r["results"]
+    dataset = c["task"].get("dataset")
+    params = res.get("model/params")
+    size = f" ({float(f'{params:.2g}') / 1e6:g}M params)" if params else ""
+    return (f"{sources(res).get(dataset, dataset)} ({_split(res)}): {c['model']['name']}{size}, "
+            f"N={c['model'].get('segment_len')}")
+
+
+def segment_panels(results: list[dict]) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+    """The LM runs' loss by segment as {panel (`segment_group`): {line: curve}}, and each line's memory. A line is
+    named by its memory and the overrides that set its run apart from the others in its panel."""
+    groups: dict[str, list[dict]] = {}
+    for r in _by_task(results, "lm"):
+        if f"{_split(r['results'])}/loss_by_segment" in r["results"]:
+            groups.setdefault(segment_group(r), []).append(r)
+    panels, memories = {}, {}
+    for name in sorted(groups):
+        shared = set.intersection(*(set(overrides(r)) for r in groups[name]))
+        series = {}
+        for r in groups[name]:
+            memory = r["config"]["memory"]["name"]
+            label = " ".join([memory, *(a for a in overrides(r) if a not in shared and not a.startswith("memory="))])
+            if label in series:  # same overrides, another folder
+                label += f" ({Path(r['path']).name})"
+            series[label], memories[label] = r["results"][f"{_split(r['results'])}/loss_by_segment"], memory
+        panels[name] = series
+    return panels, memories
+
+
 def figures(results: list[dict], out: Path) -> list[str]:
     """Plots across runs (written next to the report, in report_img/) and links to each run's own."""
-    from infini_bench.plots import line_plot
+    from infini_bench.plots import line_plot, panels_plot
 
     img = out.parent / "report_img"
     lines = ["## Figures", ""]
@@ -480,11 +604,11 @@ def figures(results: list[dict], out: Path) -> list[str]:
     def add(title: str, path: Path) -> None:
         lines.extend([f"![{title}]({os.path.relpath(path, out.parent)})", ""])
 
-    lm = [r for r in _by_task(results, "lm") if any(k.endswith("/loss_by_segment") for k in r["results"])]
-    if lm:
-        series = {_label(r): next(v for k, v in r["results"].items() if k.endswith("/loss_by_segment")) for r in lm}
-        add("loss by segment", line_plot(series, img / "loss_by_segment.png", "segment index in document",
-                                         "mean token loss (nats)", "Loss by segment position, memories overlaid"))
+    panels, memories = segment_panels(results)
+    if panels:
+        add("loss by segment", panels_plot(panels, img / "loss_by_segment.png", "segment index in document",
+                                           "mean token loss (nats)", "Loss by segment position: one panel per data "
+                                           "set, model and segment length", memories))
     for i, by_memory in enumerate(seed_groups(results).values()):
         add(f"seed table {i + 1}: loss by segment", seed_curves(by_memory, img / f"table2_seeds_{i + 1}_segments.png"))
         add(f"seed table {i + 1}: training loss", seed_training(by_memory, img / f"table2_seeds_{i + 1}_train.png"))
@@ -497,10 +621,10 @@ def figures(results: list[dict], out: Path) -> list[str]:
                   for r in books}
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
                                                "overall ROUGE", "Summary quality against input length (Figure 4)",
-                                               x=xs, logx=True, ymin=0))
+                                               x=xs, logx=True, ymin=0, memories=_memories(books)))
     for task in ("lm", "passkey", "booksum"):
-        curves = {}
-        for r in _by_task(results, task):
+        curves, runs = {}, _by_task(results, task)
+        for r in runs:
             metrics = Path(r["path"]) / "metrics.jsonl"
             rows = [row for row in read_metrics(metrics) if "train/loss" in row] if metrics.exists() else []
             if rows:
@@ -508,7 +632,8 @@ def figures(results: list[dict], out: Path) -> list[str]:
         if curves:
             add(f"{task} loss curves", line_plot({k: list(v.values()) for k, v in curves.items()},
                                                  img / f"{task}_loss_curves.png", "step", "training loss (nats)",
-                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()}))
+                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()},
+                                                 memories=_memories(runs)))
     lines += ["Each run's own figures:", "", "| run | figures |", "|---|---|"]
     for r in results:
         own = [p for p in ("gates.png", "passkey_heatmap.png", "booksum_length_sweep.png", "loss_by_segment.png",
@@ -619,14 +744,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="folders to search for results.json")
     parser.add_argument("--out", type=Path, help="markdown file to write, with its figures in report_img/ beside "
-                                                 "it (default: print, without figures)")
+                                                 "it (default: print it, unless --csv is given)")
+    parser.add_argument("--csv", type=Path, help="CSV file to write: one row per run, its overrides and numeric "
+                                                 "metrics as columns")
+    parser.add_argument("--task", help=f"only the runs of this task ({', '.join(options('task'))})")
+    parser.add_argument("--experiment", help="only the runs made with this experiment (conf/experiment/)")
+    parser.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                        help="only the runs whose folder matches PATTERN, a glob matched anywhere in the path "
+                             "('mini', 'table2*linear'); repeat it to keep runs matching any of several")
     args = parser.parse_args()
-    text = build_report(find_results([r for r in args.roots if r.exists()]), args.out)
+    for key in ("task", "experiment"):
+        value = getattr(args, key)
+        if value is not None and value not in options(key):
+            sys.exit(_fail(f"--{key}: {value!r} is not one of {', '.join(options(key))}", 2))
+    roots = [r for r in args.roots if r.exists()]
+    results = merge_reruns(select(all_runs(roots), args.task, args.experiment, args.only))
+    chosen = [f"--{k} {v}" for k in ("task", "experiment") if (v := getattr(args, k))] + [f"--only {p}" for p in args.only]
+    if chosen and not results:
+        sys.exit(_fail(f"no run under {', '.join(map(str, args.roots))} matches {' '.join(chosen)}", 1))
+    if args.csv:
+        atomic_write_text(args.csv, csv_table(results))
+        print(f"wrote {args.csv} ({len(results)} run{'s' * (len(results) != 1)})")
     if args.out:
-        atomic_write_text(args.out, text)
+        atomic_write_text(args.out, build_report(results, args.out))
         print(f"wrote {args.out}")
-    else:
-        print(text)
+    elif not args.csv:
+        print(build_report(results))
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

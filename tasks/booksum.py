@@ -315,7 +315,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     plot = line_plot({cfg.memory.name: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
                      "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
                      "Summary quality against input length (paper Figure 4)", x=lengths, logx=True,
-                     ymin=0)
+                     ymin=0, memories={cfg.memory.name: cfg.memory.name})
     run.log_image("booksum/length_sweep", plot, step=tcfg.steps)
     log_gates(model, run, tcfg.steps)
     # Tables last: W&B steps them past tcfg.steps, and it drops anything logged at an earlier step afterwards.

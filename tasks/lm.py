@@ -195,7 +195,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     run.log_table(f"{split}/loss_by_segment", ["segment", "loss"],
                   [[k, v] for k, v in enumerate(final["loss_by_segment"])], step=tcfg.steps)
     curve = line_plot({cfg.memory.name: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
-                      "segment index in document", "mean token loss (nats)", "Loss by segment position")
+                      "segment index in document", "mean token loss (nats)", "Loss by segment position",
+                      memories={cfg.memory.name: cfg.memory.name})
     run.log_image(f"{split}/loss_by_segment_plot", curve, step=tcfg.steps)  # the table keeps its own key
     log_gates(model, run, tcfg.steps)
     return results

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig  # noqa: E402
@@ -29,6 +30,7 @@ from infini_bench.errors import ConfigError, check_choice, check_positive  # noq
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
 from infini_bench.model import InfiniTransformer  # noqa: E402
 from infini_bench.paper import length_label  # noqa: E402
+from infini_bench.plots import save_figure  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
@@ -315,11 +317,7 @@ def grid_heatmap(rows: Sequence[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("needle depth")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="token accuracy (%)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def by_distance(outcomes: Sequence[Outcome]) -> list[dict]:
@@ -337,31 +335,36 @@ def by_distance(outcomes: Sequence[Outcome]) -> list[dict]:
     return rows
 
 
-def distance_plot(rows: Sequence[dict], path: Path, title: str, chance: float | None = None) -> Path:
-    """Accuracy against the number of segments between the key and the question: does the memory hold up?"""
+def distance_figure(rows: Sequence[dict], title: str, chance: float | None = None) -> matplotlib.figure.Figure:
+    """Accuracy against the number of segments between the key and the question: does the memory hold up? Token
+    accuracy and exact match often coincide (both 0 or 100), so they differ in every way but colour can't show:
+    a thick translucent line with dots under a thin dashed one with hollow squares, both visible where they meet."""
     labels = [str(r["segments_back_min"]) if r["segments_back_min"] == r["segments_back_max"]
               else f"{r['segments_back_min']}-{r['segments_back_max']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4), layout="constrained")
     x = range(len(rows))
-    ax.plot(x, [100 * r["acc"] for r in rows], marker="o", label="token accuracy")
-    ax.plot(x, [100 * r["exact"] for r in rows], marker="s", label="exact match")
+    ax.plot(x, [100 * r["acc"] for r in rows], marker="o", markersize=7, linewidth=3, alpha=0.6,
+            label="token accuracy")
+    ax.plot(x, [100 * r["exact"] for r in rows], marker="s", markersize=9, markerfacecolor="none",
+            markeredgewidth=1.5, linewidth=1.5, linestyle="--", label="exact match")
     if chance is not None:
         ax.axhline(100 * chance, color="gray", linestyle=":", label="chance (token accuracy)")
     for i, r in enumerate(rows):
-        ax.annotate(f"n={r['n']}", (i, 100 * r["acc"]), textcoords="offset points", xytext=(0, 6), ha="center",
+        ax.annotate(f"n={r['n']}", (i, 100 * r["acc"]), textcoords="offset points", xytext=(0, 8), ha="center",
                     fontsize=7)
     ax.set_xticks(list(x), labels, rotation=45 if len(rows) > 8 else 0)
     ax.set_ylim(-5, 110)
-    ax.set_xlabel("segments between the key and the question (0: the same segment, local attention)")
+    ax.set_xlabel("segments between the key and the question\n(0: the same segment, local attention)")
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def distance_plot(rows: Sequence[dict], path: Path, title: str, chance: float | None = None) -> Path:
+    """`distance_figure`, saved as a PNG."""
+    return save_figure(distance_figure(rows, title, chance), path)
 
 
 # ---- fine-tuning data ---------------------------------------------------------------------------------------------

@@ -1,6 +1,26 @@
-"""Shared test settings."""
+"""Shared test settings and checks."""
+import pytest
 import torch
 
 # The tiny models of the tests run fastest on one thread; on a busy 2-core machine, two intra-op threads
 # spin against each other and a step can take 20x longer.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def assert_labels_inside():
+    """A check that every axis label and title of a figure lies inside the figure once it is drawn (also after
+    the figure was saved and closed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def check(fig) -> None:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer, box = canvas.get_renderer(), fig.bbox
+        for ax in fig.axes:
+            for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+                extent = text.get_window_extent(renderer)
+                inside = box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1
+                assert inside, f"{text.get_text()!r} at {extent.bounds} is not inside the figure {box.bounds}"
+
+    return check

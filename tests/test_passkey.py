@@ -297,3 +297,20 @@ def test_end_to_end_smoke(tmp_path):
     assert last_gates(again.out_dir) == pytest.approx(trained, abs=1e-6)
     with pytest.raises(ConfigError, match="model.init_from"):
         passkey.run_task(config(*small, f"model.init_from={tmp_path / 'missing.safetensors'}"), again)
+
+
+@pytest.mark.parametrize("bins", [3, 12])
+def test_the_distance_plot_keeps_its_labels_inside_and_shows_both_lines_where_they_meet(bins, assert_labels_inside,
+                                                                                         tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = [{"segments_back_min": 2 ** (b - 1) if b else 0, "segments_back_max": 2 ** b - 1 if b else 0, "n": 4,
+             "acc": 1.0, "exact": 1.0} for b in range(bins)]  # token accuracy and exact match the same everywhere
+    fig = passkey.distance_figure(rows, "passkey by distance, memory=linear, 400 training steps", chance=0.1)
+    assert_labels_inside(fig)
+    acc, exact = fig.axes[0].get_lines()[:2]
+    assert (acc.get_label(), exact.get_label()) == ("token accuracy", "exact match")
+    assert acc.get_linestyle() != exact.get_linestyle() and acc.get_marker() != exact.get_marker()
+    assert exact.get_markerfacecolor() == "none" and acc.get_linewidth() > exact.get_linewidth()  # the top one
+    plt.close(fig)  # is hollow and thin, the one beneath thick: both show
+    assert passkey.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000

@@ -217,3 +217,147 @@ def test_gates_figure_spans_zero_to_one_and_names_its_run(tmp_path, monkeypatch)
     assert (seen["vmin"], seen["vmax"]) == (0.0, 1.0)
     assert seen["title"] == "tiny-linear: sigmoid(beta) per layer and head, step 7"
     assert (tmp_path / "gates.png").stat().st_size > 1000
+
+
+def _run_folder(root: Path, name: str, task: str, args: list[str], results: dict, recorded: bool = True) -> Path:
+    """A run folder as run.py leaves it: results.json (with the overrides in its config when `recorded`, as
+    today's runs have them) and .hydra/overrides.yaml."""
+    config = {"task": {"name": task, "dataset": "embedded_pg19"}, "model": {"name": "tiny", "segment_len": 32}, "memory": {"name": "linear"},
+              "seed": len(name)}  # a config of its own, so that no two folders merge
+    choices = {"experiment": next((a.split("=")[1] for a in args if a.startswith("experiment=")), None)}
+    if recorded:
+        config["hydra"] = {"overrides": args, "choices": choices}
+    folder = root / name
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in args))
+    (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+    return folder
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    """Two LM runs (one a smoke run, one of an experiment, made before results.json recorded overrides) and a
+    passkey run."""
+    root = tmp_path / "outputs"
+    _run_folder(root, "smoke", "lm", ["task=lm", "trainer.steps=2"],
+                {"val/ppl": 9.5, "train/steps": 2, "val/loss_by_segment": [1.0, 2.0], "data/source": "embedded_pg19"})
+    _run_folder(root, "mini/lm-linear", "lm", ["experiment=lm_cpu", "+model.arch.dim=64"],
+                {"val/ppl": 7.25, "val/bpb": 1.5, "data/fallback": None}, recorded=False)
+    _run_folder(root, "passkey", "passkey", ["task=passkey"], {"passkey/acc": 0.5, "passkey/grid": [{"acc": 0.5}]})
+    return tmp_path
+
+
+def report_main(args: list[str], monkeypatch) -> None:
+    from infini_bench.report import main
+
+    monkeypatch.setattr(sys, "argv", ["infini_bench.report", *args])
+    main()
+
+
+def read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_csv_has_one_row_per_run_with_its_overrides_and_numeric_metrics(three_runs, monkeypatch):
+    report_main([str(three_runs / "outputs"), "--csv", str(three_runs / "runs.csv")], monkeypatch)
+    rows = read_csv(three_runs / "runs.csv")
+    assert [r["path"] for r in rows] == [str(three_runs / "outputs" / p) for p in ("mini/lm-linear", "passkey", "smoke")]
+    mini, passkey, smoke = rows
+    assert list(mini)[:4] == ["path", "task", "model", "memory"] and mini["memory"] == "linear"
+    # Overrides as columns, empty where a run did not set one; the old run's come from .hydra/overrides.yaml.
+    assert (smoke["trainer.steps"], mini["trainer.steps"]) == ("2", "")
+    assert (mini["experiment"], mini["model.arch.dim"], smoke["experiment"]) == ("lm_cpu", "64", "")
+    # Numeric metrics as columns; lists, strings and None are left out.
+    assert (float(smoke["val/ppl"]), float(mini["val/ppl"]), float(passkey["passkey/acc"])) == (9.5, 7.25, 0.5)
+    assert mini["val/bpb"] == "1.5" and smoke["val/bpb"] == ""
+    for key in ("val/loss_by_segment", "data/source", "data/fallback", "passkey/grid"):
+        assert key not in mini
+
+
+def test_filters_keep_runs_out_of_the_csv_and_the_report(three_runs, monkeypatch):
+    root, csv_path, out = three_runs / "outputs", three_runs / "runs.csv", three_runs / "docs" / "REPORT.md"
+    report_main([str(root), "--csv", str(csv_path), "--task", "lm"], monkeypatch)
+    assert [r["path"].rsplit("outputs/", 1)[1] for r in read_csv(csv_path)] == ["mini/lm-linear", "smoke"]
+    report_main([str(root), "--csv", str(csv_path), "--experiment", "lm_cpu"], monkeypatch)
+    assert [r["path"].rsplit("outputs/", 1)[1] for r in read_csv(csv_path)] == ["mini/lm-linear"]
+    report_main([str(root), "--csv", str(csv_path), "--only", "smo", "--only", "pass*"], monkeypatch)
+    assert [r["path"].rsplit("outputs/", 1)[1] for r in read_csv(csv_path)] == ["passkey", "smoke"]
+    report_main([str(root), "--out", str(out), "--only", "mini/*"], monkeypatch)
+    text = out.read_text()
+    assert "| 7.25 (embedded_pg19) |" in text and "9.50" not in text and "ours: zero-shot" not in text  # only the mini run
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--task", "lmm"], "error: --task: 'lmm' is not one of booksum, lm, passkey"),
+    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of continual_1b, continual_8b, lm_cpu,"),
+    (["--only", "nowhere"], "error: no run under "),
+])
+def test_a_bad_filter_is_one_line(args, line, three_runs, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(three_runs / "outputs"), "--csv", str(three_runs / "runs.csv"), *args], monkeypatch)
+    assert stop.value.code == (1 if "--only" in args else 2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+    assert not (three_runs / "runs.csv").exists()
+
+
+def _curve_run(root: Path, name: str, dataset: str, model: str, args: list[str], params: int = 460_000) -> None:
+    """An LM run's results.json with a loss-by-segment curve, and its training losses in metrics.jsonl."""
+    values = dict(a.split("=") for a in args)
+    config = {"seed": int(values.get("seed", 0)), "memory": {"name": values["memory"]},
+              "model": {"name": model, "segment_len": 32}, "task": {"name": "lm", "dataset": dataset, "seq_len": 128},
+              "hydra": {"overrides": ["task=lm", *args]}}
+    results = {"val/ppl": 5.0, "val/bpb": 2.0, "val/loss_by_segment": [3.0, 2.5, 2.4], "model/params": params,
+               "data/source": dataset}
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 4.0 - s}) + "\n" for s in (1, 2)))
+
+
+def test_report_figures_give_each_memory_one_colour_and_each_data_set_and_scale_its_own_panel(
+        tmp_path, monkeypatch, assert_labels_inside):
+    from matplotlib.colors import to_hex
+
+    from infini_bench import plots
+    from infini_bench.memories import memory_names
+
+    colours = {m: to_hex(plots.memory_color(m)) for m in memory_names()}
+    assert len(set(colours.values())) == len(colours)  # one colour per registered memory, none shared
+    runs = tmp_path / "runs"
+    _curve_run(runs, "books/linear", "embedded_pg19", "tiny", ["memory=linear"])
+    _curve_run(runs, "books/linear-s1", "embedded_pg19", "tiny", ["memory=linear", "seed=1"])
+    _curve_run(runs, "books/none", "embedded_pg19", "tiny", ["memory=none"])
+    _curve_run(runs, "books/rmt", "embedded_pg19", "tiny", ["memory=rmt"], params=462_000)  # its memory tokens
+    _curve_run(runs, "code/delta", "python_code", "tiny", ["memory=delta"])  # delta before linear in this panel
+    _curve_run(runs, "code/linear", "python_code", "tiny", ["memory=linear"])
+    _curve_run(runs, "mini/delta", "embedded_pg19", "lm_mini", ["memory=delta", "model=lm_mini"], params=20_000_000)
+
+    drawn = {}
+    save = plots.save_figure
+
+    def capture(fig, path):
+        saved = save(fig, path)  # laid out and written
+        assert_labels_inside(fig)
+        drawn[Path(path).name] = {ax.get_title(): {line.get_label(): (to_hex(line.get_color()), line.get_linestyle())
+                                                   for line in ax.get_lines()} for ax in fig.axes}
+        return saved
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    build_report(find_results([runs]), tmp_path / "docs" / "REPORT.md")
+
+    panels = drawn["loss_by_segment.png"]  # one panel per data set and model scale, lines named by what differs
+    assert {title: sorted(lines) for title, lines in panels.items()} == {
+        "embedded_pg19 (val): lm_mini (20M params), N=32": ["delta"],
+        "embedded_pg19 (val): tiny (0.46M params), N=32": ["linear", "linear seed=1", "none", "rmt"],
+        "python_code (val): tiny (0.46M params), N=32": ["delta", "linear"]}
+    books = panels["embedded_pg19 (val): tiny (0.46M params), N=32"]
+    assert books["linear"][1] != books["linear seed=1"][1]  # one colour, two line styles
+    assert {"loss_by_segment.png", "lm_loss_curves.png", "table2_seeds_1_train.png"} <= set(drawn)
+    for figure in drawn.values():  # every line in its memory's colour, whatever else the figure holds
+        for lines in figure.values():
+            for label, (colour, _) in lines.items():
+                assert colour == colours[next(w for w in label.split() if w in colours)], (label, colour)

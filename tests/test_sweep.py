@@ -1,4 +1,5 @@
 """Hydra multirun: choice, range, glob and experiment sweeps run one job per value; bad values get one line."""
+import csv
 import json
 import os
 import subprocess
@@ -16,6 +17,11 @@ SMALL = ["task=lm", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1"
 def sweep(*args, tmp_path):
     return subprocess.run([sys.executable, "run.py", *args, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def results(tmp_path) -> dict[tuple, dict]:
@@ -76,7 +82,8 @@ def test_a_failing_job_does_not_end_the_sweep_which_ends_with_every_jobs_outcome
     assert proc.returncode == 1, proc.stderr  # a job failed: the sweep says so in its exit code
     assert "Traceback" not in proc.stderr and "error: model.segment_len: 0 must be a positive integer" in proc.stderr
     (ppl,) = [r["val/ppl"] for (_, n), r in results(tmp_path).items() if n == 32]  # job 1 ran after job 0 failed
-    table = (tmp_path / "sweep_summary.md").read_text()
+    (record,) = (tmp_path / "sweeps").iterdir()  # the sweep's own record
+    table = (record / "sweep_summary.md").read_text()
     assert table in proc.stdout and "sweep: 2 jobs, 1 failed" in table
     assert "| 0 | model.segment_len=0 | error: model.segment_len: 0 must be a positive integer |" in table
     assert f"| 1 | model.segment_len=32 | val/ppl {ppl:.2f} |" in table
@@ -85,6 +92,49 @@ def test_a_failing_job_does_not_end_the_sweep_which_ends_with_every_jobs_outcome
     again = sweep(*args, tmp_path=tmp_path)  # rerun: the finished job reports its numbers, the bad one fails again
     assert again.returncode == 1
     assert f"| 1 | model.segment_len=32 | finished earlier: val/ppl {ppl:.2f} |" in again.stdout
+    assert list((tmp_path / "sweeps").iterdir()) == [record]  # the same command line, the same record
+    assert (record / "sweep_summary.md").read_text() in again.stdout
+    (row,) = read_csv(record / "results.csv")  # the finished job only
+    assert row["model.segment_len"] == "32" and float(row["val/ppl"]) == ppl and row["task"] == "lm"
+
+
+@pytest.mark.slow
+def test_each_sweep_keeps_its_own_multirun_yaml_beside_the_job_folders_they_share(tmp_path):
+    from omegaconf import OmegaConf
+
+    first = sweep("-m", "memory=linear,none", *SMALL, tmp_path=tmp_path)
+    second = sweep("-m", "memory=delta,linear", *SMALL, tmp_path=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert len(list(tmp_path.rglob("results.json"))) == 3  # the linear job ran once, in the first sweep
+    assert "| 1 | memory=linear | finished earlier: val/ppl" in second.stdout
+    records = {}
+    for record in (tmp_path / "sweeps").iterdir():
+        swept = OmegaConf.load(record / "multirun.yaml").hydra.overrides.task
+        records[next(a for a in swept if a.startswith("memory="))] = record
+        assert "sweep: 2 jobs, 0 failed" in (record / "sweep_summary.md").read_text()
+    assert sorted(records) == ["memory=delta,linear", "memory=linear,none"]
+    assert "memory=none" in (records["memory=linear,none"] / "sweep_summary.md").read_text()
+    for memories, record in records.items():  # each sweep's results.csv: its own jobs, in job order
+        rows = read_csv(record / "results.csv")
+        assert [r["memory"] for r in rows] == memories.split("=")[1].split(",")
+        for r in rows:
+            saved = json.loads((Path(r["path"]) / "results.json").read_text())["results"]
+            assert float(r["val/ppl"]) == saved["val/ppl"] and r["trainer.steps"] == "1"
+    assert OmegaConf.load(tmp_path / "multirun.yaml").hydra.overrides.task[0] == "memory=delta,linear"  # Hydra's: the latest
+
+
+def test_a_sweeps_record_is_named_by_its_command_line():
+    from tasks.sweep import sweep_name
+
+    ignored = ["logger", "trainer.resume"]
+    name = sweep_name(["memory=linear,none", "task=lm"], ignored)
+    assert name.startswith("memory=linear,none,task=lm-") and len(name) == len("memory=linear,none,task=lm-") + 8
+    assert sweep_name(["task=lm", "logger=none", "memory=linear,none"], ignored) == name  # order, logger: no matter
+    assert sweep_name(["memory=linear,delta", "task=lm"], ignored) != name
+    odd = sweep_name(["memory=glob(*)", "model.init_from=out/a b/model.safetensors", "x=" + "9" * 100], ignored)
+    assert "/" not in odd and "*" not in odd and " " not in odd and len(odd) == 60 + 9
+    assert sweep_name(["x=" + "9" * 100 + "1"], []) != sweep_name(["x=" + "9" * 100 + "2"], [])
+    assert sweep_name([], ignored).startswith("defaults-")
 
 
 def test_the_sweep_table_names_what_differs_between_jobs():
