@@ -5,8 +5,10 @@ and no results written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -21,6 +23,36 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parent / "conf"
+
+
+def short_name(path: str) -> str:
+    """A checkpoint path as a few readable characters and a hash of the path: `1b-linear-3f2a9c1e` for
+    outputs/continual/1b-linear/model.safetensors (its folder, since every export is model.safetensors)."""
+    where = Path(path)
+    readable = where.parent.name if where.stem == "model" and where.parent.name else where.stem
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", readable)[:24].strip("_.")
+    digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def run_folder(overrides: list[str], exclude: list[str]) -> str:
+    """A run folder's name from its command line, as Hydra's override_dirname (the sorted key=value overrides,
+    the excluded keys left out), with model.init_from shortened by short_name: a long path would make a name
+    the file system refuses. The same command gives the same name, so a rerun resumes the same run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = []
+    for override in OverridesParser.create().parse_overrides([str(o) for o in overrides]):
+        line = override.input_line
+        if override.key_or_group in exclude:
+            continue
+        if override.key_or_group == "model.init_from" and override.value() is not None and not override.is_delete():
+            line = f"{line.partition('=')[0]}={short_name(str(override.value()))}"
+        items.append(line)
+    return ",".join(sorted(items))
+
+
+OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 
 
 def fail(message: str, code: int = 2) -> None:

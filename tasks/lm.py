@@ -21,7 +21,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          train_config)
+                          no_batches, train_config)
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -164,8 +164,11 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * max(1, t.seq_len // model.cfg.segment_len)
         overrides["steps"] = -(-t.train_segments // per_step)
     tcfg = train_config(cfg, **overrides)
-    stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
-                                      Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+    if tcfg.steps:
+        stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
+                                          Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+    else:  # evaluation only: no training data is read, and the data used is the evaluation's
+        stream, sources = no_batches, {t.dataset: eval_source}
 
     def evaluate(m, step):
         r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)

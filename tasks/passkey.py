@@ -532,8 +532,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
             return evaluate_grid(whole, tokenizer, lengths, names, n, t.seed, t.haystack, key_range,
                                  t.eval_batch, progress)
 
-    warmup = 0 if t.zero_shot else t.warmup_steps
     steps = 0 if t.zero_shot else tcfg.steps
+    warmup = t.warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up either
     logged = _StepOffset(run, warmup)  # the main phase logs its steps after the warm-up's
 
     def validate(m: InfiniTransformer, step: int) -> dict[str, float]:

@@ -194,3 +194,52 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: device: 'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
     assert not out.exists()
+
+
+EVAL_ONLY = {  # a small evaluation per task, and a metric it reports
+    "lm": (["task.eval_max_docs=1", "task.eval_max_tokens=128"], "val/ppl"),
+    "passkey": (["task.lengths=[300]", "task.samples=2"], "passkey/acc"),
+    "booksum": (["task.eval_books=2", "task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall"),
+}
+
+
+def gated_weights(task: str, folder: Path, raw_gate: float) -> Path:
+    """A tiny model for `task` with every gate set to raw_gate, exported as a run exports it."""
+    from types import SimpleNamespace
+
+    from tasks.common import build_model_and_tokenizer, export_weights
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model, _ = build_model_and_tokenizer(compose("config", overrides=[f"task={task}"]))
+    with torch.no_grad():
+        for layer in model.gate_layers():
+            model.layers[layer].attn.gate.fill_(raw_gate)
+    folder.mkdir(parents=True)
+    return export_weights(model, SimpleNamespace(out_dir=folder, is_main=True))
+
+
+@pytest.mark.parametrize("task", sorted(EVAL_ONLY))
+def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task, tmp_path):
+    """trainer.steps=0 model.init_from=<weights>, in the run folder the config names: the checkpoint's weights
+    are the ones evaluated, no training data is built and no step is trained, the folder's name holds a short
+    name for the checkpoint instead of its path, and the same command again finds the run finished."""
+    weights = gated_weights(task, tmp_path / "exported" / "tiny-run", raw_gate=2.0)
+    args, metric = EVAL_ONLY[task]
+    command = [sys.executable, str(ROOT / "run.py"), f"task={task}", "trainer.steps=0", f"model.init_from={weights}",
+               *args, "trainer.progress=false", "logger=none"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tmp_path / "outputs" / task / "tiny-linear").iterdir()
+    assert str(weights) not in out.name and "model.init_from=tiny-run-" in out.name and len(out.name) < 150
+    record = json.loads((out / "results.json").read_text())
+    assert isinstance(record["results"][metric], float) and record["results"]["train/steps"] == 0
+    assert not (out / "train_tokens.pt").exists() and not (out / "checkpoints").exists()
+    assert not (out / "model.safetensors").exists()  # nothing trained, nothing exported
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("train/loss" in row or "train/lr" in row for row in rows)  # no training phase logged a step
+    gates = {k: v for row in rows for k, v in row.items() if k.startswith("gates/")}
+    assert gates and all(v == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item()) for v in gates.values())
+    assert "evaluation only" in (out / "run.log").read_text()
+    again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "this run had finished" in again.stdout, again.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs" / task / "tiny-linear").iterdir()] == [out.name]
