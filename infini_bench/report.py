@@ -592,6 +592,9 @@ def results_table(record: dict, out_dir: Path) -> str:
     config, res = record["config"], record["results"]
     head = (f"{config['task']['name']}: {config['model']['name']} memory={config['memory']['name']} "
             f"N={config['model'].get('segment_len')}, {res.get('train/steps') or 0} training steps")
+    extended = (config.get("hydra") or {}).get("extended_from")
+    if extended:  # rerun with a larger trainer.steps: not the same as a straight run of as many steps
+        head += f" (extended from {' then '.join(map(str, extended))})"
     if sources(res):
         head += ", data " + ", ".join(used if asked == used else f"{asked} -> {used}" for asked, used in sources(res).items())
     rows = [("metric", "ours", "paper / chance")] + _main_rows(config, res)

@@ -243,3 +243,62 @@ def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task
     again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "this run had finished" in again.stdout, again.stderr[-3000:]
     assert [p.name for p in (tmp_path / "outputs" / task / "tiny-linear").iterdir()] == [out.name]
+
+
+def test_the_run_folder_leaves_out_a_step_count_and_shortens_init_from():
+    sys.path.insert(0, str(ROOT))
+    from run import run_folder, short_name
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        exclude = list(compose("config", return_hydra_config=True).hydra.job.config.override_dirname.exclude_keys)
+    weights = "outputs/continual/1b-linear/model.safetensors"
+    name = short_name(weights)
+    assert name.startswith("1b-linear-") and len(name) == len("1b-linear-") + 8 and name == short_name(weights)
+    assert short_name("outputs/continual/1b-delta/model.safetensors") != name
+    assert run_folder(["task=lm", "trainer.steps=50", "logger=none", f"model.init_from={weights}"], exclude) == \
+        f"model.init_from={name},task=lm"  # more steps extend the run in its folder
+    assert run_folder(["task=lm", "trainer.steps=0"], exclude) == "task=lm,trainer.steps=0"  # an evaluation: its own
+    assert run_folder(["trainer.steps=50", "task=lm"], exclude, "sweep") == "task=lm,trainer.steps=50"  # one per job
+
+
+def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_path):
+    """2 steps, then the same command with 4: steps 3 and 4 are trained from the step-2 checkpoint, results.json
+    is rewritten and the 2-step one kept beside it. Against a straight 4-step run: the same batches, the same
+    first two losses (one update, at the same rate) and the same rate at steps 3 and 4 (the schedule is laid
+    over the new total); not the same rate at step 2 (it followed the 2-step cosine), so not the same losses
+    from step 3 on, nor the same final numbers. Fewer steps than the run has is refused."""
+    args = ["task=lm", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64", "trainer.warmup_steps=0",
+            "trainer.log_every=1", "trainer.progress=false", "logger=none"]
+    first, out = cli(*args, "trainer.steps=2", tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    two_steps = (out / "results.json").read_text()
+    extended, _ = cli(*args, "trainer.steps=4", tmp_path=tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"extending the run in {out} from 2 to 4 training steps" in extended.stdout
+    assert f"resumed from {out / 'checkpoints' / 'last'} at step 2" in extended.stdout
+    assert "the first 2 followed the 2-step schedule" in extended.stdout  # what it does with the learning rate
+    assert (out / "results.step2.json").read_text() == two_steps
+    record = json.loads((out / "results.json").read_text())
+    assert record["results"]["train/steps"] == 4 and record["config"]["hydra"]["extended_from"] == [2]
+    assert "4 training steps (extended from 2)" in extended.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/lr" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # steps 1-2 from the first run, once each
+
+    straight, straight_out = cli(*args, "trainer.steps=4", tmp_path=tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_rows = [json.loads(line) for line in (straight_out / "metrics.jsonl").read_text().splitlines()
+                     if "train/lr" in line]
+    assert [r["train/loss"] for r in train_rows[:2]] == [r["train/loss"] for r in straight_rows[:2]]
+    assert [r["train/lr"] for r in train_rows[2:]] == [r["train/lr"] for r in straight_rows[2:]]
+    assert train_rows[1]["train/lr"] < straight_rows[1]["train/lr"]  # the 2-step cosine had decayed further
+    assert train_rows[2]["train/loss"] != straight_rows[2]["train/loss"]
+    straight_results = json.loads((straight_out / "results.json").read_text())["results"]
+    assert record["results"]["val/ppl"] != straight_results["val/ppl"]
+
+    before = (out / "results.json").read_text()
+    shorter, _ = cli(*args, "trainer.steps=3", tmp_path=tmp_path)
+    lines = shorter.stderr.strip().splitlines()
+    assert shorter.returncode == 2 and len(lines) == 1, shorter.stderr
+    assert lines[0].startswith("error: trainer.steps: 3 is fewer than the 4 steps of the run in ")
+    assert (out / "results.json").read_text() == before
