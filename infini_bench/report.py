@@ -565,12 +565,18 @@ def _main_rows(config: dict, res: dict) -> list[tuple[str, str, str]]:
         steps = res.get("train/steps") or 0
         mode = "zero-shot" if config["task"].get("zero_shot") or not steps else "fine-tuned"
         paper = dict(zip(TABLE3_LENGTHS, TABLE3.get((mode, memory), ())))
+        grid = res.get("passkey/grid", [])
         rows = []
-        for label in dict.fromkeys(row["length_label"] for row in res.get("passkey/grid", [])):
-            accs = "/".join(_fmt(_pct(res.get(f"passkey/acc@{label}/{d}")), 0) for d in DEPTHS
-                            if f"passkey/acc@{label}/{d}" in res)
-            cited = f"{'/'.join(map(str, paper[label]))} (paper, {mode})" if label in paper else ""
-            rows.append((f"acc@{label} %", accs, cited))
+        for label in dict.fromkeys(row["length_label"] for row in grid):
+            depths = [row["depth"] for row in grid if row["length_label"] == label]
+            named = set(depths) <= set(DEPTHS)  # the paper's start / middle / end, else a depth sweep's fractions
+            accs = "/".join(_fmt(_pct(res.get(f"passkey/acc@{label}/{d}")), 0) for d in depths)
+            cited = ""
+            if label in paper:
+                by_depth = dict(zip(DEPTHS, paper[label]))
+                cited = ("/".join(str(by_depth[d]) for d in depths) if named
+                         else f"{'/'.join(map(str, paper[label]))} at {'/'.join(DEPTHS)}") + f" (paper, {mode})"
+            rows.append((f"acc@{label} % at {'' if named else 'depth '}{'/'.join(depths)}", accs, cited))
         chance = _pct(res.get("passkey/chance"))
         rows += [("passkey/acc %", _fmt(_pct(res.get("passkey/acc")), 1), f"{_fmt(chance, 1)} (chance)"
                   if chance is not None else ""),

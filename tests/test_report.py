@@ -217,3 +217,30 @@ def test_gates_figure_spans_zero_to_one_and_names_its_run(tmp_path, monkeypatch)
     assert (seen["vmin"], seen["vmax"]) == (0.0, 1.0)
     assert seen["title"] == "tiny-linear: sigmoid(beta) per layer and head, step 7"
     assert (tmp_path / "gates.png").stat().st_size > 1000
+
+
+def _passkey_record(depths: list[str]) -> dict:
+    """A passkey results.json with the needle at `depths` at 1K and 32K tokens: 100%, 50%, 0%, ... in turn."""
+    grid = [{"length": n, "length_label": label, "depth": d, "acc": 1 - 0.5 * i, "n": 2}
+            for n, label in ((1024, "1K"), (32768, "32K")) for i, d in enumerate(depths)]
+    results = {f"passkey/acc@{r['length_label']}/{r['depth']}": r["acc"] for r in grid}
+    results.update({"passkey/grid": grid, "passkey/acc": 0.5, "passkey/exact": 0.5, "train/steps": 10})
+    return {"config": {"task": {"name": "passkey", "zero_shot": False}, "memory": {"name": "linear"},
+                       "model": {"name": "tiny", "segment_len": 64}}, "results": results}
+
+
+def test_the_passkey_table_names_the_depth_of_each_number(tmp_path):
+    """The closing table's cells read 100/50/0: its rows say which depth each number is, and the paper's cell
+    beside ours gives the paper's numbers for the same depths, in the same order."""
+    table = results_table(_passkey_record(["start", "middle", "end"]), tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at start/middle/end"
+    assert row.split("|")[1].strip() == "100/50/0" and "100/100/100 (paper, fine-tuned)" in row
+    assert next(line for line in table.splitlines() if line.startswith(" acc@1K")).split("|")[2].strip() == ""
+    two = results_table(_passkey_record(["end", "start"]), tmp_path)  # the paper's cells follow our depths
+    row = next(line for line in two.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at end/start" and "100/100 (paper, fine-tuned)" in row
+    swept = results_table(_passkey_record(["0.00", "0.50", "1.00"]), tmp_path)  # task.depth_sweep=3
+    row = next(line for line in swept.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at depth 0.00/0.50/1.00" and row.split("|")[1].strip() == "100/50/0"
+    assert "100/100/100 at start/middle/end (paper, fine-tuned)" in row
