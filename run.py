@@ -123,6 +123,8 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig as Hydra
 
+    from tasks import RENAMED
+
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -130,6 +132,8 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
             known = OmegaConf.to_container(compose("config", overrides=groups), resolve=False)
             for arg in overrides:
                 key = arg.partition("=")[0]
+                if key.lstrip("+~") in RENAMED:
+                    fail(f"{key.lstrip('+~')}: was renamed {RENAMED[key.lstrip('+~')]}")
                 if key.startswith(("+", "~", "hydra")) or "." not in key:
                     continue
                 group, _, field = key.partition(".")

@@ -41,6 +41,9 @@ def cli(*args, tmp_path):
     (["task=lm", "trainer.lr=1e39"], "trainer.lr: 1e+39 overflows float32"),
     (["task=lm", "model.gate_init=nan"], "model.gate_init: nan must be a finite number"),
     (["task=lm", "logger=wandb", "logger.mode=onlin"], "logger.mode: 'onlin' is not one of offline, online, disabled"),
+    (["task.warmup_steps=5"], "task.warmup_steps: was renamed task.local_warmup_steps (passkey's warm-up on local "
+                              "attention; trainer.warmup_steps is the learning rate's)"),
+    (["-m", "task.warmup_segment_len=64,128"], "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -150,7 +153,7 @@ def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
 TORCHRUN_CASES = {
     "lm": ["task=lm", "trainer.steps=2", "trainer.batch_size=4", "task.seq_len=128", "task.mix={pg19:1,c4:1}",
            "task.min_doc_tokens=1000", "task.eval_max_docs=1", "task.eval_max_tokens=256", "trainer.eval_every=1"],
-    "passkey": ["task=passkey", "trainer.steps=2", "task.warmup_steps=0", "task.lengths=[300]", "task.samples=2",
+    "passkey": ["task=passkey", "trainer.steps=2", "task.local_warmup_steps=0", "task.lengths=[300]", "task.samples=2",
                 "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2", "trainer.eval_every=1"],
     "booksum": ["task=booksum", "trainer.steps=2", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
                 "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8",

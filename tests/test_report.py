@@ -15,7 +15,7 @@ from infini_bench.report import build_report, find_results, results_table
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 LM = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=128"]
-PASSKEY = ["task=passkey", "trainer.steps=1", "task.warmup_steps=0", "task.lengths=[300,32768]", "task.samples=1",
+PASSKEY = ["task=passkey", "trainer.steps=1", "task.local_warmup_steps=0", "task.lengths=[300,32768]", "task.samples=1",
            "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2", "model.segment_len=1024"]
 BOOKSUM = ["task=booksum", "trainer.steps=1", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
            "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8", "task.train_input_len=128"]
