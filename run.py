@@ -394,8 +394,9 @@ def main(cfg: DictConfig) -> None:
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
-        from tasks.common import train_config
+        from tasks.common import check_limit, train_config
 
+        check_limit(cfg.task)
         tcfg = train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
         if hasattr(task, "check_values"):
             task.check_values(cfg)

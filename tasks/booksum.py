@@ -39,7 +39,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          no_batches, train_config)
+                          eval_count, no_batches, train_config)
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -218,12 +218,13 @@ def _check(t: DictConfig) -> list[int]:
 
 def _load(t: DictConfig, eval_split: str, train: bool = True) -> tuple[list[tuple[str, str]], list[Book]]:
     """(book text, summary) training pairs (none unless `train`) and the evaluation books."""
+    n_books = eval_count(t)
     if t.source == "hub":
         train_pairs = [(r["book"], r["summary"]) for r in hub_rows("train")] if train else []
-        return train_pairs, group_by_book(hub_rows(eval_split))[: t.eval_books]
+        return train_pairs, group_by_book(hub_rows(eval_split))[:n_books]
     s = t.synthetic
     train_books = synthetic_books("train", s.train_books, s.book_chars, s.n_events, s.seed) if train else []
-    eval_books = synthetic_books(eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
+    eval_books = synthetic_books(eval_split, n_books, s.book_chars, s.n_events, s.seed)
     return [(b.text, b.references[0]) for b in train_books], eval_books
 
 

@@ -142,6 +142,24 @@ def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+# Each task's own count of evaluation items, which task.limit caps.
+EVAL_COUNT = {"lm": "eval_max_docs", "passkey": "samples", "booksum": "eval_books"}
+
+
+def check_limit(t: DictConfig) -> None:
+    limit = t.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError("task.limit", f"{limit!r} must be null (task.{EVAL_COUNT[t.name]}) or an integer >= 1")
+
+
+def eval_count(t: DictConfig) -> int:
+    """How many evaluation items the task runs (lm: documents, passkey: samples per length and depth, booksum:
+    books): its own setting, capped by task.limit when that is set, like lm-eval's --limit for a quick check."""
+    check_limit(t)
+    own = t[EVAL_COUNT[t.name]]
+    return own if t.get("limit") is None else min(own, t.limit)
+
+
 def no_batches(index: int) -> dict[str, torch.Tensor]:
     """The batch_fn of a run that trains no step (trainer.steps=0, evaluation only): it builds no training data."""
     raise RuntimeError(f"micro-batch {index} asked for in a run without training steps")

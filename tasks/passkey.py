@@ -34,7 +34,7 @@ from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
 from tasks import RENAMED  # noqa: E402
 from tasks.common import (  # noqa: E402
-    build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates, train_config,
+    build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates, train_config,
 )
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -572,7 +572,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if warmup or steps:
         export_weights(model, run)  # for model.init_from
 
-    rows, outcomes = grid(model, list(t.lengths), depths, t.samples, progress=tcfg.progress)
+    rows, outcomes = grid(model, list(t.lengths), depths, eval_count(t), progress=tcfg.progress)
     overall = summarise(outcomes)
     results: dict = {**_flat(rows, overall), "passkey/acc": overall["acc"], "passkey/exact": overall["exact"]}
     outcome_lengths = _cell_lengths(rows)

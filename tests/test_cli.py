@@ -44,6 +44,8 @@ def cli(*args, tmp_path):
     (["task.warmup_steps=5"], "task.warmup_steps: was renamed task.local_warmup_steps (passkey's warm-up on local "
                               "attention; trainer.warmup_steps is the learning rate's)"),
     (["-m", "task.warmup_segment_len=64,128"], "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
+    (["task=lm", "task.limit=0"], "task.limit: 0 must be null (task.eval_max_docs) or an integer >= 1"),
+    (["task=booksum", "task.limit=all"], "task.limit: 'all' must be null (task.eval_books) or an integer >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -199,10 +201,10 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert not out.exists()
 
 
-EVAL_ONLY = {  # a small evaluation per task, and a metric it reports
-    "lm": (["task.eval_max_docs=1", "task.eval_max_tokens=128"], "val/ppl"),
-    "passkey": (["task.lengths=[300]", "task.samples=2"], "passkey/acc"),
-    "booksum": (["task.eval_books=2", "task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall"),
+EVAL_ONLY = {  # a small evaluation per task, a metric it reports, and how many items it evaluated
+    "lm": (["task.eval_max_tokens=128"], "val/ppl", lambda r: r["val/docs"]),
+    "passkey": (["task.lengths=[300]"], "passkey/acc", lambda r: max(row["n"] for row in r["passkey/grid"])),
+    "booksum": (["task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall", lambda r: r["booksum/books"]),
 }
 
 
@@ -225,17 +227,21 @@ def gated_weights(task: str, folder: Path, raw_gate: float) -> Path:
 def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task, tmp_path):
     """trainer.steps=0 model.init_from=<weights>, in the run folder the config names: the checkpoint's weights
     are the ones evaluated, no training data is built and no step is trained, the folder's name holds a short
-    name for the checkpoint instead of its path, and the same command again finds the run finished."""
+    name for the checkpoint instead of its path, and the same command again finds the run finished. task.limit=1
+    evaluates one document, sample per cell or book, where the task's own setting has more."""
+    from tasks.common import EVAL_COUNT
+
     weights = gated_weights(task, tmp_path / "exported" / "tiny-run", raw_gate=2.0)
-    args, metric = EVAL_ONLY[task]
+    args, metric, count = EVAL_ONLY[task]
     command = [sys.executable, str(ROOT / "run.py"), f"task={task}", "trainer.steps=0", f"model.init_from={weights}",
-               *args, "trainer.progress=false", "logger=none"]
+               *args, "task.limit=1", "trainer.progress=false", "logger=none"]
     proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out,) = (tmp_path / "outputs" / task / "tiny-linear").iterdir()
     assert str(weights) not in out.name and "model.init_from=tiny-run-" in out.name and len(out.name) < 150
     record = json.loads((out / "results.json").read_text())
     assert isinstance(record["results"][metric], float) and record["results"]["train/steps"] == 0
+    assert count(record["results"]) == 1 < record["config"]["task"][EVAL_COUNT[task]]
     assert not (out / "train_tokens.pt").exists() and not (out / "checkpoints").exists()
     assert not (out / "model.safetensors").exists()  # nothing trained, nothing exported
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -305,3 +311,14 @@ def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_
     assert shorter.returncode == 2 and len(lines) == 1, shorter.stderr
     assert lines[0].startswith("error: trainer.steps: 3 is fewer than the 4 steps of the run in ")
     assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("task, own", [("lm", "eval_max_docs"), ("passkey", "samples"), ("booksum", "eval_books")])
+def test_task_limit_caps_each_tasks_own_count_of_evaluation_items(task, own):
+    from tasks.common import eval_count
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        def count(*overrides):
+            return eval_count(compose("config", overrides=[f"task={task}", f"task.{own}=5", *overrides]).task)
+
+        assert (count(), count("task.limit=null"), count("task.limit=2"), count("task.limit=50")) == (5, 5, 2, 5)
