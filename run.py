@@ -284,8 +284,8 @@ def check_same_config(config: dict, stored: dict, out_dir: Path) -> int | None:
 
 
 def extend(out_dir: Path, steps_done: int, tcfg, finished: bool) -> None:
-    """Before a run is extended from `steps_done` to tcfg.steps: keep its results so far, and say what the
-    extension does with the learning rate (the schedule is laid over the new count of steps)."""
+    """Before a run set to `steps_done` steps is extended to tcfg.steps: keep its results so far, and say what
+    the extension does with the learning rate (the schedule is laid over the new count of steps)."""
     import dataclasses
     import logging
 
@@ -377,7 +377,7 @@ def main(cfg: DictConfig) -> None:
         for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
             recover_checkpoint(last)  # a swap a crash interrupted
         stored, finished = stored_config(out_dir)
-        steps_done = None  # when a larger trainer.steps extends the run: the steps it had
+        steps_done = None  # when a larger trainer.steps extends the run: the trainer.steps it had
         if cfg.trainer.resume and stored is not None:
             steps_done = check_same_config(config, stored, out_dir)
             history = list((stored.get("hydra") or {}).get("extended_from") or [])
