@@ -182,7 +182,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
-               f"{split}/tokens": final["tokens"], f"{split}/docs": len(eval_docs), "train/loss": summary.get("train/loss"),
+               f"{split}/tokens": final["tokens"], f"{split}/docs": len(eval_docs),
+               "train/loss": summary.get("train/loss"),
                "train/steps": summary.get("train/steps", tcfg.steps), "train/seconds": summary.get("train/seconds"),
                "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                "data/eval_source": eval_source,

@@ -34,7 +34,8 @@ from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
 from tasks import RENAMED  # noqa: E402
 from tasks.common import (  # noqa: E402
-    build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates, train_config,
+    build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates,
+    train_config,
 )
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -537,7 +538,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                                  t.eval_batch, progress)
 
     steps = 0 if t.zero_shot else tcfg.steps
-    warmup = t.local_warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up either
+    warmup = t.local_warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up
     logged = _StepOffset(run, warmup)  # the main phase logs its steps after the warm-up's
 
     def validate(m: InfiniTransformer, step: int) -> dict[str, float]:
@@ -557,7 +558,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                           "torchrun")
     recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
     if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
-        local = InfiniTransformer(dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)).to(run.device)
+        local_cfg = dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)
+        local = InfiniTransformer(local_cfg).to(run.device)
         local.load_state_dict(model.state_dict())
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
                                  t.train_haystack, key_range, key_ramp)

@@ -43,7 +43,8 @@ def cli(*args, tmp_path):
     (["task=lm", "logger=wandb", "logger.mode=onlin"], "logger.mode: 'onlin' is not one of offline, online, disabled"),
     (["task.warmup_steps=5"], "task.warmup_steps: was renamed task.local_warmup_steps (passkey's warm-up on local "
                               "attention; trainer.warmup_steps is the learning rate's)"),
-    (["-m", "task.warmup_segment_len=64,128"], "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
+    (["-m", "task.warmup_segment_len=64,128"],
+     "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
     (["task=lm", "task.limit=0"], "task.limit: 0 must be null (task.eval_max_docs) or an integer >= 1"),
     (["task=booksum", "task.limit=all"], "task.limit: 'all' must be null (task.eval_books) or an integer >= 1"),
 ])
@@ -155,8 +156,9 @@ def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
 TORCHRUN_CASES = {
     "lm": ["task=lm", "trainer.steps=2", "trainer.batch_size=4", "task.seq_len=128", "task.mix={pg19:1,c4:1}",
            "task.min_doc_tokens=1000", "task.eval_max_docs=1", "task.eval_max_tokens=256", "trainer.eval_every=1"],
-    "passkey": ["task=passkey", "trainer.steps=2", "task.local_warmup_steps=0", "task.lengths=[300]", "task.samples=2",
-                "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2", "trainer.eval_every=1"],
+    "passkey": ["task=passkey", "trainer.steps=2", "task.local_warmup_steps=0", "task.lengths=[300]",
+                "task.samples=2", "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2",
+                "trainer.eval_every=1"],
     "booksum": ["task=booksum", "trainer.steps=2", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
                 "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8",
                 "task.train_input_len=128", "trainer.eval_every=1"],
@@ -204,7 +206,8 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
 EVAL_ONLY = {  # a small evaluation per task, a metric it reports, and how many items it evaluated
     "lm": (["task.eval_max_tokens=128"], "val/ppl", lambda r: r["val/docs"]),
     "passkey": (["task.lengths=[300]"], "passkey/acc", lambda r: max(row["n"] for row in r["passkey/grid"])),
-    "booksum": (["task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall", lambda r: r["booksum/books"]),
+    "booksum": (["task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall",
+                lambda r: r["booksum/books"]),
 }
 
 

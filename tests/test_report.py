@@ -15,8 +15,9 @@ from infini_bench.report import build_report, find_results, results_table
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 LM = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=128"]
-PASSKEY = ["task=passkey", "trainer.steps=1", "task.local_warmup_steps=0", "task.lengths=[300,32768]", "task.samples=1",
-           "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2", "model.segment_len=1024"]
+PASSKEY = ["task=passkey", "trainer.steps=1", "task.local_warmup_steps=0", "task.lengths=[300,32768]",
+           "task.samples=1", "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2",
+           "model.segment_len=1024"]
 BOOKSUM = ["task=booksum", "trainer.steps=1", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
            "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8", "task.train_input_len=128"]
 
@@ -242,5 +243,6 @@ def test_the_passkey_table_names_the_depth_of_each_number(tmp_path):
     assert row.split("|")[0].strip() == "acc@32K % at end/start" and "100/100 (paper, fine-tuned)" in row
     swept = results_table(_passkey_record(["0.00", "0.50", "1.00"]), tmp_path)  # task.depth_sweep=3
     row = next(line for line in swept.splitlines() if line.startswith(" acc@32K"))
-    assert row.split("|")[0].strip() == "acc@32K % at depth 0.00/0.50/1.00" and row.split("|")[1].strip() == "100/50/0"
+    assert row.split("|")[0].strip() == "acc@32K % at depth 0.00/0.50/1.00"
+    assert row.split("|")[1].strip() == "100/50/0"
     assert "100/100/100 at start/middle/end (paper, fine-tuned)" in row
