@@ -5,8 +5,10 @@ and no results written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -21,6 +23,42 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parent / "conf"
+
+
+def short_name(path: str) -> str:
+    """A checkpoint path as a few readable characters and a hash of the path: `1b-linear-3f2a9c1e` for
+    outputs/continual/1b-linear/model.safetensors (its folder, since every export is model.safetensors)."""
+    where = Path(path)
+    readable = where.parent.name if where.stem == "model" and where.parent.name else where.stem
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", readable)[:24].strip("_.")
+    digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def run_folder(overrides: list[str], exclude: list[str], kind: str = "run") -> str:
+    """A run folder's name from its command line, as Hydra's override_dirname (the sorted key=value overrides,
+    the excluded keys left out), with model.init_from shortened by short_name: a long path would make a name
+    the file system refuses. The same command gives the same name, so a rerun resumes the same run.
+
+    A plain run (`kind` run) leaves out a trainer.steps above 0 too: rerunning with more steps extends the run
+    in its folder. A sweep's job (`kind` sweep) keeps it, so a sweep over steps makes one run per value; so does
+    trainer.steps=0, an evaluation, which has no run to extend."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = []
+    for override in OverridesParser.create().parse_overrides([str(o) for o in overrides]):
+        line = override.input_line
+        if override.key_or_group in exclude:
+            continue
+        if kind == "run" and override.key_or_group == "trainer.steps" and override.value() != 0:
+            continue
+        if override.key_or_group == "model.init_from" and override.value() is not None and not override.is_delete():
+            line = f"{line.partition('=')[0]}={short_name(str(override.value()))}"
+        items.append(line)
+    return ",".join(sorted(items))
+
+
+OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -85,6 +123,8 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig as Hydra
 
+    from tasks import RENAMED
+
     overrides = [a for a in argv if not a.startswith("-") and "=" in a]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -92,6 +132,8 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
             known = OmegaConf.to_container(compose("config", overrides=groups), resolve=False)
             for arg in overrides:
                 key = arg.partition("=")[0]
+                if key.lstrip("+~") in RENAMED:
+                    fail(f"{key.lstrip('+~')}: was renamed {RENAMED[key.lstrip('+~')]}")
                 if key.startswith(("+", "~", "hydra")) or "." not in key:
                     continue
                 group, _, field = key.partition(".")
@@ -218,17 +260,53 @@ def code_change(out_dir: Path) -> str:
     return ""
 
 
-def check_same_config(config: dict, stored: dict, out_dir: Path) -> None:
-    """Resuming a folder with another config would mix two runs: refuse, naming what differs."""
+def check_same_config(config: dict, stored: dict, out_dir: Path) -> int | None:
+    """Resuming a folder with another config would mix two runs: refuse, naming what differs. A larger
+    trainer.steps alone is an extension: the steps the run had are returned, and it trains on to the new count
+    (not when task.train_segments or trainer.time_budget_s decides the length instead)."""
     from infini_bench.errors import ConfigError
 
     now, then = _flat(config), _flat(stored)
     differ = sorted(k for k in set(now) | set(then)
                     if now.get(k) != then.get(k) and not k.startswith(_MAY_CHANGE))
+    length_set_elsewhere = now.get("task.train_segments") is not None or now.get("trainer.time_budget_s") is not None
+    counts = (now.get("trainer.steps"), then.get("trainer.steps"))
+    if differ == ["trainer.steps"] and not length_set_elsewhere and all(type(n) is int for n in counts):
+        if now["trainer.steps"] > then["trainer.steps"]:
+            return then["trainer.steps"]
+        raise ConfigError("trainer.steps", f"{now['trainer.steps']} is fewer than the {then['trainer.steps']} steps "
+                          f"of the run in {out_dir}: a run can be extended (a larger trainer.steps), not shortened; "
+                          "trainer.resume=false starts it over, or pick another hydra.run.dir")
     if differ:
         more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
         raise ConfigError(differ[0], f"{now.get(differ[0])!r} differs from {then.get(differ[0])!r}, which the run in "
                           f"{out_dir} used{more}; trainer.resume=false starts it over, or pick another hydra.run.dir")
+
+
+def extend(out_dir: Path, steps_done: int, tcfg, finished: bool) -> None:
+    """Before a run set to `steps_done` steps is extended to tcfg.steps: keep its results so far, and say what
+    the extension does with the learning rate (the schedule is laid over the new count of steps)."""
+    import dataclasses
+    import logging
+
+    from infini_bench.train import lr_factor
+
+    kept = ""
+    if finished and (out_dir / "results.json").exists():
+        os.replace(out_dir / "results.json", out_dir / f"results.step{steps_done}.json")
+        kept = f"; its results after {steps_done} steps are kept as results.step{steps_done}.json"
+    before = dataclasses.replace(tcfg, steps=steps_done)
+    if all(lr_factor(i, before) == lr_factor(i, tcfg) for i in range(steps_done)):
+        lr = (f"the learning-rate schedule is laid over {tcfg.steps} steps, and the first {steps_done} had the rate "
+              f"a straight {tcfg.steps}-step run gives them, so this trains as that run would")
+    else:
+        lr = (f"the learning-rate schedule is recomputed for {tcfg.steps} steps: from step {steps_done + 1} on the "
+              f"rate is a straight {tcfg.steps}-step run's, but the first {steps_done} followed the {steps_done}-step "
+              f"schedule, so the weights and results differ from a straight {tcfg.steps}-step run's")
+    for line in (f"extending the run in {out_dir} from {steps_done} to {tcfg.steps} training steps: training "
+                 f"resumes from its last checkpoint{kept}", f"note: {lr}"):
+        print(line)
+        logging.getLogger("run").info(line)
 
 
 def remove_if_only_hydra(out_dir: Path) -> None:
@@ -299,9 +377,15 @@ def main(cfg: DictConfig) -> None:
         for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
             recover_checkpoint(last)  # a swap a crash interrupted
         stored, finished = stored_config(out_dir)
+        steps_done = None  # when a larger trainer.steps extends the run: the trainer.steps it had
         if cfg.trainer.resume and stored is not None:
-            check_same_config(config, stored, out_dir)
-            if finished:
+            steps_done = check_same_config(config, stored, out_dir)
+            history = list((stored.get("hydra") or {}).get("extended_from") or [])
+            if steps_done is not None:
+                history.append(steps_done)
+            if history:  # results.json says which step counts the run was extended from
+                config["hydra"]["extended_from"] = history
+            if finished and steps_done is None:
                 if is_main_process():
                     print(f"results: {out_dir / 'results.json'} (this run had finished{code_change(out_dir)}; "
                           "trainer.resume=false runs it again)")
@@ -310,11 +394,14 @@ def main(cfg: DictConfig) -> None:
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
-        from tasks.common import train_config
+        from tasks.common import check_limit, train_config
 
-        train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
+        check_limit(cfg.task)
+        tcfg = train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
         if hasattr(task, "check_values"):
             task.check_values(cfg)
+        if steps_done is not None and is_main_process():
+            extend(out_dir, steps_done, tcfg, finished)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
         if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)

@@ -690,12 +690,18 @@ def _main_rows(config: dict, res: dict) -> list[tuple[str, str, str]]:
         steps = res.get("train/steps") or 0
         mode = "zero-shot" if config["task"].get("zero_shot") or not steps else "fine-tuned"
         paper = dict(zip(TABLE3_LENGTHS, TABLE3.get((mode, memory), ())))
+        grid = res.get("passkey/grid", [])
         rows = []
-        for label in dict.fromkeys(row["length_label"] for row in res.get("passkey/grid", [])):
-            accs = "/".join(_fmt(_pct(res.get(f"passkey/acc@{label}/{d}")), 0) for d in DEPTHS
-                            if f"passkey/acc@{label}/{d}" in res)
-            cited = f"{'/'.join(map(str, paper[label]))} (paper, {mode})" if label in paper else ""
-            rows.append((f"acc@{label} %", accs, cited))
+        for label in dict.fromkeys(row["length_label"] for row in grid):
+            depths = [row["depth"] for row in grid if row["length_label"] == label]
+            named = set(depths) <= set(DEPTHS)  # the paper's start / middle / end, else a depth sweep's fractions
+            accs = "/".join(_fmt(_pct(res.get(f"passkey/acc@{label}/{d}")), 0) for d in depths)
+            cited = ""
+            if label in paper:
+                by_depth = dict(zip(DEPTHS, paper[label]))
+                cited = ("/".join(str(by_depth[d]) for d in depths) if named
+                         else f"{'/'.join(map(str, paper[label]))} at {'/'.join(DEPTHS)}") + f" (paper, {mode})"
+            rows.append((f"acc@{label} % at {'' if named else 'depth '}{'/'.join(depths)}", accs, cited))
         chance = _pct(res.get("passkey/chance"))
         rows += [("passkey/acc %", _fmt(_pct(res.get("passkey/acc")), 1), f"{_fmt(chance, 1)} (chance)"
                   if chance is not None else ""),
@@ -717,6 +723,9 @@ def results_table(record: dict, out_dir: Path) -> str:
     config, res = record["config"], record["results"]
     head = (f"{config['task']['name']}: {config['model']['name']} memory={config['memory']['name']} "
             f"N={config['model'].get('segment_len')}, {res.get('train/steps') or 0} training steps")
+    extended = (config.get("hydra") or {}).get("extended_from")
+    if extended:  # rerun with a larger trainer.steps: not the same as a straight run of as many steps
+        head += f" (extended from {' then '.join(map(str, extended))})"
     if sources(res):
         head += ", data " + ", ".join(used if asked == used else f"{asked} -> {used}" for asked, used in sources(res).items())
     rows = [("metric", "ours", "paper / chance")] + _main_rows(config, res)

@@ -29,7 +29,8 @@ VARIANTS = {
     "linear": [],
     "delta": ["memory=delta"],
     "linear-loss-all": ["task.loss_on=all"],
-    "linear-n2048": ["model.segment_len=2048", "task.warmup_segment_len=16384", "task.train_lengths=[4096,8192]",
+    "linear-n2048": ["model.segment_len=2048", "task.local_warmup_segment_len=16384",
+                     "task.train_lengths=[4096,8192]",
                      "task.train_lengths_end=[16384,32768]", "trainer.batch_size=8"],
 }
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",

@@ -3,6 +3,12 @@ optionally `check_values(cfg)`, which names a bad task value before the run star
 from importlib import import_module
 
 TASKS = ("lm", "passkey", "booksum")
+# Keys that were renamed: the old name stops a run with one line giving the new one.
+RENAMED = {
+    "task.warmup_steps": "task.local_warmup_steps (passkey's warm-up on local attention; trainer.warmup_steps is "
+                         "the learning rate's)",
+    "task.warmup_segment_len": "task.local_warmup_segment_len (the segment length of passkey's local warm-up)",
+}
 
 
 def get_task(name: str):

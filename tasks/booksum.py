@@ -39,7 +39,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          train_config)
+                          eval_count, no_batches, train_config)
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -216,14 +216,15 @@ def _check(t: DictConfig) -> list[int]:
     return sorted(set(lens))
 
 
-def _load(t: DictConfig, eval_split: str) -> tuple[list[tuple[str, str]], list[Book]]:
-    """(book text, summary) training pairs and the evaluation books."""
+def _load(t: DictConfig, eval_split: str, train: bool = True) -> tuple[list[tuple[str, str]], list[Book]]:
+    """(book text, summary) training pairs (none unless `train`) and the evaluation books."""
+    n_books = eval_count(t)
     if t.source == "hub":
-        train_pairs = [(r["book"], r["summary"]) for r in hub_rows("train")]
-        return train_pairs, group_by_book(hub_rows(eval_split))[: t.eval_books]
+        train_pairs = [(r["book"], r["summary"]) for r in hub_rows("train")] if train else []
+        return train_pairs, group_by_book(hub_rows(eval_split))[:n_books]
     s = t.synthetic
-    train_books = synthetic_books("train", s.train_books, s.book_chars, s.n_events, s.seed)
-    eval_books = synthetic_books(eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
+    train_books = synthetic_books("train", s.train_books, s.book_chars, s.n_events, s.seed) if train else []
+    eval_books = synthetic_books(eval_split, n_books, s.book_chars, s.n_events, s.seed)
     return [(b.text, b.references[0]) for b in train_books], eval_books
 
 
@@ -271,8 +272,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
     lengths = _check(t)
     model, tokenizer = build_model_and_tokenizer(cfg)
-    train_pairs, eval_books = _load(t, t.eval_split)
     tcfg = train_config(cfg)
+    train_pairs, eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # trainer.steps=0: evaluation only
     tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt), "eos_id": tokenizer.eos_id,
               "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
     train_examples = _examples(train_pairs, tokenizer, t)
@@ -282,8 +283,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         log_gates(m, run, step)
         return {"val/summary_loss": summary_loss(m, val_examples, tokens, run.device, tcfg.precision)}
 
-    summary = train(model, tcfg, BatchFn(train_examples, tcfg.batch_size, tcfg.seed, **tokens), run,
-                    checkpoint_dir(run), eval_fn=evaluate)
+    batches = BatchFn(train_examples, tcfg.batch_size, tcfg.seed, **tokens) if tcfg.steps else no_batches
+    summary = train(model, tcfg, batches, run, checkpoint_dir(run), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from
     with gathered(model) as whole:  # under FSDP, decoding needs the whole model on every rank

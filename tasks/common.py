@@ -55,6 +55,8 @@ def setting_line(cfg: DictConfig) -> str:
     """Which setting the task takes and the values it runs with, task.* and trainer.* overrides included."""
     task = ", ".join(f"{k}={_plain(cfg.task[k])}" for k in cfg.task.presets[cfg.task.setting])
     trainer = ", ".join(f"{k}={_plain(cfg.trainer[k])}" for k in _TRAINER_SHOWN)
+    if cfg.trainer.steps == 0:
+        trainer = "steps=0, evaluation only (no training data is built)"
     return (f"task={cfg.task.name} takes its {cfg.task.setting} setting (model={cfg.model.name}): {task}; "
             f"trainer: {trainer}")
 
@@ -138,6 +140,29 @@ def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     return TrainConfig(**{**values, **overrides})
+
+
+# Each task's own count of evaluation items, which task.limit caps.
+EVAL_COUNT = {"lm": "eval_max_docs", "passkey": "samples", "booksum": "eval_books"}
+
+
+def check_limit(t: DictConfig) -> None:
+    limit = t.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError("task.limit", f"{limit!r} must be null (task.{EVAL_COUNT[t.name]}) or an integer >= 1")
+
+
+def eval_count(t: DictConfig) -> int:
+    """How many evaluation items the task runs (lm: documents, passkey: samples per length and depth, booksum:
+    books): its own setting, capped by task.limit when that is set, like lm-eval's --limit for a quick check."""
+    check_limit(t)
+    own = t[EVAL_COUNT[t.name]]
+    return own if t.get("limit") is None else min(own, t.limit)
+
+
+def no_batches(index: int) -> dict[str, torch.Tensor]:
+    """The batch_fn of a run that trains no step (trainer.steps=0, evaluation only): it builds no training data."""
+    raise RuntimeError(f"micro-batch {index} asked for in a run without training steps")
 
 
 def footprint_results(model_cfg: ModelConfig, seq_len: int) -> dict[str, int]:

@@ -21,7 +21,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          train_config)
+                          eval_count, no_batches, train_config)
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -154,7 +154,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
     model, tokenizer = build_model_and_tokenizer(cfg)
     eval_docs, eval_source = _documents(t, t.dataset, t.eval_split)
-    eval_docs = eval_docs[: t.eval_max_docs]
+    eval_docs = eval_docs[: eval_count(t)]
     if not eval_docs:
         raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
                           "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
@@ -164,8 +164,11 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * max(1, t.seq_len // model.cfg.segment_len)
         overrides["steps"] = -(-t.train_segments // per_step)
     tcfg = train_config(cfg, **overrides)
-    stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
-                                      Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+    if tcfg.steps:
+        stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
+                                          Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+    else:  # evaluation only: no training data is read, and the data used is the evaluation's
+        stream, sources = no_batches, {t.dataset: eval_source}
 
     def evaluate(m, step):
         r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
@@ -179,7 +182,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
     split = "val" if t.eval_split == "validation" else "test"
     results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
-               f"{split}/tokens": final["tokens"], "train/loss": summary.get("train/loss"),
+               f"{split}/tokens": final["tokens"], f"{split}/docs": len(eval_docs),
+               "train/loss": summary.get("train/loss"),
                "train/steps": summary.get("train/steps", tcfg.steps), "train/seconds": summary.get("train/seconds"),
                "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                "data/eval_source": eval_source,

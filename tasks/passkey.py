@@ -34,8 +34,10 @@ from infini_bench.plots import save_figure  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
 from infini_bench.tracking import Run  # noqa: E402
 from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
+from tasks import RENAMED  # noqa: E402
 from tasks.common import (  # noqa: E402
-    build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates, train_config,
+    build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates,
+    train_config,
 )
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -454,6 +456,9 @@ def depth_grid(t: DictConfig) -> dict[str, float]:
 
 
 def check_config(t: DictConfig, tokenizer: Tokenizer) -> None:
+    for old, new in RENAMED.items():  # an experiment file written before the rename
+        if old.split(".", 1)[1] in t:
+            raise ConfigError(old, f"was renamed {new}")
     lengths = t.lengths
     if not isinstance(lengths, (list, ListConfig)) or not lengths:
         raise ConfigError("task.lengths", f"{lengths!r} must be a non-empty list of token counts")
@@ -470,9 +475,9 @@ def check_config(t: DictConfig, tokenizer: Tokenizer) -> None:
     _int_pair(t, "key_range", 1, 99999)
     if t.get("train_lengths_end") is not None:  # [min, max], each at least the prompt without filler
         _int_pair(t, "train_lengths_end", shortest)
-    for key in ("samples", "eval_batch", "val_samples", "warmup_segment_len"):
+    for key in ("samples", "eval_batch", "val_samples", "local_warmup_segment_len"):
         check_positive(f"task.{key}", t[key])
-    for key in ("warmup_steps", "key_ramp_steps", "length_ramp_steps", "length_ramp_start"):
+    for key in ("local_warmup_steps", "key_ramp_steps", "length_ramp_steps", "length_ramp_start"):
         value = t.get(key, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"task.{key}", f"{value!r} must be an integer >= 0")
@@ -535,8 +540,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
             return evaluate_grid(whole, tokenizer, lengths, names, n, t.seed, t.haystack, key_range,
                                  t.eval_batch, progress)
 
-    warmup = 0 if t.zero_shot else t.warmup_steps
     steps = 0 if t.zero_shot else tcfg.steps
+    warmup = t.local_warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up
     logged = _StepOffset(run, warmup)  # the main phase logs its steps after the warm-up's
 
     def validate(m: InfiniTransformer, step: int) -> dict[str, float]:
@@ -552,10 +557,12 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     key_ramp, length_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum, t.get("length_ramp_steps", 0) * tcfg.grad_accum
     length_start = t.get("length_ramp_start", 0) * tcfg.grad_accum
     if warmup and is_distributed():
-        raise ConfigError("task.warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under torchrun")
+        raise ConfigError("task.local_warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under "
+                          "torchrun")
     recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
     if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
-        local = InfiniTransformer(dataclasses.replace(model.cfg, segment_len=t.warmup_segment_len)).to(run.device)
+        local_cfg = dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)
+        local = InfiniTransformer(local_cfg).to(run.device)
         local.load_state_dict(model.state_dict())
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
                                  t.train_haystack, key_range, key_ramp)
@@ -570,7 +577,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if warmup or steps:
         export_weights(model, run)  # for model.init_from
 
-    rows, outcomes = grid(model, list(t.lengths), depths, t.samples, progress=tcfg.progress)
+    rows, outcomes = grid(model, list(t.lengths), depths, eval_count(t), progress=tcfg.progress)
     overall = summarise(outcomes)
     results: dict = {**_flat(rows, overall), "passkey/acc": overall["acc"], "passkey/exact": overall["exact"]}
     outcome_lengths = _cell_lengths(rows)

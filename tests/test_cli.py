@@ -41,6 +41,12 @@ def cli(*args, tmp_path):
     (["task=lm", "trainer.lr=1e39"], "trainer.lr: 1e+39 overflows float32"),
     (["task=lm", "model.gate_init=nan"], "model.gate_init: nan must be a finite number"),
     (["task=lm", "logger=wandb", "logger.mode=onlin"], "logger.mode: 'onlin' is not one of offline, online, disabled"),
+    (["task.warmup_steps=5"], "task.warmup_steps: was renamed task.local_warmup_steps (passkey's warm-up on local "
+                              "attention; trainer.warmup_steps is the learning rate's)"),
+    (["-m", "task.warmup_segment_len=64,128"],
+     "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
+    (["task=lm", "task.limit=0"], "task.limit: 0 must be null (task.eval_max_docs) or an integer >= 1"),
+    (["task=booksum", "task.limit=all"], "task.limit: 'all' must be null (task.eval_books) or an integer >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     proc, out = cli(*args, tmp_path=tmp_path)
@@ -150,8 +156,9 @@ def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
 TORCHRUN_CASES = {
     "lm": ["task=lm", "trainer.steps=2", "trainer.batch_size=4", "task.seq_len=128", "task.mix={pg19:1,c4:1}",
            "task.min_doc_tokens=1000", "task.eval_max_docs=1", "task.eval_max_tokens=256", "trainer.eval_every=1"],
-    "passkey": ["task=passkey", "trainer.steps=2", "task.warmup_steps=0", "task.lengths=[300]", "task.samples=2",
-                "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2", "trainer.eval_every=1"],
+    "passkey": ["task=passkey", "trainer.steps=2", "task.local_warmup_steps=0", "task.lengths=[300]",
+                "task.samples=2", "task.val_samples=2", "task.train_lengths=[250,260]", "trainer.batch_size=2",
+                "trainer.eval_every=1"],
     "booksum": ["task=booksum", "trainer.steps=2", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
                 "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8",
                 "task.train_input_len=128", "trainer.eval_every=1"],
@@ -194,3 +201,127 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: device: 'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
     assert not out.exists()
+
+
+EVAL_ONLY = {  # a small evaluation per task, a metric it reports, and how many items it evaluated
+    "lm": (["task.eval_max_tokens=128"], "val/ppl", lambda r: r["val/docs"]),
+    "passkey": (["task.lengths=[300]"], "passkey/acc", lambda r: max(row["n"] for row in r["passkey/grid"])),
+    "booksum": (["task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall",
+                lambda r: r["booksum/books"]),
+}
+
+
+def gated_weights(task: str, folder: Path, raw_gate: float) -> Path:
+    """A tiny model for `task` with every gate set to raw_gate, exported as a run exports it."""
+    from types import SimpleNamespace
+
+    from tasks.common import build_model_and_tokenizer, export_weights
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model, _ = build_model_and_tokenizer(compose("config", overrides=[f"task={task}"]))
+    with torch.no_grad():
+        for layer in model.gate_layers():
+            model.layers[layer].attn.gate.fill_(raw_gate)
+    folder.mkdir(parents=True)
+    return export_weights(model, SimpleNamespace(out_dir=folder, is_main=True))
+
+
+@pytest.mark.parametrize("task", sorted(EVAL_ONLY))
+def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task, tmp_path):
+    """trainer.steps=0 model.init_from=<weights>, in the run folder the config names: the checkpoint's weights
+    are the ones evaluated, no training data is built and no step is trained, the folder's name holds a short
+    name for the checkpoint instead of its path, and the same command again finds the run finished. task.limit=1
+    evaluates one document, sample per cell or book, where the task's own setting has more."""
+    from tasks.common import EVAL_COUNT
+
+    weights = gated_weights(task, tmp_path / "exported" / "tiny-run", raw_gate=2.0)
+    args, metric, count = EVAL_ONLY[task]
+    command = [sys.executable, str(ROOT / "run.py"), f"task={task}", "trainer.steps=0", f"model.init_from={weights}",
+               *args, "task.limit=1", "trainer.progress=false", "logger=none"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tmp_path / "outputs" / task / "tiny-linear").iterdir()
+    assert str(weights) not in out.name and "model.init_from=tiny-run-" in out.name and len(out.name) < 150
+    record = json.loads((out / "results.json").read_text())
+    assert isinstance(record["results"][metric], float) and record["results"]["train/steps"] == 0
+    assert count(record["results"]) == 1 < record["config"]["task"][EVAL_COUNT[task]]
+    assert not (out / "train_tokens.pt").exists() and not (out / "checkpoints").exists()
+    assert not (out / "model.safetensors").exists()  # nothing trained, nothing exported
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any("train/loss" in row or "train/lr" in row for row in rows)  # no training phase logged a step
+    gates = {k: v for row in rows for k, v in row.items() if k.startswith("gates/")}
+    assert gates and all(v == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item()) for v in gates.values())
+    assert "evaluation only" in (out / "run.log").read_text()
+    again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "this run had finished" in again.stdout, again.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs" / task / "tiny-linear").iterdir()] == [out.name]
+
+
+def test_the_run_folder_leaves_out_a_step_count_and_shortens_init_from():
+    sys.path.insert(0, str(ROOT))
+    from run import run_folder, short_name
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        exclude = list(compose("config", return_hydra_config=True).hydra.job.config.override_dirname.exclude_keys)
+    weights = "outputs/continual/1b-linear/model.safetensors"
+    name = short_name(weights)
+    assert name.startswith("1b-linear-") and len(name) == len("1b-linear-") + 8 and name == short_name(weights)
+    assert short_name("outputs/continual/1b-delta/model.safetensors") != name
+    assert run_folder(["task=lm", "trainer.steps=50", "logger=none", f"model.init_from={weights}"], exclude) == \
+        f"model.init_from={name},task=lm"  # more steps extend the run in its folder
+    assert run_folder(["task=lm", "trainer.steps=0"], exclude) == "task=lm,trainer.steps=0"  # an evaluation: its own
+    assert run_folder(["trainer.steps=50", "task=lm"], exclude, "sweep") == "task=lm,trainer.steps=50"  # one per job
+
+
+def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_path):
+    """2 steps, then the same command with 4: steps 3 and 4 are trained from the step-2 checkpoint, results.json
+    is rewritten and the 2-step one kept beside it. Against a straight 4-step run: the same batches, the same
+    first two losses (one update, at the same rate) and the same rate at steps 3 and 4 (the schedule is laid
+    over the new total); not the same rate at step 2 (it followed the 2-step cosine), so not the same losses
+    from step 3 on, nor the same final numbers. Fewer steps than the run has is refused."""
+    args = ["task=lm", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=64", "trainer.warmup_steps=0",
+            "trainer.log_every=1", "trainer.progress=false", "logger=none"]
+    first, out = cli(*args, "trainer.steps=2", tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    two_steps = (out / "results.json").read_text()
+    extended, _ = cli(*args, "trainer.steps=4", tmp_path=tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"extending the run in {out} from 2 to 4 training steps" in extended.stdout
+    assert f"resumed from {out / 'checkpoints' / 'last'} at step 2" in extended.stdout
+    assert "the first 2 followed the 2-step schedule" in extended.stdout  # what it does with the learning rate
+    assert (out / "results.step2.json").read_text() == two_steps
+    record = json.loads((out / "results.json").read_text())
+    assert record["results"]["train/steps"] == 4 and record["config"]["hydra"]["extended_from"] == [2]
+    assert "4 training steps (extended from 2)" in extended.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/lr" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # steps 1-2 from the first run, once each
+
+    straight, straight_out = cli(*args, "trainer.steps=4", tmp_path=tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_rows = [json.loads(line) for line in (straight_out / "metrics.jsonl").read_text().splitlines()
+                     if "train/lr" in line]
+    assert [r["train/loss"] for r in train_rows[:2]] == [r["train/loss"] for r in straight_rows[:2]]
+    assert [r["train/lr"] for r in train_rows[2:]] == [r["train/lr"] for r in straight_rows[2:]]
+    assert train_rows[1]["train/lr"] < straight_rows[1]["train/lr"]  # the 2-step cosine had decayed further
+    assert train_rows[2]["train/loss"] != straight_rows[2]["train/loss"]
+    straight_results = json.loads((straight_out / "results.json").read_text())["results"]
+    assert record["results"]["val/ppl"] != straight_results["val/ppl"]
+
+    before = (out / "results.json").read_text()
+    shorter, _ = cli(*args, "trainer.steps=3", tmp_path=tmp_path)
+    lines = shorter.stderr.strip().splitlines()
+    assert shorter.returncode == 2 and len(lines) == 1, shorter.stderr
+    assert lines[0].startswith("error: trainer.steps: 3 is fewer than the 4 steps of the run in ")
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("task, own", [("lm", "eval_max_docs"), ("passkey", "samples"), ("booksum", "eval_books")])
+def test_task_limit_caps_each_tasks_own_count_of_evaluation_items(task, own):
+    from tasks.common import eval_count
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        def count(*overrides):
+            return eval_count(compose("config", overrides=[f"task={task}", f"task.{own}=5", *overrides]).task)
+
+        assert (count(), count("task.limit=null"), count("task.limit=2"), count("task.limit=50")) == (5, 5, 2, 5)

@@ -58,7 +58,7 @@ def test_passkey_gpu_is_the_papers_task_with_a_curriculum():
     assert list(t.key_range) == [1, 50000] and list(t.lengths) == [32768, 131072, 262144, 524288, 1048576]
     assert t.samples * (t.depth_sweep or len(t.depths)) >= 32 and t.haystack == "repeat"
     assert t.train_lengths_end[1] // cfg.model.segment_len >= 8  # training prompts span many segments
-    assert t.warmup_segment_len >= t.train_lengths[1] and t.key_ramp_steps > 0 and t.length_ramp_steps > 0
+    assert t.local_warmup_segment_len >= t.train_lengths[1] and t.key_ramp_steps > 0 and t.length_ramp_steps > 0
 
 
 def test_passkey_gpu_runs_at_tiny_size_and_plots_accuracy_by_distance(tmp_path):
@@ -66,7 +66,7 @@ def test_passkey_gpu_runs_at_tiny_size_and_plots_accuracy_by_distance(tmp_path):
     r = run(["experiment=passkey_gpu", "model.segment_len=32",
              "model.arch={dim:32,n_layers:1,n_heads:2,n_kv_heads:2,head_dim:16,ffn_dim:64}",
              "task.lengths=[320,512]", "task.depth_sweep=2", "task.samples=2", "task.val_samples=1",
-             "task.warmup_steps=1", "task.warmup_segment_len=512", "task.train_lengths=[250,260]",
+             "task.local_warmup_steps=1", "task.local_warmup_segment_len=512", "task.train_lengths=[250,260]",
              "task.train_lengths_end=[300,320]", "task.length_ramp_steps=2", "task.key_ramp_steps=1",
              "trainer.steps=2", "trainer.batch_size=2", "trainer.compile=false", "trainer.precision=fp32",
              "trainer.eval_every=100"], out)

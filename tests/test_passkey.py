@@ -254,7 +254,8 @@ def test_batches_are_deterministic_and_label_the_answer():
     ("task.depths=[top]", "task.depths"), ("task.haystack=lorem", "task.haystack"),
     ("task.lengths=[100]", "task.lengths"), ("task.key_range=[1,100000]", "task.key_range"),
     ("task.loss_on=prompt", "task.loss_on"), ("task.depth_sweep=1", "task.depth_sweep"),
-    ("task.warmup_steps=-1", "task.warmup_steps"), ("task.train_lengths=[10,300]", "task.train_lengths"),
+    ("task.local_warmup_steps=-1", "task.local_warmup_steps"), ("task.train_lengths=[10,300]", "task.train_lengths"),
+    ("+task.warmup_steps=3", "task.warmup_steps"),  # renamed: an experiment file may still set it
 ])
 def test_config_errors_name_the_key(override, key, tmp_path):
     cfg = config(override, "trainer.steps=1")
@@ -270,7 +271,7 @@ def last_gates(out_dir: Path) -> dict[str, float]:
 
 def test_end_to_end_smoke(tmp_path):
     small = ["trainer.batch_size=2", "trainer.progress=false", "task.samples=2", "task.lengths=[400,700]"]
-    cfg = config(*small, "trainer.steps=2", "task.warmup_steps=1", "task.warmup_segment_len=128",
+    cfg = config(*small, "trainer.steps=2", "task.local_warmup_steps=1", "task.local_warmup_segment_len=128",
                  "task.train_lengths=[300,320]", "task.depth_sweep=3")
     run = Run(tmp_path / "train", {}, device="cpu")
     results = passkey.run_task(cfg, run)

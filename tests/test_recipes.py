@@ -50,7 +50,7 @@ def test_a_tasks_defaults_follow_the_models_scale():
         tiny, paper = task("task=passkey"), task("task=passkey", "model=1b")
         assert (tiny.setting, list(tiny.key_range), list(tiny.lengths)) == ("tiny", [1, 9], [1024, 2048, 4096])
         assert (paper.setting, list(paper.key_range), list(paper.train_lengths)) == ("paper", [1, 50000], [5120, 5120])
-        assert list(paper.lengths) == [32768, 131072, 262144, 524288, 1048576] and paper.warmup_steps == 0
+        assert list(paper.lengths) == [32768, 131072, 262144, 524288, 1048576] and paper.local_warmup_steps == 0
         assert list(task("experiment=table3_passkey_1b").key_range) == [1, 50000]
         booksum = task("task=booksum", "model=8b")
         assert booksum.train_input_len == 32768 and booksum.max_new_tokens == 1024

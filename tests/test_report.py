@@ -15,8 +15,9 @@ from infini_bench.report import build_report, find_results, results_table
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 LM = ["task=lm", "trainer.steps=2", "task.seq_len=64", "task.eval_max_docs=1", "task.eval_max_tokens=128"]
-PASSKEY = ["task=passkey", "trainer.steps=1", "task.warmup_steps=0", "task.lengths=[300,32768]", "task.samples=1",
-           "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2", "model.segment_len=1024"]
+PASSKEY = ["task=passkey", "trainer.steps=1", "task.local_warmup_steps=0", "task.lengths=[300,32768]",
+           "task.samples=1", "task.val_samples=1", "task.train_lengths=[250,260]", "trainer.batch_size=2",
+           "model.segment_len=1024"]
 BOOKSUM = ["task=booksum", "trainer.steps=1", "trainer.batch_size=2", "task.eval_input_lens=[128,256]",
            "task.eval_books=2", "task.max_new_tokens=8", "task.synthetic.train_books=8", "task.train_input_len=128"]
 
@@ -361,3 +362,30 @@ def test_report_figures_give_each_memory_one_colour_and_each_data_set_and_scale_
         for lines in figure.values():
             for label, (colour, _) in lines.items():
                 assert colour == colours[next(w for w in label.split() if w in colours)], (label, colour)
+
+def _passkey_record(depths: list[str]) -> dict:
+    """A passkey results.json with the needle at `depths` at 1K and 32K tokens: 100%, 50%, 0%, ... in turn."""
+    grid = [{"length": n, "length_label": label, "depth": d, "acc": 1 - 0.5 * i, "n": 2}
+            for n, label in ((1024, "1K"), (32768, "32K")) for i, d in enumerate(depths)]
+    results = {f"passkey/acc@{r['length_label']}/{r['depth']}": r["acc"] for r in grid}
+    results.update({"passkey/grid": grid, "passkey/acc": 0.5, "passkey/exact": 0.5, "train/steps": 10})
+    return {"config": {"task": {"name": "passkey", "zero_shot": False}, "memory": {"name": "linear"},
+                       "model": {"name": "tiny", "segment_len": 64}}, "results": results}
+
+
+def test_the_passkey_table_names_the_depth_of_each_number(tmp_path):
+    """The closing table's cells read 100/50/0: its rows say which depth each number is, and the paper's cell
+    beside ours gives the paper's numbers for the same depths, in the same order."""
+    table = results_table(_passkey_record(["start", "middle", "end"]), tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at start/middle/end"
+    assert row.split("|")[1].strip() == "100/50/0" and "100/100/100 (paper, fine-tuned)" in row
+    assert next(line for line in table.splitlines() if line.startswith(" acc@1K")).split("|")[2].strip() == ""
+    two = results_table(_passkey_record(["end", "start"]), tmp_path)  # the paper's cells follow our depths
+    row = next(line for line in two.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at end/start" and "100/100 (paper, fine-tuned)" in row
+    swept = results_table(_passkey_record(["0.00", "0.50", "1.00"]), tmp_path)  # task.depth_sweep=3
+    row = next(line for line in swept.splitlines() if line.startswith(" acc@32K"))
+    assert row.split("|")[0].strip() == "acc@32K % at depth 0.00/0.50/1.00"
+    assert row.split("|")[1].strip() == "100/50/0"
+    assert "100/100/100 at start/middle/end (paper, fine-tuned)" in row

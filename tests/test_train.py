@@ -162,3 +162,30 @@ def test_a_run_without_a_progress_bar_logs_a_heartbeat_every_two_minutes(tmp_pat
     tokens = cfg.batch_size * cfg.grad_accum * stream.seq_len
     assert beats[0].endswith(f"{tokens / 10:.0f} tokens/s  ETA 0:03:00")  # 18 steps left at 10 s each
     assert beats[-1].endswith("ETA 0:00:00")
+
+
+@pytest.mark.parametrize("warmup_steps, same", [(3, True), (0, False)])
+def test_extending_a_run_equals_a_straight_run_only_while_their_learning_rates_agree(tmp_path, warmup_steps, same):
+    """4 steps, then trainer.steps=8 from the step-4 checkpoint, against 8 steps straight. The schedule is laid
+    over the new total, so steps 5-8 have the straight run's rates either way, and the batches are the same.
+    Within the lr warm-up (warmup_steps=3: steps 1-4 ramp, then the cosine starts at 1, whatever the total) the
+    first 4 steps had the straight run's rates too, and every loss is identical. Without a warm-up, the cosine
+    over 4 steps decayed faster: step 2's loss is still the same (one update, at the same rate), later ones
+    are not."""
+    model, stream, run, cfg = setup(tmp_path, "straight")
+    cfg.steps, cfg.warmup_steps = 8, warmup_steps
+    train(model, cfg, stream, run, tmp_path / "straight" / "ckpt")
+    straight = losses(run)
+    model, stream, run, cfg = setup(tmp_path, "extended")
+    cfg.steps, cfg.warmup_steps = 4, warmup_steps
+    train(model, cfg, stream, run, tmp_path / "extended" / "ckpt")
+    model, stream, run, cfg = setup(tmp_path, "extended")  # the rerun with more steps
+    cfg.steps, cfg.warmup_steps = 8, warmup_steps
+    train(model, cfg, stream, run, tmp_path / "extended" / "ckpt")
+    extended = losses(run)
+    assert len(extended) == 8
+    rates = [r["train/lr"] for r in read_metrics(run.metrics_path) if "train/lr" in r]
+    straight_rates = [r["train/lr"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "train/lr" in r]
+    assert rates[4:] == straight_rates[4:]
+    assert (rates == straight_rates) == same and (extended == straight) == same
+    assert extended[:2] == straight[:2]
