@@ -5,6 +5,7 @@ and no results written.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -61,12 +62,61 @@ def run_folder(overrides: list[str], exclude: list[str], kind: str = "run") -> s
 OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
 
 
+def group_help(group: str) -> str:
+    """For --help (conf/hydra/help/infini_bench.yaml): one line per option of a config group, its name and the
+    first sentence of the comment its yaml file opens with (so an option describes itself where it is defined),
+    cut at its first colon or semicolon outside brackets when it is longer than 100 characters."""
+    paths = sorted((CONF / group).glob("*.yaml"))
+    width = max((len(p.stem) for p in paths), default=0)
+    lines = []
+    for path in paths:
+        comment = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            if not line.startswith("# @package"):
+                comment.append(line.lstrip("#").strip())
+        first = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(comment), maxsplit=1)[0]  # not at `et al. 2022`
+        if len(first) > 100:
+            first = _head_clause(first)
+        lines.append(f"  {path.stem:<{width}}  {first.rstrip('.')}".rstrip())
+    return "\n".join(lines).replace("$", "$$")  # Hydra fills the help template with string.Template
+
+
+def _head_clause(sentence: str) -> str:
+    """A sentence up to its first `: ` or `; ` outside brackets (all of it when it has none)."""
+    depth = 0
+    for i, char in enumerate(sentence):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if depth == 0 and sentence[i:i + 2] in (": ", "; "):
+            return sentence[:i]
+    return sentence
+
+
+OmegaConf.register_new_resolver("group_help", group_help, replace=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
-def check_overrides(argv: list[str]) -> None:
+def hydra_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as Hydra reads it, with Hydra's own parser, so that the arguments of its flags
+    (`-sc install=bash`, `--info defaults`, `-p trainer`) are never taken for overrides."""
+    from hydra._internal.utils import get_args_parser  # what hydra.main parses sys.argv with
+
+    return get_args_parser().parse_args(argv)
+
+
+# Why the command line is checked here, before Hydra, rather than by Hydra's structured-config validation: Hydra
+# reports a bad override in several lines (`Could not override 'trainer.stepz'.` then `To append to your config
+# use +trainer.stepz=...`; `Error merging override trainer.lr=abc` with the reason in a chained exception),
+# names neither the accepted keys nor the accepted values, and meets a bad sweep value only when its job starts,
+# after the jobs before it ran. The checks below give one line naming the key and what it accepts, for every
+# value of a sweep before any job; the values themselves are judged by the code that uses them (TrainConfig's
+# __post_init__ for the trainer, by key) before W&B starts a run.
+def check_overrides(overrides: list[str], multirun: bool) -> None:
     """Compose the config once before Hydra does, to turn its multi-line errors into one line.
 
     A sweep (`python run.py -m memory=linear,none model.segment_len=range(32,97,32)`) is checked one value at
@@ -79,8 +129,7 @@ def check_overrides(argv: list[str]) -> None:
     from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
-    multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(argv))
-    overrides = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
+    overrides = [a for a in overrides if "=" in a and not a.startswith("hydra")]
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -117,15 +166,16 @@ def check_overrides(argv: list[str]) -> None:
         fail(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
 
-def check_keys_and_run_dir(argv: list[str]) -> None:
-    """Before Hydra starts: a misspelt key gets the valid ones listed, and a run folder that can't be made
-    (a name over the file system's limit, a path through a file) gets one line instead of a traceback."""
+def check_keys_and_run_dir(overrides: list[str], make_folder: bool) -> None:
+    """Before Hydra starts: a misspelt key gets the valid ones listed, and, when the command runs a single job
+    (`make_folder`: not a sweep, nor --cfg, --help or --info, which make no folder), a run folder that can't be
+    made (a name over the file system's limit, a path through a file) gets one line instead of a traceback."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig as Hydra
 
     from tasks import RENAMED
 
-    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    overrides = [a for a in overrides if "=" in a]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             groups = [a for a in overrides if "." not in a.partition("=")[0]]  # task=lm, trainer=continual...
@@ -144,7 +194,7 @@ def check_keys_and_run_dir(argv: list[str]) -> None:
             run_dir = Path(str(cfg.hydra.run.dir))
     except Exception:  # noqa: BLE001 - check_overrides and Hydra report everything else
         return
-    if "-m" in argv or "--multirun" in argv:
+    if not make_folder:
         return
     try:  # what the folder holds now (a name the file system refuses is reported below)
         hydra_dir = run_dir / ".hydra"
@@ -324,6 +374,8 @@ def remove_if_only_hydra(out_dir: Path) -> None:
             path.unlink()
     if before is None:
         out_dir.rmdir()
+
+
 def hydra_info() -> dict:
     """What Hydra chose and was told, for W&B's config and the report: the group choices, the overrides, the
     command that reruns the run, and in a sweep the sweep's own arguments (W&B's group)."""
@@ -490,6 +542,10 @@ def error_line(err: BaseException, out_dir: Path) -> tuple[str, int] | None:
 
 
 if __name__ == "__main__":
-    check_keys_and_run_dir(sys.argv[1:])
-    check_overrides(sys.argv[1:])
+    args = hydra_args(sys.argv[1:])  # --version prints Hydra's and exits here
+    if not (args.shell_completion or args.hydra_help or args.experimental_rerun):  # their arguments are no config
+        multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
+        job = not (args.help or args.cfg or args.info)  # those print, and run nothing
+        check_keys_and_run_dir(args.overrides, make_folder=job and not multirun)
+        check_overrides(args.overrides, multirun)
     main()

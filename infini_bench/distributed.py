@@ -364,16 +364,25 @@ def recover_checkpoint(directory: str | Path) -> None:
     takes its name. Killed during the deletion, `last.old` is left half-deleted beside a good `last`.
     """
     final = Path(directory)
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if is_main_process():
-        if not final.exists():
-            if (tmp / MANIFEST).exists():
-                os.replace(tmp, final)
-            elif old.exists():
-                os.replace(old, final)
+        found = complete_checkpoint(final)
+        if found is not None and found != final:
+            os.replace(found, final)
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
     barrier()
+
+
+def complete_checkpoint(directory: str | Path) -> Path | None:
+    """The folder a resume from `directory` loads: `directory` itself, or, when a crash stopped a swap between its
+    renames, the complete `.tmp` or `.old` that `recover_checkpoint` renames to it; None when there is none."""
+    final = Path(directory)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if final.exists():
+        return final
+    if (tmp / MANIFEST).exists():
+        return tmp
+    return old if old.exists() else None
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -144,13 +144,15 @@ class Run:
     def _wandb_log(self, row: dict, step: int | None) -> None:
         self._wandb.log(row if step is None else {**row, STEP: step})
 
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True) -> None:
+        """A row of metrics.jsonl, and of W&B unless `to_wandb` is false (values too many for a panel each, which
+        W&B gets as a table instead)."""
         if not self.is_main:
             return
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
-        if self._wandb is not None:
+        if self._wandb is not None and to_wandb:
             self._wandb_log(metrics, step)
 
     def metrics_rows(self) -> int:
@@ -178,10 +180,13 @@ class Run:
 
             self._wandb_log({key: wandb.Image(str(path))}, step)
 
-    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+                  save: bool = True) -> None:
+        """A table to W&B and, when `save`, to tables/<key>.json (the last one logged under the key)."""
         if not self.is_main:
             return
-        write_json(self.out_dir / "tables" / f"{key.replace('/', '_')}.json", {"columns": columns, "rows": rows})
+        if save:
+            write_json(self.out_dir / "tables" / f"{key.replace('/', '_')}.json", {"columns": columns, "rows": rows})
         if self._wandb is not None:
             import wandb
 

@@ -6,8 +6,10 @@ from the checkpoint, the losses after a resume are identical to an uninterrupted
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -40,7 +42,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped training after a checkpoint of the steps done so far was saved."""
+    """SIGINT or SIGTERM stopped training after a checkpoint of the steps done so far was saved, or a second
+    SIGINT stopped it at once, the last complete checkpoint kept."""
 
 
 @dataclass
@@ -194,18 +197,49 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
 @contextmanager
 def stop_signals() -> Iterator[list[int]]:
     """Catch SIGINT and SIGTERM while training (the main thread only): the list gets the signal, and the loop
-    saves a checkpoint at the end of the step before it stops. Preemption loses no finished step."""
+    saves a checkpoint at the end of the step before it stops. Preemption loses no finished step.
+
+    A second SIGINT (Ctrl-C again, during a long step) raises KeyboardInterrupt at once, and so does any after it
+    (Python's own handler is back); the checkpoint swap is atomic, so the last complete checkpoint stays intact."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and distributed.is_main_process():
+            _say("\nCtrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once\n")
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield received
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _say(text: str) -> None:
+    """A line to stderr from a signal handler: written to the file descriptor, since the handler may run while
+    the interrupted code is inside a write to the sys.stderr buffer, which must not be entered twice."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+def stopped_at_once(ckpt_dir: Path) -> Interrupted:
+    """What a second Ctrl-C leaves: the last complete checkpoint, and its step."""
+    found = distributed.complete_checkpoint(checkpoint_path(ckpt_dir))
+    if found is None:
+        return Interrupted("interrupted again: stopped at once, before any checkpoint was written; rerun the same "
+                           "command to start over")
+    step = json.loads((found / "extra.json").read_text())["step"]
+    return Interrupted(f"interrupted again: stopped at once; the last complete checkpoint, {checkpoint_path(ckpt_dir)} "
+                       f"at step {step}, is intact: rerun the same command to resume from it")
 
 
 def heartbeat(step: int, cfg: TrainConfig, loss: float, tokens_per_step: int, steps: int, seconds: float,
@@ -248,7 +282,10 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         tqdm.write(f"resumed from {checkpoint_path(ckpt_dir)} at step {step}")
     run.truncate_metrics(step, rows=kept_rows)  # a step logged twice, by a rerun after a kill, appears once
     with stop_signals() as stop:
-        return _loop(model, cfg, batch_fn, run, ckpt_dir, eval_fn, optimizer, step, rows, world, summary, stop)
+        try:
+            return _loop(model, cfg, batch_fn, run, ckpt_dir, eval_fn, optimizer, step, rows, world, summary, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            raise stopped_at_once(ckpt_dir) from None
 
 
 def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,

@@ -177,17 +177,20 @@ def checkpoint_dir(run) -> Path:
 
 
 def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, float]:
-    """sigmoid(beta) per layer and head (paper Figure 3) as numbers and a heatmap image."""
-    from infini_bench.plots import gate_heatmap
-
+    """sigmoid(beta) per layer and head (paper Figure 3): one number per head in metrics.jsonl (`gates/L0/H3`, which
+    the report reads), and in W&B one table of (layer, head, gate) and a heatmap image per evaluation, not a panel
+    per head (1,024 for the 8B)."""
     from infini_bench.distributed import full_tensor
+    from infini_bench.plots import gate_heatmap
 
     layers = model.gate_layers()
     if not layers:  # no memory mixed in by a gate (none, full, txl, rmt)
         return {}
     gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
     metrics = {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
-    run.log(metrics, step=step)
+    run.log(metrics, step=step, to_wandb=False)
+    run.log_table("gates/values", ["layer", "head", "gate"],
+                  [[i, j, float(g)] for i, row in zip(layers, gates) for j, g in enumerate(row)], step=step, save=False)
     if run.is_main:
         title = f"{run.config.get('name', '')}: sigmoid(beta) per layer and head".lstrip(": ")
         if step is not None:

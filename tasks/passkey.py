@@ -513,11 +513,15 @@ class _StepOffset:
     def _shift(self, step: int | None) -> int | None:
         return None if step is None else step + self._offset
 
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._run.log(metrics, self._shift(step))
+    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True) -> None:
+        self._run.log(metrics, self._shift(step), to_wandb)
 
     def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         self._run.log_image(key, path, self._shift(step))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+                  save: bool = True) -> None:
+        self._run.log_table(key, columns, rows, self._shift(step), save)
 
     def truncate_metrics(self, after_step: int, rows: int | None = None) -> None:
         self._run.truncate_metrics(self._shift(after_step), rows)

@@ -325,3 +325,56 @@ def test_task_limit_caps_each_tasks_own_count_of_evaluation_items(task, own):
             return eval_count(compose("config", overrides=[f"task={task}", f"task.{own}=5", *overrides]).task)
 
         assert (count(), count("task.limit=null"), count("task.limit=2"), count("task.limit=50")) == (5, 5, 2, 5)
+
+
+def hydra(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """run.py from a folder of its own, so that any run folder it made (outputs/, multirun/) would show there."""
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, env, shown", [
+    (["-sc", "install=bash"], {}, "hydra_bash_completion()"),
+    (["--shell-completion", "query=bash"], {"COMP_LINE": "python run.py memory="}, "memory=delta memory=full"),
+    (["--hydra-help"], {}, "--cfg,-c : Show config instead of running [job|hydra|all]"),
+    (["--cfg", "job", "memory=delta"], {}, "name: ${model.name}-${memory.name}\n"),
+    (["--cfg", "job", "--resolve", "memory=delta"], {}, "name: tiny-delta\n"),
+    (["--cfg", "job", "-p", "memory", "memory=delta"], {}, "# @package memory\nname: delta\n"),
+    (["--info", "defaults"], {}, "memory/linear"),
+    (["--version"], {}, "Hydra 1."),
+])
+def test_hydras_own_flags_print_and_leave_no_folder(args, env, shown, tmp_path):
+    proc = hydra(*args, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shown in proc.stdout, proc.stdout[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_groups_each_task_memory_and_model_and_the_readmes_examples(tmp_path):
+    proc = hydra("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for group in ("experiment", "logger", "memory", "model", "task", "trainer"):
+        assert any(line.startswith(f"{group}: ") for line in lines), group
+    described = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ")}
+    expected = {"task": ["lm", "passkey", "booksum"], "memory": memory_names(),
+                "model": [p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")]}
+    for group, names in expected.items():
+        for name in names:
+            assert len(described.get(name, "")) > 10, f"{group}={name} has no line in --help"
+    assert described["lm"] == "Long-context language modelling (paper Table 2)"
+    assert described["delta"] == "Infini-attention with the delta memory update (paper Eq. 9)"
+    assert described["txl"] == "Transformer-XL (Dai et al. 2019)"  # not cut at `et al.`
+    readme = (ROOT / "README.md").read_text().split("## The command line", 1)[1].split("```")[1]
+    examples = [line for line in readme.splitlines() if line.startswith("python run.py")]
+    assert len(examples) >= 3 and all(line in lines for line in examples)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--cfg", "job"], ["--help"]])
+def test_a_bad_value_beside_a_printing_flag_is_still_one_line_and_makes_no_folder(args, tmp_path):
+    proc = hydra(*args, "memory=lstm", cwd=tmp_path)
+    memories = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml")))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: memory='lstm' is not one of {memories}"]
+    assert list(tmp_path.iterdir()) == []

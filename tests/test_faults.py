@@ -310,6 +310,56 @@ def test_sigint_saves_a_checkpoint_then_stops(tmp_path):
     assert load_checkpoint(tmp_path / "ckpt", build_model("tiny", segment_len=16, n_layers=1)) == 3
 
 
+def test_a_second_sigint_stops_at_once_and_keeps_the_last_complete_checkpoint(tmp_path, capfd):
+    """Ctrl-C twice in one step: the step is not finished, the checkpoint of step 2 is left as it was, the message
+    says so in one line, and the same command resumes from it to the losses of an uninterrupted run."""
+    from infini_bench.train import Interrupted
+
+    model, stream, run, cfg = setup(tmp_path / "run", steps=6, ckpt_every=2)
+    finished = []
+
+    def twice_in_step_4(i):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # stop after this step...
+            os.kill(os.getpid(), signal.SIGINT)  # ...no: now
+            finished.append(i)
+        return stream(i)
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as stopped:
+        train(model, cfg, twice_in_step_4, run, tmp_path / "ckpt")
+    assert str(stopped.value) == (f"interrupted again: stopped at once; the last complete checkpoint, "
+                                  f"{tmp_path / 'ckpt' / 'last'} at step 2, is intact: rerun the same command to "
+                                  "resume from it")
+    assert finished == [] and steps_logged(run) == [1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is before  # the handler training found is back
+    assert "Ctrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once" in capfd.readouterr().err
+
+    model, _, run, _ = setup(tmp_path / "run", steps=6, ckpt_every=2)
+    train(model, cfg, stream, run, tmp_path / "ckpt")  # the rerun: from step 2
+    straight_model, _, straight, _ = setup(tmp_path / "straight", steps=6, ckpt_every=2)
+    train(straight_model, cfg, stream, straight, tmp_path / "straight_ckpt")
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6] and losses(run) == losses(straight)
+
+
+def test_a_second_sigint_while_a_checkpoint_is_swapped_in_names_the_complete_one(tmp_path, monkeypatch):
+    """The first Ctrl-C arrives while step 4 is saved, the second between the renames of step 5's swap: the
+    newer checkpoint is complete, the message names it, and the rerun resumes from it."""
+    from infini_bench.train import Interrupted
+
+    model, stream, run, cfg = setup(tmp_path / "run", steps=6, ckpt_every=2)
+    monkeypatch.setenv("INFINI_BENCH_FAULT", "between_checkpoint_renames")  # every swap but the first
+    monkeypatch.setenv("INFINI_BENCH_FAULT_SIGNAL", "INT")
+    with pytest.raises(Interrupted, match=r"the last complete checkpoint, .*last at step 5, is intact"):
+        train(model, cfg, stream, run, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "last").exists()  # stopped between the renames
+    monkeypatch.delenv("INFINI_BENCH_FAULT")
+    model, _, run, _ = setup(tmp_path / "run", steps=6, ckpt_every=2)
+    trained = []
+    train(model, cfg, lambda i: trained.append(i) or stream(i), run, tmp_path / "ckpt")
+    assert trained == [5] and steps_logged(run) == [1, 2, 3, 4, 5, 6]  # step 6 only, each step logged once
+
+
 def test_output_files_follow_the_umask(tmp_path):
     """results.json, every PNG and the exported weights: 0644 under umask 022, 0600 under 077."""
     from types import SimpleNamespace

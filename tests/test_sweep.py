@@ -14,9 +14,9 @@ SMALL = ["task=lm", "trainer.steps=1", "task.seq_len=64", "task.eval_max_docs=1"
          "trainer.progress=false", "logger=none"]
 
 
-def sweep(*args, tmp_path):
-    return subprocess.run([sys.executable, "run.py", *args, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+def sweep(*args, tmp_path, env: dict | None = None):
+    return subprocess.run([sys.executable, "run.py", *args, f"hydra.sweep.dir={tmp_path}"], cwd=ROOT,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -96,6 +96,25 @@ def test_a_failing_job_does_not_end_the_sweep_which_ends_with_every_jobs_outcome
     assert (record / "sweep_summary.md").read_text() in again.stdout
     (row,) = read_csv(record / "results.csv")  # the finished job only
     assert row["model.segment_len"] == "32" and float(row["val/ppl"]) == ppl and row["task"] == "lm"
+
+
+@pytest.mark.slow
+def test_a_job_that_crashes_does_not_end_the_sweep_which_records_its_error_in_one_line(tmp_path):
+    """An unexpected error (a bug: injected in job 0's final evaluation) ends only its own job, with its traceback;
+    job 1 still runs, the table gives job 0's error in one line, and the sweep exits with code 1."""
+    crash = {"INFINI_BENCH_FAULT": "final_evaluation", "INFINI_BENCH_FAULT_SIGNAL": "RAISE"}
+    proc = sweep("-m", "memory=linear,none", *SMALL, tmp_path=tmp_path, env=crash)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = "InjectedFault: injected at final_evaluation (INFINI_BENCH_FAULT)"
+    assert "Traceback (most recent call last)" in proc.stderr and f"error: {error}" in proc.stderr.splitlines()
+    assert [memory for memory, _ in results(tmp_path)] == ["none"]  # job 1 ran after job 0 crashed
+    (record,) = (tmp_path / "sweeps").iterdir()
+    table = (record / "sweep_summary.md").read_text()
+    assert table in proc.stdout and "sweep: 2 jobs, 1 failed" in table
+    assert f"| 0 | memory=linear | error: {error} |" in table
+    assert "| 1 | memory=none | val/ppl " in table
+    assert [row["memory"] for row in read_csv(record / "results.csv")] == ["none"]
+    assert not list(tmp_path.glob(".outcomes-*"))
 
 
 @pytest.mark.slow

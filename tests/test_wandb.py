@@ -1,10 +1,13 @@
 """W&B, offline: a run read back with wandb's own reader has a name, group, job type, tags, Hydra's choices,
 an x axis for every panel, its last images, its results in the summary and as an artifact; a rerun of the same
-command continues the same W&B run."""
+command continues the same W&B run. The gates reach W&B as one table and one image per evaluation (a stand-in
+wandb module records what is logged)."""
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -59,8 +62,10 @@ def test_offline_run_reads_back_with_identity_axes_images_summary_and_resumes(tm
     assert [h["_step"] for h in history] == sorted(h["_step"] for h in history)  # W&B's own counter only grows
     # The last gate heatmap and the loss-by-segment table and image, logged after the final metrics, all arrive,
     # each under its own key, at the final training step.
-    for key in ("gates/heatmap._type", "val/loss_by_segment._type", "val/loss_by_segment_plot._type"):
+    for key in ("gates/heatmap._type", "gates/values._type", "val/loss_by_segment._type",
+                "val/loss_by_segment_plot._type"):
         assert any(key in h and h.get("trainer/step") == 2 for h in history), key
+    assert not [k for h in history for k in h if re.match(r"gates/L\d+/H\d+", k)]  # no panel per head
     summary = {}
     for r in log:
         if r["type"] == "summary":
@@ -70,3 +75,57 @@ def test_offline_run_reads_back_with_identity_axes_images_summary_and_resumes(tm
     assert summary["val/loss_by_segment"]["_type"] == "table-file"
     artifacts = [r["artifact"] for r in log if r["type"] == "artifact"]
     assert any(a["type"] == "results" for a in artifacts)
+
+
+def stand_in_wandb() -> types.ModuleType:
+    """The part of the wandb module Run uses, keeping every row logged (in `module.rows`)."""
+    module = types.ModuleType("wandb")
+    module.rows = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+    class WandbRun:
+        id, project, url = "abc123", "infini-bench", None
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, row):
+            module.rows.append(row)
+
+    module.Table, module.Image, module.init = Table, Image, lambda **kwargs: WandbRun()
+    return module
+
+
+def test_gates_reach_wandb_as_one_table_and_an_image_and_metrics_jsonl_as_one_number_per_head(tmp_path, monkeypatch):
+    from infini_bench.model import build_model
+    from infini_bench.tracking import Run, read_metrics
+    from tasks.common import log_gates
+    from tasks.passkey import _StepOffset
+
+    wandb = stand_in_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model = build_model("tiny", memory="linear", n_layers=2)  # 2 layers of 4 heads
+    run = Run(tmp_path, {"name": "tiny-linear"}, {"backend": "wandb"}, device="cpu")
+    log_gates(model, run, step=5)
+    log_gates(model, _StepOffset(run, 10), step=5)  # passkey's main phase, logged after its warm-up's steps
+
+    keys = [["gates/values", "trainer/step"], ["gates/heatmap", "trainer/step"]]
+    assert [sorted(row) for row in wandb.rows] == keys * 2
+    assert [row["trainer/step"] for row in wandb.rows] == [5, 5, 15, 15]
+    assert not [k for row in wandb.rows for k in row if re.match(r"gates/L\d+/H\d+", k)]  # no panel per head
+    table = wandb.rows[0]["gates/values"]
+    assert table.columns == ["layer", "head", "gate"]
+    assert [(layer, head) for layer, head, _ in table.data] == [(i, j) for i in range(2) for j in range(4)]
+    assert wandb.rows[1]["gates/heatmap"].path == str(tmp_path / "gates.png")
+    rows = read_metrics(run.metrics_path)
+    assert [row["step"] for row in rows] == [5, 15]
+    assert rows[0] == {"step": 5, **{f"gates/L{i}/H{j}": g for i, j, g in table.data}}
+    assert not (tmp_path / "tables").exists()  # the numbers are in metrics.jsonl already
