@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from infini_bench.code_corpus import code_documents
 from infini_bench.documents import SPLITS, Document
 from infini_bench.errors import ConfigError
+from infini_bench.hub import prepare_hub
 
 EMBEDDED = ("embedded_pg19", "embedded_math", "embedded")
 CODE = ("python_code",)  # built at run time from this environment's Python source: infini_bench/code_corpus.py
@@ -76,6 +77,8 @@ def hub_rows(name: str, split: str, data_files: str | list[str] | None = None):
     shape as the hub's (parquet for PG19, jsonl.gz for proof-pile and C4) read instead, e.g. a mirror."""
     from datasets import load_dataset
 
+    if data_files is None:
+        prepare_hub()  # offline (cached files only) at once if the hub can't be reached
     if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
         if data_files is not None:
             return load_dataset("parquet", data_files=data_files, split="train", streaming=True)

@@ -1,6 +1,7 @@
 """Tokenizers behind one small interface: byte-level (the default, nothing to download) or any HF tokenizer."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 
@@ -41,6 +42,10 @@ class HFTokenizer:
     def __init__(self, name: str):
         from transformers import AutoTokenizer
 
+        from infini_bench.hub import prepare_hub
+
+        if not Path(name).expanduser().is_dir():  # a hub name: offline at once if the hub can't be reached
+            prepare_hub()
         self.name = name
         self._tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         self.vocab_size = len(self._tok)

@@ -21,7 +21,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run
 from infini_bench.train import train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          eval_count, no_batches, train_config)
+                          eval_count, log_setting, no_batches, train_config)
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -36,20 +36,24 @@ def _code_options(t: DictConfig) -> dict:
             "held_out": t.get("held_out", 0.05)}
 
 
-def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
+def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0, unreachable: set[str] | None = None):
     """Documents of a split and the data set they came from; a hub data set that can't be reached falls back
-    to its embedded stand-in (None when it has none: C4)."""
+    to its embedded stand-in (None when it has none: C4). `unreachable` gathers, over one run, the hub data
+    sets that fell back: their other splits go straight to the stand-in, and the warning is given once."""
     # python_code: training needs one window of seq_len + 1 tokens, at least as many bytes
     code = {**_code_options(t), "min_bytes": t.seq_len + 2 if split == "train" else 2} if dataset in CODE else None
-    try:
-        return load_documents(dataset, split, t.max_train_docs, min_bytes, code), dataset
-    except ConfigError as err:
-        if dataset not in HUB or not t.fallback_offline:
-            raise
-        stand_in = _STAND_IN[dataset]
-        if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
-            log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
-        return (load_documents(stand_in, split) if stand_in else ()), stand_in
+    stand_in = _STAND_IN.get(dataset)
+    if unreachable is None or dataset not in unreachable:
+        try:
+            return load_documents(dataset, split, t.max_train_docs, min_bytes, code), dataset
+        except ConfigError as err:
+            if dataset not in HUB or not t.fallback_offline:
+                raise
+            if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
+                log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
+            if unreachable is not None:
+                unreachable.add(dataset)
+    return (load_documents(stand_in, split) if stand_in else ()), stand_in
 
 
 def _mixture(t: DictConfig) -> dict[str, float]:
@@ -65,11 +69,12 @@ def _mixture(t: DictConfig) -> dict[str, float]:
     return {str(k): float(v) for k, v in t.mix.items()}
 
 
-def training_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int):
+def training_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int,
+                    unreachable: set[str] | None = None):
     """Training batches from the data sets in `mix` (by weight), and where each of them came from."""
     streams, weights, sources = {}, {}, {}
     for name, weight in mix.items():
-        docs, source = _documents(t, name, "train", min_bytes=min_tokens)
+        docs, source = _documents(t, name, "train", min_tokens, unreachable)
         sources[name] = source
         if source is None:
             continue
@@ -87,7 +92,7 @@ def training_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
 
 
 def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int,
-                    cache: Path, fresh: bool):
+                    cache: Path, fresh: bool, unreachable: set[str] | None = None):
     """The training stream, tokenized once per run. Rank 0 streams and tokenizes the documents and saves the
     tokens to `cache`; the other ranks read that file, and so does a resumed run, which then trains on exactly
     the same tokens even if the hub's copy has changed meanwhile. `fresh` (trainer.resume=false) rebuilds it."""
@@ -111,7 +116,7 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
     def build() -> tuple[object, dict] | None:
         if stored() is not None:
             return None
-        stream, sources = training_stream(t, mix, min_tokens, tokenizer, batch_size, seed)
+        stream, sources = training_stream(t, mix, min_tokens, tokenizer, batch_size, seed, unreachable)
         parts = stream.streams if isinstance(stream, MixtureStream) else {next(iter(mix)): stream}
         weights = stream.weights if isinstance(stream, MixtureStream) else None
         state = {"key": key, "sources": sources, "weights": weights,
@@ -152,12 +157,16 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     mix, min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
         raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split)
+    log_setting(cfg)
+    # The data before the model: without the hub, a paper recipe stops here with one line naming
+    # task.fallback_offline, before a tokenizer or checkpoint is looked for.
+    unreachable: set[str] = set()
+    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split, unreachable=unreachable)
     eval_docs = eval_docs[: eval_count(t)]
     if not eval_docs:
         raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
                           "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
+    model, tokenizer = build_model_and_tokenizer(cfg)
     overrides = {}
     if t.train_segments is not None:  # training length counted in segments
         check_positive("task.train_segments", t.train_segments)
@@ -166,7 +175,8 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     tcfg = train_config(cfg, **overrides)
     if tcfg.steps:
         stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
-                                          Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+                                          Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume,
+                                          unreachable=unreachable)
     else:  # evaluation only: no training data is read, and the data used is the evaluation's
         stream, sources = no_batches, {t.dataset: eval_source}
 
