@@ -2,6 +2,8 @@
 in three splits."""
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SPLITS = ("train", "validation", "test")
@@ -11,3 +13,11 @@ SPLITS = ("train", "validation", "test")
 class Document:
     name: str
     text: str
+
+
+def documents_digest(docs: Sequence[Document]) -> str:
+    """SHA-256 of documents' names and texts, in order."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc.name.encode("utf-8") + b"\0" + doc.text.encode("utf-8") + b"\0")
+    return h.hexdigest()
