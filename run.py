@@ -262,7 +262,7 @@ def lock_run_folder(out_dir: Path) -> None:
 
 
 # Keys that may change between a run and its resume: they do not change what is trained.
-_MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "hydra")
+_MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "cache_dir", "hydra")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -23,7 +23,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from infini_bench.data import SPLITS, Document
+from infini_bench.documents import SPLITS, Document
 from infini_bench.errors import ConfigError
 
 DATASET = "python_code"

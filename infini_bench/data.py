@@ -13,7 +13,6 @@ Whitehead's book is the only held-out math text, so it is cut in two at the para
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -22,9 +21,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from infini_bench.code_corpus import code_documents
+from infini_bench.documents import SPLITS, Document
 from infini_bench.errors import ConfigError
+from infini_bench.hub import prepare_hub
 
-SPLITS = ("train", "validation", "test")
 EMBEDDED = ("embedded_pg19", "embedded_math", "embedded")
 CODE = ("python_code",)  # built at run time from this environment's Python source: infini_bench/code_corpus.py
 HUB = {"pg19": "emozilla/pg19", "arxiv_math": "hoskinson-center/proof-pile", "c4": "allenai/c4"}
@@ -34,12 +35,6 @@ _PG_HELD_OUT = {"validation": ["pg16"], "test": ["pg11"]}
 def corpus_dir() -> Path:
     """Where the embedded books, math LaTeX and BookSum metadata live inside the package."""
     return Path(__file__).parent / "corpus"
-
-
-@dataclass(frozen=True)
-class Document:
-    name: str
-    text: str
 
 
 def _read(path: Path) -> str:
@@ -82,6 +77,8 @@ def hub_rows(name: str, split: str, data_files: str | list[str] | None = None):
     shape as the hub's (parquet for PG19, jsonl.gz for proof-pile and C4) read instead, e.g. a mirror."""
     from datasets import load_dataset
 
+    if data_files is None:
+        prepare_hub()  # offline (cached files only) at once if the hub can't be reached
     if name == "pg19":  # a parquet copy; deepmind/pg19 is script-based and no longer loads
         if data_files is not None:
             return load_dataset("parquet", data_files=data_files, split="train", streaming=True)
@@ -134,8 +131,6 @@ def load_documents(dataset: str, split: str, max_docs: int = 1000, min_bytes: in
     if dataset in HUB:
         return hub_documents(dataset, split, max_docs, min_bytes)
     if dataset in CODE:
-        from infini_bench.code_corpus import code_documents  # it imports this module
-
         return code_documents(split, **(code or {}))
     raise ConfigError("task.dataset", f"{dataset!r} is not one of {', '.join(EMBEDDED + CODE + tuple(HUB))}")
 

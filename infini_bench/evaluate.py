@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from infini_bench.data import Document
+from infini_bench.documents import Document
 from infini_bench.train import autocast
 
 

@@ -110,6 +110,9 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
         raise _unreachable(name_or_path, "no such directory")
     from huggingface_hub import snapshot_download  # honours HF_TOKEN, HF_HOME and HF_HUB_OFFLINE
 
+    from infini_bench.hub import prepare_hub
+
+    prepare_hub()  # offline (cached snapshots only) at once if the hub can't be reached
     try:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=_HUB_FILES))
     except Exception as err:  # offline, missing, gated, bad name: all mean "not reachable", one line

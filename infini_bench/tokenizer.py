@@ -1,6 +1,9 @@
 """Tokenizers behind one small interface: byte-level (the default, nothing to download) or any HF tokenizer."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Protocol
 
 
@@ -14,6 +17,10 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def fingerprint(self) -> str:
+        """What decides the ids it gives, for keys of cached tokens."""
+        ...
 
 
 class ByteTokenizer:
@@ -34,6 +41,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def fingerprint(self) -> str:
+        return "byte"
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer by hub name or local path (never with trust_remote_code)."""
@@ -41,6 +51,10 @@ class HFTokenizer:
     def __init__(self, name: str):
         from transformers import AutoTokenizer
 
+        from infini_bench.hub import prepare_hub
+
+        if not Path(name).expanduser().is_dir():  # a hub name: offline at once if the hub can't be reached
+            prepare_hub()
         self.name = name
         self._tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         self.vocab_size = len(self._tok)
@@ -57,6 +71,12 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's definition (the fast tokenizer's JSON, else its vocabulary) and EOS id."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(self._tok.get_vocab().items()))
+        return hashlib.sha256(f"{spec}\0eos={self.eos_id}".encode()).hexdigest()
 
 
 def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:

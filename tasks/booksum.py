@@ -32,6 +32,7 @@ from infini_bench.data import load_documents
 from infini_bench.distributed import gathered
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.generate import generate
+from infini_bench.hub import prepare_hub
 from infini_bench.metrics import rouge
 from infini_bench.model import InfiniTransformer
 from infini_bench.paper import length_label
@@ -39,7 +40,7 @@ from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          eval_count, no_batches, train_config)
+                          eval_count, log_setting, no_batches, train_config)
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -143,6 +144,7 @@ def hub_rows(split: str, data_files: str | list[str] | None = None) -> list[dict
         if data_files is not None:
             ds = load_dataset("parquet", data_files=data_files, split="train")
         else:
+            prepare_hub()  # offline (cached files only) at once if the hub can't be reached
             ds = load_dataset(HUB_DATASET, split=split)
         return [{k: row[k] for k in ("bid", "title", "book", "summary")} for row in ds]
     except Exception as err:  # offline, gated, renamed: one line for the user
@@ -271,6 +273,7 @@ def summarise_books(model: InfiniTransformer, tokenizer, books, lengths: list[in
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
     lengths = _check(t)
+    log_setting(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg)
     tcfg = train_config(cfg)
     train_pairs, eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # trainer.steps=0: evaluation only

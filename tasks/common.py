@@ -65,11 +65,15 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def log_setting(cfg: DictConfig) -> None:
+    """The line every task starts with: its setting and the values it runs with (rank 0 alone, under torchrun)."""
+    if cfg.task.get("setting") is not None and is_main_process():
+        log.info(setting_line(cfg))
+
+
 def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
     """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
     with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
-    if cfg.task.get("setting") is not None and is_main_process():  # every task starts here: say what applies
-        log.info(setting_line(cfg))
     if cfg.model.get("pretrained"):
         from infini_bench.pretrained import load_pretrained
 

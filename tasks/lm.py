@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
 from pathlib import Path
+from typing import Callable, Sequence
 
-import torch
 from omegaconf import DictConfig
 
 from infini_bench.code_corpus import code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
-from infini_bench.errors import ConfigError, ResourceError, check_choice, check_positive
+from infini_bench.documents import Document, documents_digest
+from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
 from infini_bench.faults import fault
 from infini_bench.plots import line_plot
-from infini_bench.tracking import Run
+from infini_bench.token_cache import Entry, TokenCache, state_digest
+from infini_bench.tokenizer import Tokenizer
+from infini_bench.tracking import Run, write_json
 from infini_bench.train import train
 from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          eval_count, no_batches, train_config)
+                          eval_count, log_setting, no_batches, train_config)
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -36,20 +37,29 @@ def _code_options(t: DictConfig) -> dict:
             "held_out": t.get("held_out", 0.05)}
 
 
-def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
-    """Documents of a split and the data set they came from; a hub data set that can't be reached falls back
-    to its embedded stand-in (None when it has none: C4)."""
+def _load(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
+    """Documents of a split of one data set, as task.* says to read them."""
     # python_code: training needs one window of seq_len + 1 tokens, at least as many bytes
     code = {**_code_options(t), "min_bytes": t.seq_len + 2 if split == "train" else 2} if dataset in CODE else None
-    try:
-        return load_documents(dataset, split, t.max_train_docs, min_bytes, code), dataset
-    except ConfigError as err:
-        if dataset not in HUB or not t.fallback_offline:
-            raise
-        stand_in = _STAND_IN[dataset]
-        if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
-            log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
-        return (load_documents(stand_in, split) if stand_in else ()), stand_in
+    return load_documents(dataset, split, t.max_train_docs, min_bytes, code)
+
+
+def _documents(t: DictConfig, dataset: str, split: str, min_bytes: int = 0, unreachable: set[str] | None = None):
+    """Documents of a split and the data set they came from; a hub data set that can't be reached falls back
+    to its embedded stand-in (None when it has none: C4). `unreachable` gathers, over one run, the hub data
+    sets that fell back: their other splits go straight to the stand-in, and the warning is given once."""
+    stand_in = _STAND_IN.get(dataset)
+    if unreachable is None or dataset not in unreachable:
+        try:
+            return _load(t, dataset, split, min_bytes), dataset
+        except ConfigError as err:
+            if dataset not in HUB or not t.fallback_offline:
+                raise
+            if is_main_process():  # once, not once per rank; recorded in results.json as data/fallback too
+                log.warning("%s; %s", err, f"falling back to {stand_in}" if stand_in else "leaving it out")
+            if unreachable is not None:
+                unreachable.add(dataset)
+    return (load_documents(stand_in, split) if stand_in else ()), stand_in
 
 
 def _mixture(t: DictConfig) -> dict[str, float]:
@@ -65,77 +75,144 @@ def _mixture(t: DictConfig) -> dict[str, float]:
     return {str(k): float(v) for k, v in t.mix.items()}
 
 
-def training_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int):
-    """Training batches from the data sets in `mix` (by weight), and where each of them came from."""
-    streams, weights, sources = {}, {}, {}
+def tokens_key(t: DictConfig, dataset: str, min_tokens: int, tokenizer: Tokenizer,
+               docs: Sequence[Document] | None = None) -> dict:
+    """What decides a data set's training tokens, the key of its entry in the token cache: the documents (a
+    SHA-256 of their text; for a hub data set, which ones its stream yields, as they can't be hashed before
+    they are streamed), the tokenizer (its definition's SHA-256), and which documents are kept whole."""
+    within = min_tokens > 0
+    key = {"dataset": dataset, "split": "train", "tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer.fingerprint(),
+           "within_docs": within, "shortest": max(min_tokens, t.seq_len + 1) if within else 0}
+    if dataset in HUB:
+        return {**key, "hub": HUB[dataset], "max_docs": t.max_train_docs, "min_bytes": min_tokens}
+    return {**key, "documents_sha256": documents_digest(docs)}
+
+
+def _tokenize(t: DictConfig, docs, tokenizer, min_tokens: int) -> dict:
+    return TokenStream(docs, tokenizer, t.seq_len, 1, 0, min_tokens).state()  # batch size, seed: not in the state
+
+
+def _said(entry: Entry, dataset: str, how: str) -> Entry:
+    log.info("training tokens of %s: %s the token cache, %s", dataset, how, entry.path)
+    return entry
+
+
+def _cached(cache: TokenCache, key: dict, tokenize: Callable[[], dict]) -> Entry:
+    """The entry under `key`: an earlier run's, or tokenized now and stored."""
+    found = cache.load(key)
+    if found is not None:
+        return _said(found, key["dataset"], "read from")
+    return _said(cache.save(key, tokenize()), key["dataset"], "tokenized into")
+
+
+def _train_source(t: DictConfig, name: str, min_tokens: int, tokenizer, cache: TokenCache,
+                  unreachable: set[str] | None) -> tuple[str | None, dict | None, Entry | None]:
+    """The data set `name` of the mix trains on (itself, or its stand-in when the hub can't be reached), the key
+    of its tokens in the cache and the entry; a hub data set an earlier run streamed is not streamed again."""
+    if name in HUB and name not in (unreachable or ()):
+        key = tokens_key(t, name, min_tokens, tokenizer)
+        found = cache.load(key)
+        if found is not None:
+            return name, key, _said(found, name, "read from")
+    docs, source = _documents(t, name, "train", min_tokens, unreachable)
+    if source is None:
+        return None, None, None
+    key = tokens_key(t, source, min_tokens, tokenizer, docs)
+    return source, key, _cached(cache, key, lambda: _tokenize(t, docs, tokenizer, min_tokens))
+
+
+def _new_plan(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, cache: TokenCache,
+              unreachable: set[str] | None) -> tuple[dict, dict]:
+    """Which data set each of the mix trains on, their weights and cache entries (key and SHA-256), and the
+    tokens themselves."""
+    sources, weights, pins, states = {}, {}, {}, {}
     for name, weight in mix.items():
-        docs, source = _documents(t, name, "train", min_bytes=min_tokens)
+        source, key, found = _train_source(t, name, min_tokens, tokenizer, cache, unreachable)
         sources[name] = source
         if source is None:
             continue
-        if source in streams:  # two hub data sets fell back to one stand-in: it keeps both weights
+        if source in pins:  # two hub data sets fell back to one stand-in: it keeps both weights
             weights[source] += weight
             continue
-        streams[source] = TokenStream(docs, tokenizer, t.seq_len, batch_size, seed, min_tokens)
+        pins[source], states[source] = {"key": key, "sha256": found.sha256, "file": str(found.path)}, found.state
         weights[source] = weight
-    if not streams:
+    if not pins:
         key = "task.mix" if t.get("mix") is not None else "task.dataset"
         raise ConfigError(key, f"none of {', '.join(mix)} could be reached, and C4 has no embedded stand-in")
-    if len(streams) == 1 and t.get("mix") is None:
-        return next(iter(streams.values())), sources
-    return MixtureStream(streams, weights, batch_size, seed), sources
+    single = len(pins) == 1 and t.get("mix") is None
+    return {"sources": sources, "weights": None if single else weights, "streams": pins}, states
+
+
+def _pinned(t: DictConfig, source: str, pin: dict, min_tokens: int, tokenizer, cache: TokenCache, record: Path
+            ) -> dict:
+    """The tokens a run started with, from the cache; when they are no longer there (cleared, corrupt, another
+    cache_dir) tokenized again from the same documents, and used only if they come out the same."""
+    found = cache.load(pin["key"], sha256=pin["sha256"])
+    if found is not None:
+        return found.state
+    start_over = f"(recorded in {record}); trainer.resume=false starts over"
+    try:
+        state = _tokenize(t, _load(t, source, "train", min_tokens), tokenizer, min_tokens)
+    except ConfigError as err:
+        raise ConfigError("trainer.resume", f"the training tokens of {source} are not in the token cache and can't "
+                          f"be made again ({err}) {start_over}") from None
+    if state_digest(state) != pin["sha256"]:
+        raise ConfigError("trainer.resume", f"the training tokens of {source} are not in the token cache, and "
+                          f"tokenized again they differ from those this run started with {start_over}")
+    return cache.save(pin["key"], state).state
+
+
+def _read_plan(record: Path, recipe: dict) -> dict | None:
+    """The training data a run in this folder started with; None when there is none, or it was another recipe's."""
+    if not record.exists():
+        return None
+    try:
+        plan = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError("trainer.resume", f"{record} is corrupt ({str(err).splitlines()[0][:80]}); "
+                          "trainer.resume=false starts over") from None
+    return plan if plan.get("recipe") == recipe else None
 
 
 def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, tokenizer, batch_size: int, seed: int,
-                    cache: Path, fresh: bool):
-    """The training stream, tokenized once per run. Rank 0 streams and tokenizes the documents and saves the
-    tokens to `cache`; the other ranks read that file, and so does a resumed run, which then trains on exactly
-    the same tokens even if the hub's copy has changed meanwhile. `fresh` (trainer.resume=false) rebuilds it."""
-    key = json.dumps({"mix": mix, "min_tokens": min_tokens, "seq_len": t.seq_len, "max_docs": t.max_train_docs,
-                      "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
-                      "vocab": tokenizer.vocab_size}, sort_keys=True)
+                    cache: TokenCache, record: Path, fresh: bool, unreachable: set[str] | None = None):
+    """The training stream, and where each data set of the mix came from.
 
-    def load() -> dict:
-        try:
-            return torch.load(cache, weights_only=True, mmap=True)  # mmap: the ranks share one copy in RAM
-        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            raise ConfigError("trainer.resume", f"{cache} is corrupt ({str(err).splitlines()[0][:80]}); "
-                              "trainer.resume=false rebuilds it") from None
+    Each data set's tokens come from the shared token cache, tokenized by the first run that needed them. Rank 0
+    builds what is missing and writes `record` (train_tokens.json in the run folder): the data sets trained on
+    and the key and SHA-256 of their entries. The other ranks read the entries it names, and so does a resumed
+    run, which then trains on exactly the same tokens even if the hub's copy has changed meanwhile, or stops
+    with one line when they can't be had again. `fresh` (trainer.resume=false) makes a new record; the cache
+    entries it finds are reused."""
+    recipe = json.loads(json.dumps({
+        "mix": mix, "min_tokens": min_tokens, "seq_len": t.seq_len, "max_docs": t.max_train_docs,
+        "code": _code_options(t), "tokenizer": tokenizer.name, "vocab": tokenizer.vocab_size}))  # as JSON reads back
 
-    def stored() -> dict | None:
-        if fresh or not cache.exists():
-            return None
-        state = load()
-        return state if state["key"] == key else None
+    def build() -> tuple[dict, dict]:
+        plan = None if fresh else _read_plan(record, recipe)
+        if plan is None:
+            plan, states = _new_plan(t, mix, min_tokens, tokenizer, cache, unreachable)
+            plan = {"recipe": recipe, **plan}
+            write_json(record, plan)
+            return plan, states
+        return plan, {source: _pinned(t, source, pin, min_tokens, tokenizer, cache, record)
+                      for source, pin in plan["streams"].items()}
 
-    def build() -> tuple[object, dict] | None:
-        if stored() is not None:
-            return None
-        stream, sources = training_stream(t, mix, min_tokens, tokenizer, batch_size, seed)
-        parts = stream.streams if isinstance(stream, MixtureStream) else {next(iter(mix)): stream}
-        weights = stream.weights if isinstance(stream, MixtureStream) else None
-        state = {"key": key, "sources": sources, "weights": weights,
-                 "streams": {name: s.state() for name, s in parts.items()}}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        try:
-            torch.save(state, tmp)
-        except (OSError, RuntimeError) as err:  # a full disk: torch's writer raises RuntimeError
-            tmp.unlink(missing_ok=True)
-            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-            raise ResourceError(f"{cache} could not be written ({first}); free disk space there or pick "
-                                "another hydra.run.dir") from None
-        os.replace(tmp, cache)
-        return stream, sources
-
-    built = main_first(build)  # rank 0 builds (unless a run before it did); every rank waits for the file
+    built = main_first(build)  # rank 0 builds what is missing; every rank waits for the record
     if built is not None:
-        return built
-    state = load()  # rank 0 has written it, or found it current
-    streams = {name: TokenStream.from_state(s, t.seq_len, batch_size, seed) for name, s in state["streams"].items()}
-    if state["weights"] is None:
-        return next(iter(streams.values())), state["sources"]
-    return MixtureStream(streams, state["weights"], batch_size, seed), state["sources"]
+        plan, states = built
+    else:
+        plan, states = _read_plan(record, recipe), {}
+        for source, pin in plan["streams"].items():
+            found = cache.load(pin["key"], sha256=pin["sha256"])
+            if found is None:
+                raise ConfigError("trainer.resume", f"the training tokens of {source} in the token cache changed "
+                                  "while the run started; run the command again")
+            states[source] = found.state
+    streams = {source: TokenStream.from_state(state, t.seq_len, batch_size, seed) for source, state in states.items()}
+    if plan["weights"] is None:
+        return next(iter(streams.values())), plan["sources"]
+    return MixtureStream(streams, plan["weights"], batch_size, seed), plan["sources"]
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -152,12 +229,16 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     mix, min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
     if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
         raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split)
+    log_setting(cfg)
+    # The data before the model: without the hub, a paper recipe stops here with one line naming
+    # task.fallback_offline, before a tokenizer or checkpoint is looked for.
+    unreachable: set[str] = set()
+    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split, unreachable=unreachable)
     eval_docs = eval_docs[: eval_count(t)]
     if not eval_docs:
         raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
                           "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
+    model, tokenizer = build_model_and_tokenizer(cfg)
     overrides = {}
     if t.train_segments is not None:  # training length counted in segments
         check_positive("task.train_segments", t.train_segments)
@@ -166,7 +247,9 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     tcfg = train_config(cfg, **overrides)
     if tcfg.steps:
         stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
-                                          Path(run.out_dir) / "train_tokens.pt", fresh=not tcfg.resume)
+                                          TokenCache(Path(cfg.cache_dir) / "tokens"),
+                                          Path(run.out_dir) / "train_tokens.json", fresh=not tcfg.resume,
+                                          unreachable=unreachable)
     else:  # evaluation only: no training data is read, and the data used is the evaluation's
         stream, sources = no_batches, {t.dataset: eval_source}
 

@@ -37,7 +37,7 @@ from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
 from tasks import RENAMED  # noqa: E402
 from tasks.common import (  # noqa: E402
     build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates,
-    train_config,
+    log_setting, train_config,
 )
 
 DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -529,6 +529,7 @@ class _StepOffset:
 
 def run_task(cfg: DictConfig, run: Run) -> dict:
     t = cfg.task
+    log_setting(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg)
     check_config(t, tokenizer)
     tcfg = train_config(cfg)

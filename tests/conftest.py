@@ -1,10 +1,18 @@
 """Shared test settings and checks."""
+import os
+import tempfile
+
 import pytest
 import torch
 
 # The tiny models of the tests run fastest on one thread; on a busy 2-core machine, two intra-op threads
 # spin against each other and a step can take 20x longer.
 torch.set_num_threads(1)
+
+# The runs the tests make, here and in subprocesses (which copy os.environ), share a token cache of their own,
+# removed when the tests end: never the user's ~/.cache/infini-bench.
+_TOKEN_CACHE = tempfile.TemporaryDirectory(prefix="infini-bench-test-cache-")
+os.environ["INFINI_BENCH_CACHE"] = _TOKEN_CACHE.name
 
 
 @pytest.fixture

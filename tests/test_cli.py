@@ -245,7 +245,7 @@ def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task
     record = json.loads((out / "results.json").read_text())
     assert isinstance(record["results"][metric], float) and record["results"]["train/steps"] == 0
     assert count(record["results"]) == 1 < record["config"]["task"][EVAL_COUNT[task]]
-    assert not (out / "train_tokens.pt").exists() and not (out / "checkpoints").exists()
+    assert not (out / "train_tokens.json").exists() and not (out / "checkpoints").exists()
     assert not (out / "model.safetensors").exists()  # nothing trained, nothing exported
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not any("train/loss" in row or "train/lr" in row for row in rows)  # no training phase logged a step
@@ -270,6 +270,7 @@ def test_the_run_folder_leaves_out_a_step_count_and_shortens_init_from():
     assert run_folder(["task=lm", "trainer.steps=50", "logger=none", f"model.init_from={weights}"], exclude) == \
         f"model.init_from={name},task=lm"  # more steps extend the run in its folder
     assert run_folder(["task=lm", "trainer.steps=0"], exclude) == "task=lm,trainer.steps=0"  # an evaluation: its own
+    assert run_folder(["task=lm", "cache_dir=/scratch/cache"], exclude) == "task=lm"  # where tokens are kept
     assert run_folder(["trainer.steps=50", "task=lm"], exclude, "sweep") == "task=lm,trainer.steps=50"  # one per job
 
 
@@ -284,8 +285,12 @@ def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_
     first, out = cli(*args, "trainer.steps=2", tmp_path=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     two_steps = (out / "results.json").read_text()
-    extended, _ = cli(*args, "trainer.steps=4", tmp_path=tmp_path)
+    moved = tmp_path / "moved"  # another cache_dir: the run's tokens are made again there, the same to the byte
+    extended, _ = cli(*args, "trainer.steps=4", f"cache_dir={moved}", tmp_path=tmp_path)
     assert extended.returncode == 0, extended.stderr[-3000:]
+    (entry,) = (moved / "tokens").iterdir()
+    pinned = json.loads((out / "train_tokens.json").read_text())["streams"]["embedded_pg19"]
+    assert torch.load(entry, weights_only=True)["sha256"] == pinned["sha256"]
     assert f"extending the run in {out} from 2 to 4 training steps" in extended.stdout
     assert f"resumed from {out / 'checkpoints' / 'last'} at step 2" in extended.stdout
     assert "the first 2 followed the 2-step schedule" in extended.stdout  # what it does with the learning rate

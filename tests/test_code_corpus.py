@@ -152,3 +152,26 @@ def test_lm_task_trains_on_python_code_and_records_the_manifest(tmp_path):
     lines = small.stderr.strip().splitlines()
     assert small.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: task.max_bytes: the "), small.stderr
     assert not Path(f"{out}-small").exists()
+
+
+def infini_bench_imports(module: str) -> set[str]:
+    """The infini_bench modules a module imports anywhere in its source, imports inside functions too."""
+    import ast
+
+    path = ROOT / (module.replace(".", "/") + ".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+            [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        found.update(n for n in names if n.startswith("infini_bench."))
+    return found
+
+
+def test_the_code_corpus_and_the_data_module_do_not_import_each_other():
+    reached, todo = set(), ["infini_bench.code_corpus"]
+    while todo:  # everything code_corpus imports, directly or through another module
+        for name in infini_bench_imports(todo.pop()) - reached:
+            reached.add(name)
+            todo.append(name)
+    assert "infini_bench.data" not in reached and "infini_bench.documents" in reached
+    assert "infini_bench.code_corpus" in infini_bench_imports("infini_bench.data")

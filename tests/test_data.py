@@ -1,5 +1,7 @@
 """Training data: document filtering, windows inside one document, the weighted mixture, offline fallback."""
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from omegaconf import OmegaConf
 import infini_bench.data as data
 from infini_bench.data import Document, MixtureStream, TokenStream
 from infini_bench.errors import ConfigError
+from infini_bench.token_cache import TokenCache, state_digest
 from infini_bench.tokenizer import ByteTokenizer
 from tasks import lm
 
@@ -78,23 +81,28 @@ def offline(name, split, max_docs, min_bytes=0):
     raise ConfigError("task.dataset", f"{name!r} is unavailable (offline)")
 
 
-def test_offline_mix_falls_back_and_leaves_c4_out(monkeypatch):
+def prepared(t, tmp_path, run="run", fresh=False, batch_size=8, seed=0):
+    """The LM task's training stream for task `t`, with the token cache in tmp_path/cache and the run's record
+    in tmp_path/<run>."""
+    return lm.prepared_stream(t, lm._mixture(t), t.min_doc_tokens, TOK, batch_size, seed, TokenCache(tmp_path / "cache"),
+                              tmp_path / run / "train_tokens.json", fresh=fresh)
+
+
+def test_offline_mix_falls_back_and_leaves_c4_out(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "hub_documents", offline)
     t = lm_task(mix={"pg19": 2, "arxiv_math": 1, "c4": 1}, min_doc_tokens=4096)
-    stream, sources = lm.training_stream(t, lm._mixture(t), 4096, TOK, batch_size=8, seed=0)
+    stream, sources = prepared(t, tmp_path)
     assert sources == {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}
     assert sorted(stream.streams) == ["embedded_math", "embedded_pg19"]
     assert stream.probs.tolist() == pytest.approx([1 / 3, 2 / 3])  # C4's share is spread over the others
     assert stream(0)["input_ids"].shape == (8, 64)
     with pytest.raises(ConfigError, match="task.dataset"):  # without the fallback, offline is an error
-        strict = lm_task(mix={"pg19": 1}, fallback_offline=False)
-        lm.training_stream(strict, lm._mixture(strict), 0, TOK, 8, 0)
+        prepared(lm_task(mix={"pg19": 1}, fallback_offline=False), tmp_path, run="strict")
     with pytest.raises(ConfigError, match="task.mix: none of c4 could be reached"):
-        only_c4 = lm_task(mix={"c4": 1})
-        lm.training_stream(only_c4, lm._mixture(only_c4), 0, TOK, 8, 0)
+        prepared(lm_task(mix={"c4": 1}), tmp_path, run="only_c4")
 
 
-def test_hub_mix_filters_short_documents(monkeypatch):
+def test_hub_mix_filters_short_documents(monkeypatch, tmp_path):
     hub = {"pg19": [lettered("p", 500), lettered("q", 50)], "c4": [lettered("c", 30), lettered("w", 300)]}
     seen = {}
 
@@ -104,10 +112,13 @@ def test_hub_mix_filters_short_documents(monkeypatch):
 
     monkeypatch.setattr(data, "hub_documents", fake)
     t = lm_task(mix={"pg19": 1, "c4": 1}, min_doc_tokens=100)
-    stream, sources = lm.training_stream(t, lm._mixture(t), 100, TOK, batch_size=64, seed=0)
+    stream, sources = prepared(t, tmp_path, batch_size=64)
     assert sources == {"pg19": "pg19", "c4": "c4"} and seen == {"pg19": 100, "c4": 100}
     assert {name: s.n_docs for name, s in stream.streams.items()} == {"c4": 1, "pg19": 1}
     assert {chr(int(row[0])) for row in stream(0)["input_ids"]} == {"p", "w"}
+    seen.clear()  # a second run reads what the first streamed and tokenized: the hub is not asked again
+    again, _ = prepared(t, tmp_path, run="second", batch_size=64)
+    assert seen == {} and torch.equal(again(0)["input_ids"], stream(0)["input_ids"])
 
 
 @pytest.mark.parametrize("mix, message", [
@@ -121,24 +132,89 @@ def test_bad_mix_names_the_key(mix, message):
     assert message in str(err.value)
 
 
-def test_token_cache_is_reused_on_resume_and_rebuilt_when_fresh(tmp_path, monkeypatch):
-    cache = tmp_path / "train_tokens.pt"
+def test_runs_share_one_token_cache_entry_per_data_set_and_tokenizer(tmp_path, monkeypatch):
     t = lm_task(dataset="embedded_math", mix={"embedded_math": 1, "embedded_pg19": 1}, seq_len=32)
-    first, sources = lm.prepared_stream(t, lm._mixture(t), 0, TOK, 4, 0, cache, fresh=False)
-    assert cache.exists() and sources == {"embedded_math": "embedded_math", "embedded_pg19": "embedded_pg19"}
+    first, sources = prepared(t, tmp_path, run="a")
+    assert sources == {"embedded_math": "embedded_math", "embedded_pg19": "embedded_pg19"}
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 2 and [e.split("-")[0] for e in entries] == ["embedded_math", "embedded_pg19"]
+    record = json.loads((tmp_path / "a" / "train_tokens.json").read_text())
+    assert {s: Path(pin["file"]).name for s, pin in record["streams"].items()} == dict(zip(sources, entries))
 
-    def no_rebuild(*args, **kwargs):
-        raise AssertionError("rebuilt although the cache is current")
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized although the token cache holds the tokens")
 
-    monkeypatch.setattr(lm, "training_stream", no_rebuild)
-    again, again_sources = lm.prepared_stream(t, lm._mixture(t), 0, TOK, 4, 0, cache, fresh=False)
-    assert again_sources == sources
-    for i in range(3):
-        assert torch.equal(again(i)["input_ids"], first(i)["input_ids"])
-    with pytest.raises(AssertionError, match="rebuilt"):  # trainer.resume=false starts over
-        lm.prepared_stream(t, lm._mixture(t), 0, TOK, 4, 0, cache, fresh=True)
-    with pytest.raises(AssertionError, match="rebuilt"):  # a different recipe doesn't reuse it
-        lm.prepared_stream(t, lm._mixture(t), 0, TOK, 4, 0, cache.parent / "other.pt", fresh=False)
+    monkeypatch.setattr(lm, "_tokenize", no_tokenizing)
+    for run, fresh in (("a", False), ("a", True), ("b", False)):  # a resume, trainer.resume=false, another run
+        again, again_sources = prepared(t, tmp_path, run=run, fresh=fresh)
+        assert again_sources == sources
+        for i in range(3):
+            assert torch.equal(again(i)["input_ids"], first(i)["input_ids"])
     longer = lm_task(dataset="embedded_math", mix={"embedded_math": 1, "embedded_pg19": 1}, seq_len=64)
-    with pytest.raises(AssertionError, match="rebuilt"):
-        lm.prepared_stream(longer, lm._mixture(longer), 0, TOK, 4, 0, cache, fresh=False)
+    prepared(longer, tmp_path, run="c")  # packed documents: the window length does not change the tokens
+    with pytest.raises(AssertionError, match="tokenized although"):  # kept whole: the shortest kept depends on it
+        prepared(lm_task(dataset="embedded_math", mix={"embedded_math": 1}, seq_len=64, min_doc_tokens=5000),
+                 tmp_path, run="d")
+    monkeypatch.setattr(TOK, "fingerprint", lambda: "another byte tokenizer")
+    with pytest.raises(AssertionError, match="tokenized although"):  # another tokenizer, other tokens
+        prepared(t, tmp_path, run="e")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_corrupt_cache_entry_is_made_again_and_the_run_trains_on_the_same_tokens(tmp_path, caplog):
+    t = lm_task(dataset="embedded_math", seq_len=32)
+    first, _ = prepared(t, tmp_path)
+    (entry,) = (tmp_path / "cache").iterdir()
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a torn file
+    again, _ = prepared(t, tmp_path)  # the resume
+    assert "is not used (it is unreadable" in caplog.text
+    assert torch.equal(again(5)["input_ids"], first(5)["input_ids"])
+    stored = torch.load(entry, weights_only=True)
+    stored["state"]["tokens"][7] += 1  # a flipped token: the file reads, its checksum does not match
+    torch.save(stored, entry)
+    caplog.clear()
+    again, _ = prepared(t, tmp_path, run="other")
+    assert "is not used (its tokens do not match their SHA-256)" in caplog.text
+    assert torch.equal(again(5)["input_ids"], first(5)["input_ids"])
+
+
+def test_a_resume_whose_tokens_can_not_be_made_again_stops_in_one_line(tmp_path, monkeypatch):
+    """The cache was cleared, and the documents changed since: the run does not go on with other tokens."""
+    t = lm_task(dataset="embedded_math", seq_len=32)
+    prepared(t, tmp_path)
+    for entry in (tmp_path / "cache").iterdir():
+        entry.unlink()
+    prepared(t, tmp_path)  # the same documents: tokenized again, the same SHA-256, the run goes on
+    for entry in (tmp_path / "cache").iterdir():
+        entry.unlink()
+    edited = (Document("hardy", data.embedded_documents("embedded_math", "train")[0].text + " and more"),)
+    monkeypatch.setattr(lm, "load_documents", lambda *args, **kwargs: edited)
+    with pytest.raises(ConfigError, match=r"^trainer\.resume: the training tokens of embedded_math are not in the "
+                                          r"token cache, and tokenized again they differ .*trainer\.resume=false"):
+        prepared(t, tmp_path)
+    prepared(t, tmp_path, fresh=True)  # starting over takes the documents as they are now
+
+
+def test_cache_entries_written_at_once_by_several_writers_stay_whole(tmp_path):
+    import threading
+
+    cache = TokenCache(tmp_path)
+    state = TokenStream(data.embedded_documents("embedded_math", "train"), TOK, 32, 1, 0).state()
+    key = {"dataset": "embedded_math", "test": 1}
+    errors = []
+
+    def write():
+        try:
+            for _ in range(5):
+                cache.save(key, state)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    writers = [threading.Thread(target=write) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors and [p.name for p in tmp_path.iterdir()] == [cache.path(key).name]  # no temporary file left
+    assert cache.load(key).sha256 == state_digest(state)
+    assert cache.load({**key, "test": 2}) is None

@@ -105,6 +105,7 @@ def data_prep_checks(out: Path, info: DistInfo) -> None:
     """Rank 0 alone prepares data while rank 1 waits; an error there stops both; both train on one token file."""
     from omegaconf import OmegaConf
 
+    from infini_bench.token_cache import TokenCache
     from tasks.lm import prepared_stream
 
     result = main_first(lambda: (out / f"built_by_rank{info.rank}").write_text("") or "done")
@@ -114,7 +115,8 @@ def data_prep_checks(out: Path, info: DistInfo) -> None:
     except ZeroDivisionError:
         raised = True
     t = OmegaConf.create({"dataset": "embedded_math", "seq_len": 32, "max_train_docs": 1, "fallback_offline": True})
-    stream, _ = prepared_stream(t, {"embedded_math": 1.0}, 0, ByteTokenizer(), 4, 0, out / "tokens.pt", fresh=False)
+    stream, _ = prepared_stream(t, {"embedded_math": 1.0}, 0, ByteTokenizer(), 4, 0, TokenCache(out / "cache"),
+                                out / "train_tokens.json", fresh=False)
     torch.save({"result": result, "raised": raised, "batch": stream(3)["input_ids"]}, out / f"prep{info.rank}.pt")
 
 
@@ -217,6 +219,8 @@ def test_rank0_prepares_data_and_both_ranks_read_it(two_ranks):
     assert [r["result"] for r in ranks] == ["done", None]  # rank 1 waited and got no result of its own
     assert (out / "built_by_rank0").exists() and not (out / "built_by_rank1").exists()
     assert all(r["raised"] for r in ranks)  # rank 0's error reached rank 1 instead of leaving it waiting
+    (entry,) = (out / "cache").iterdir()  # one copy of the tokens, named by the run's record
+    assert json.loads((out / "train_tokens.json").read_text())["streams"]["embedded_math"]["file"] == str(entry)
     expected = TokenStream(embedded_documents("embedded_math", "train"), ByteTokenizer(), 32, 4, seed=0)(3)
     for r in ranks:
         assert torch.equal(r["batch"], expected["input_ids"])

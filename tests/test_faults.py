@@ -381,17 +381,20 @@ def test_output_files_follow_the_umask(tmp_path):
             assert (out / name).stat().st_mode & 0o777 == mode, (name, oct(mask))
 
 
-def test_corrupt_token_cache_names_trainer_resume(tmp_path):
+def test_a_corrupt_token_record_names_trainer_resume(tmp_path):
     from hydra import compose, initialize_config_dir
 
+    from infini_bench.token_cache import TokenCache
     from tasks.lm import prepared_stream
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["task=lm"])
-    cache = tmp_path / "train_tokens.pt"
-    cache.write_bytes(b"not a tensor file")
-    with pytest.raises(ConfigError, match=r"^trainer\.resume: .*train_tokens\.pt is corrupt .*trainer\.resume=false"):
-        prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, fresh=False)
+    record = tmp_path / "run" / "train_tokens.json"
+    record.parent.mkdir()
+    record.write_text('{"recipe": {"mix": ')  # torn
+    with pytest.raises(ConfigError, match=r"^trainer\.resume: .*train_tokens\.json is corrupt .*trainer\.resume=false"):
+        prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, TokenCache(tmp_path / "cache"),
+                        record, fresh=False)
 
 
 def test_a_rerun_after_a_crash_before_results_logs_no_row_twice(tmp_path):
@@ -438,23 +441,43 @@ def test_sigterm_after_training_says_how_to_resume(tmp_path, point):
 
 
 
+def test_lm_runs_keep_one_copy_of_their_tokens_in_the_shared_cache(tmp_path):
+    """Two runs of the same data and tokenizer: one cache entry, written once; each run folder keeps only the
+    record naming it."""
+    env = {**ENV, "INFINI_BENCH_CACHE": str(tmp_path / "cache")}
+    assert cli(*TINY_LM, out=tmp_path / "a", env=env).returncode == 0
+    (entry,) = (tmp_path / "cache" / "tokens").iterdir()
+    written = entry.stat().st_mtime_ns
+    proc = cli(*TINY_LM, "memory=none", out=tmp_path / "b", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == [entry] and entry.stat().st_mtime_ns == written
+    for run in "ab":
+        assert not (tmp_path / run / "train_tokens.pt").exists()
+        record = json.loads((tmp_path / run / "train_tokens.json").read_text())
+        assert record["streams"]["embedded_pg19"]["file"] == str(entry)
+    assert "read from the token cache" in (tmp_path / "b" / "run.log").read_text()
+
+
 def test_a_full_disk_while_caching_the_tokens_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     import tasks.lm as lm
     from infini_bench.errors import ResourceError
+    from infini_bench.token_cache import TokenCache
 
     def full_disk(obj, path):
         Path(path).write_bytes(b"half a file")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 0: No space left")
 
-    monkeypatch.setattr(lm.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["task=lm", "task.seq_len=64"])
-    cache = tmp_path / "train_tokens.pt"
-    with pytest.raises(ResourceError, match=r"train_tokens\.pt could not be written .*No space left.*free disk"):
-        lm.prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, fresh=True)
-    assert list(tmp_path.iterdir()) == []  # neither the cache nor its .tmp
+    cache, record = TokenCache(tmp_path / "cache"), tmp_path / "run" / "train_tokens.json"
+    with pytest.raises(ResourceError, match=r"cache/embedded_pg19-\w+\.pt could not be written .*No space left.*"
+                                            r"free disk space there or point cache_dir at another folder"):
+        lm.prepared_stream(cfg.task, {"embedded_pg19": 1.0}, 0, ByteTokenizer(), 2, 0, cache, record, fresh=True)
+    assert list(cache.root.iterdir()) == []  # neither the entry nor its temporary file
+    assert not record.exists()  # and no record naming an entry that is not there
 
 
 def test_results_say_which_code_versions_and_device_made_them(tmp_path, monkeypatch):

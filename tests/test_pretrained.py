@@ -283,3 +283,19 @@ def test_every_memory_converts_from_a_checkpoint(llama_gqa, memory):
         converted, _ = load_pretrained(str(path), segment_len=16, memory=memory)
         with torch.no_grad():
             assert memory == "full" or (converted.eval()(x).logits - expected)[:, 16:].abs().max() > 1e-3
+
+
+def test_a_tokenizers_fingerprint_follows_its_definition(tmp_path):
+    """The key of cached tokens: two saves of one tokenizer agree; one id moved, and it changes."""
+    from infini_bench.tokenizer import HFTokenizer
+
+    for name in "ab":
+        save_tokenizer(tmp_path / name)
+    first, same = HFTokenizer(str(tmp_path / "a")), HFTokenizer(str(tmp_path / "b"))
+    assert first.fingerprint() == same.fingerprint() != "byte"
+    spec = json.loads((tmp_path / "b" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    x, y = sorted(vocab)[:2]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(spec))
+    assert HFTokenizer(str(tmp_path / "b")).fingerprint() != first.fingerprint()
