@@ -37,26 +37,19 @@ class Generation(NamedTuple):
 
 
 def new_state(model: InfiniTransformer, batch_size: int = 1) -> DecodeState:
-    """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly)."""
-    if model.stack_memory is not None:
-        return model.stack_memory.new_decode_state(model, batch_size)
-    cfg = model.cfg
+    """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly),
+    after the slots of a stack memory's rows."""
+    cfg, stack = model.cfg, model.stack_memory
     p = model.embed.weight
-    shape = (batch_size, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+    shape = (batch_size, cfg.n_kv_heads, (stack.rows if stack is not None else 0) + cfg.segment_len, cfg.head_dim)
     cache = [LocalCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
                         torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
-    return DecodeState([None] * cfg.n_layers, cache)
+    return DecodeState(None if stack is not None else [None] * cfg.n_layers, cache)
 
 
 def _end_segment(model: InfiniTransformer, state: DecodeState) -> None:
-    """The segment is full: every layer's memory writes it, as the segment-parallel path would."""
-    if model.stack_memory is not None:
-        model.stack_memory.end_decode_segment(model, state)
-    else:
-        # Copies: the next segment overwrites these buffers, and a memory may keep what it is given (full
-        # attention's first write holds its keys as they are).
-        state.states = [block.attn.memory.write(s, c.k.clone(), c.v.clone())
-                        for block, s, c in zip(model.layers, state.states, state.cache)]
+    """The segment is full: the memory takes it in (model.end_segment) and the cache starts over."""
+    state.states = model.end_segment(state.states, state.cache)
     state.pos = 0
 
 

@@ -13,8 +13,10 @@ A memory is what a layer's attention sees beyond the current segment. Per layer 
   class computes it segment by segment from the three methods above, which is also the definition the fast
   paths are tested against.
 
-Memories that change the stack rather than a layer (RMT's memory tokens) set `model_level = True` and are
-driven by the model's segment loop (see `infini_bench.model`).
+Memories that change the stack rather than a layer (RMT's memory tokens) meet a second, smaller contract,
+`StackMemory`: the model asks it to wrap each segment's input in rows of its own and to take its state out of
+the stack's output. Such a memory names its `StackMemory` in `stack`; its per-layer part is then an ordinary
+`Memory` that carries nothing and attends among the rows it is given.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class Memory(nn.Module):
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}  # accepted memory_args and their defaults
     gated: ClassVar[bool] = False  # read() is mixed in by a per-head gate (Eq. 10)
-    model_level: ClassVar[bool] = False  # changes the stack, not the layer (RMT)
+    stack: ClassVar[type[StackMemory] | None] = None  # the stack-level part, for a memory that changes the stack
     capturable: ClassVar[bool] = True  # fixed-shape state: decoding can be captured as a CUDA graph
     compilable: ClassVar[bool] = True  # its blocks trace under torch.compile (tests/test_compile.py holds it)
     whole_sequence: ClassVar[bool] = False  # ignores segment_len (full attention)
@@ -119,11 +121,6 @@ class Memory(nn.Module):
         """The position encoding of this layer's local attention: RoPE, unless the memory's layer has none."""
         return rotary
 
-    @classmethod
-    def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
-        """For model-level memories: the module that runs the model's segment loop (see model.hidden)."""
-        raise NotImplementedError
-
     # ---- the whole-sequence forward --------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any, rotary,
                 kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
@@ -152,6 +149,52 @@ class Memory(nn.Module):
         no arithmetic of its own. A memory that computes more says so here, so its benchmark rows count it."""
         n = t if cls.whole_sequence else cfg.segment_len
         return Work(sum(causal_pairs(s) for _, s in segment_spans(t, n)), t)
+
+
+class StackMemory(nn.Module):
+    """A memory that changes the stack rather than a layer: it adds rows to every segment, runs them through every
+    block with the text, and reads what it carries from the stack's output at those rows. The model calls it and
+    runs the blocks; it never touches the model. Its state is one tensor, `None` at a document start.
+
+    In training and streaming, each segment's embedded text goes through `wrap`, the blocks (whose per-layer
+    memory attends among the rows as the memory wants) and the final norm, then `unwrap`. While decoding, the
+    `rows` rows of `memory_rows` fill the first slots of every layer's cache before the segment's text (seeing each
+    other as `rows_visible` says), and once the segment is full they run again over the whole cache: their
+    final-norm output is the next state."""
+
+    rows: int = 0  # rows before the text, in a wrapped segment and in every layer's decoding cache
+    recompute: bool = False  # training recomputes each segment in the backward pass
+
+    def __init__(self, cfg, args: dict[str, Any]):
+        super().__init__()
+        self.cfg, self.args = cfg, args
+
+    def start(self, batch: int) -> Tensor:
+        """The state at a document start."""
+        raise NotImplementedError
+
+    def wrap(self, x: Tensor, state: Tensor) -> Tensor:
+        """A segment's embedded text x (B, L, dim) -> the rows the stack runs for it (B, L', dim)."""
+        raise NotImplementedError
+
+    def unwrap(self, h: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """The final-norm output over the wrapped rows -> the `length` text outputs and the next state."""
+        raise NotImplementedError
+
+    def carry(self, index: int, state: Tensor) -> Tensor:
+        """The state segment `index` of a call hands to the next one (truncated BPTT detaches it here)."""
+        return state
+
+    def memory_rows(self, state: Tensor | None, batch: int) -> Tensor:
+        """The rows a decoded segment starts and ends with (B, rows, dim)."""
+        raise NotImplementedError
+
+    def rows_visible(self, device: torch.device) -> Tensor:
+        """(rows, rows) bool: which of `memory_rows` each of them sees while decoding."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise its parameters; also called after loading a pretrained model."""
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None, pos: int | Tensor = 0,
