@@ -17,7 +17,7 @@ import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 from infini_bench.paper import length_label  # noqa: E402
-from infini_bench.tracking import follow_umask  # noqa: E402
+from infini_bench.files import follow_umask  # noqa: E402
 
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head",

@@ -25,7 +25,8 @@ from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
-from infini_bench.tracking import atomic_write_text, read_metrics
+from infini_bench.files import atomic_write_text
+from infini_bench.tracking import read_metrics
 
 DEPTHS = ("start", "middle", "end")
 HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}

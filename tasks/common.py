@@ -14,7 +14,7 @@ from infini_bench.errors import ConfigError, check_choice, check_finite
 from infini_bench.faults import fault
 from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
-from infini_bench.tracking import follow_umask
+from infini_bench.files import follow_umask
 from infini_bench.train import TrainConfig
 
 log = logging.getLogger(__name__)
