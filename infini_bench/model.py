@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from infini_bench.attention import Context, local_attention, mix
 from infini_bench.errors import ConfigError, check_choice
-from infini_bench.memories import Context, Footprint, memory_class, resolve_args
-from infini_bench.memories.base import local_attention, mix
+from infini_bench.memories import Footprint, memory_class, resolve_args
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infini_bench.generate import decode_step, prefill
-from infini_bench.memories.base import local_attention
+from infini_bench.attention import local_attention
 from infini_bench.memories.rmt import rows_attention, segment_mask
 from infini_bench.model import build_model
 

@@ -13,6 +13,8 @@ A memory is what a layer's attention sees beyond the current segment. Per layer 
   class computes it segment by segment from the three methods above, which is also the definition the fast
   paths are tested against.
 
+The attention they plug into (local attention with a context, the gate's mix) is `infini_bench.attention`.
+
 Memories that change the stack rather than a layer (RMT's memory tokens) meet a second, smaller contract,
 `StackMemory`: the model asks it to wrap each segment's input in rows of its own and to take its state out of
 the stack's output. Such a memory names its `StackMemory` in `stack`; its per-layer part is then an ordinary
@@ -23,19 +25,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from infini_bench.attention import Context, local_attention, mix
 from infini_bench.errors import ConfigError, check_choice
-
-
-class Context(NamedTuple):
-    """Keys and values before the segment: k (B, H_kv, M, D) un-rotated, v (B, H_kv, M, D_v), valid (B, M)."""
-
-    k: Tensor
-    v: Tensor
-    valid: Tensor
 
 
 class Footprint(NamedTuple):
@@ -195,60 +188,6 @@ class StackMemory(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialise its parameters; also called after loading a pretrained model."""
-
-
-def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None, pos: int | Tensor = 0,
-                    visible: Tensor | None = None) -> Tensor:
-    """Causal softmax attention of L queries at segment positions pos .. pos+L-1 over the context and keys.
-
-    q (B, H, L, D), k and v (B, H_kv, S, D) with S >= pos + L (the segment's keys so far, or a preallocated
-    cache), un-rotated. The context sits at positions 0 .. M-1, the segment at M onwards. `visible` (L, S)
-    overrides the causal mask over the segment's keys (RMT's memory rows). Returns (B, H, L, D_v)."""
-    m = 0 if ctx is None else ctx.k.shape[2]
-    length, s = q.shape[2], k.shape[2]
-    qr, kr = rotary(q, offset=pos + m), rotary(k, offset=m)
-    if visible is None:
-        rows = torch.arange(length, device=q.device)[:, None] + pos
-        visible = torch.arange(s, device=q.device)[None, :] <= rows  # (L, S): causal within the segment
-    if ctx is None:
-        keys, values, mask = kr, v, visible
-    else:
-        keys = torch.cat([rotary(ctx.k, offset=0), kr], dim=2)  # (B, H_kv, M + S, D)
-        values = torch.cat([ctx.v.to(v.dtype), v], dim=2)
-        b = q.shape[0]
-        mask = torch.cat([ctx.valid[:, None, None, :].expand(b, 1, length, m),
-                          visible.expand(b, 1, length, s)], dim=-1)  # (B, 1, L, M + S)
-    return F.scaled_dot_product_attention(qr, keys, values.to(qr.dtype), attn_mask=mask,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
-_LOWER_RIGHT: dict[tuple[int, int], CausalBias] = {}
-
-
-def lower_right(queries: int, keys: int) -> CausalBias:
-    """The causal bias aligned bottom-right for `queries` rows over `keys` keys (row i sees keys j <= keys -
-    queries + i), which SDPA runs with a flash kernel. One object per shape, kept: building a CausalBias inside
-    a compiled region breaks the graph, so a memory asks for its shapes once outside it (at construction, or
-    in an uncompiled loop) and the compiled code only looks them up."""
-    bias = _LOWER_RIGHT.get((queries, keys))
-    if bias is None:
-        bias = _LOWER_RIGHT[(queries, keys)] = causal_lower_right(queries, keys)
-    return bias
-
-
-def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None, empty_read: str = "local") -> Tensor:
-    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head. Where nothing was read (no state, or
-    an empty one), `empty_read` decides: zero reads A_mem = 0, so (1 - sigmoid(beta)) A_local; local keeps
-    A_local unscaled (attention.EMPTY_READS)."""
-    if gate is None:
-        return local
-    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
-    empty = (1.0 - g) * local.float() if empty_read == "zero" else local.float()
-    if read is None:
-        return empty.to(local.dtype)
-    a_mem, has = read
-    mixed = g * a_mem + (1.0 - g) * local.float()
-    return torch.where(has, mixed, empty).to(local.dtype)
 
 
 def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any,

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from infini_bench.attention import lower_right
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import (Footprint, Memory, StackMemory, Work, causal_pairs, lower_right, register_memory,
+from infini_bench.memories.base import (Footprint, Memory, StackMemory, Work, causal_pairs, register_memory,
                                         segment_spans)
 
 
