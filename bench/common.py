@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable
@@ -23,12 +22,6 @@ GIB = 2**30
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU, as the paper's runs; fp32 on a CPU, where bf16 matrix products are emulated and slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def autocast(device: torch.device):
-    """Mixed precision for training: bf16 autocast over fp32 parameters on a GPU, plain fp32 on a CPU."""
-    dtype = compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def registered_memories() -> tuple[str, ...]:
