@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Sizes
-from infini_bench.model import FLAVOURS, InfiniTransformer
+from infini_bench.model import FLAVOURS, SegmentTransformer
 from infini_bench.train import autocast
 
 
@@ -38,7 +38,7 @@ def main() -> None:
                   memory_args=sizes.memory_args.get(args.memory))
     torch.manual_seed(0)
     with torch.device(device):
-        model = InfiniTransformer(cfg)
+        model = SegmentTransformer(cfg)
     if args.compile:
         model.compile_blocks()
     model.train()

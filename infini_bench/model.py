@@ -2,9 +2,10 @@
 
 RMSNorm, RoPE on the local attention only, SwiGLU, GQA, optional tied embeddings. Sizes are named flavours
 in `FLAVOURS`; the memory is a registered component (`infini_bench.memories`). The forward pass takes and
-returns one memory state per layer, so a sequence of any length can be fed whole (segment-parallel, for
-training) or a segment at a time (streaming); with a `cache` it continues a partial segment token by token
-(decoding, `infini_bench.generate`). The block is defined once, here, for all three.
+returns one memory state per layer (or one state for a memory that changes the stack, RMT's), so a sequence
+of any length can be fed whole (segment-parallel, for training) or a segment at a time (streaming); with a
+`cache` it continues a partial segment token by token (decoding, `infini_bench.generate`). The block is
+defined once, here, for all three.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class ModelConfig:
         return self.n_layers * block + emb + self.dim
 
 
-RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see InfiniTransformer.prepare_compile)
+RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see SegmentTransformer.prepare_compile)
 
 FLAVOURS: dict[str, ModelConfig] = {
     # Runs in seconds on a CPU; byte-level vocabulary.
@@ -161,7 +162,7 @@ class Rotary(nn.Module):
             at = offset + torch.arange(length, device=x.device)
             cos, sin = cos.index_select(0, at).to(x.dtype), sin.index_select(0, at).to(x.dtype)
         else:
-            # Compiled blocks only read the table, which InfiniTransformer.fill_rotary grew outside them:
+            # Compiled blocks only read the table, which SegmentTransformer.fill_rotary grew outside them:
             # checking its length here would specialise the graph on it, and every growth would recompile.
             cos, sin = (self._cache[2], self._cache[3]) if torch.compiler.is_compiling() else \
                 self._cos_sin(offset + length, x.device)
@@ -294,7 +295,10 @@ class ModelOutput(NamedTuple):
     states: list  # one memory state per layer (None: nothing carried yet)
 
 
-class InfiniTransformer(nn.Module):
+class SegmentTransformer(nn.Module):
+    """The decoder, whatever its memory: Infini-attention, a baseline, or none (cfg.memory). It runs in segments of
+    cfg.segment_len tokens; each layer's memory, or a stack memory, carries what crosses them."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -308,7 +312,7 @@ class InfiniTransformer(nn.Module):
         stack = memory_class(cfg.memory).stack
         # A memory that changes the stack (RMT's memory tokens): the segment loop asks it for each segment's rows.
         self.stack_memory = stack(cfg, resolve_args(cfg.memory, cfg.memory_args)) if stack is not None else None
-        self._segment = InfiniTransformer.stack_segment  # or its compiled version (compile_blocks)
+        self._segment = SegmentTransformer.stack_segment  # or its compiled version (compile_blocks)
         self.apply(self._init_weights)
         self.init_memory_parameters()
 
@@ -361,7 +365,7 @@ class InfiniTransformer(nn.Module):
         if getattr(self, "_blocks_compiled", False) or not self.prepare_compile():
             return
         if self.stack_memory is not None:
-            self._segment = torch.compile(InfiniTransformer.stack_segment, **options)
+            self._segment = torch.compile(SegmentTransformer.stack_segment, **options)
         else:
             for block in self.layers:
                 block.compile(**options)
@@ -504,9 +508,9 @@ class InfiniTransformer(nn.Module):
         return ModelOutput(torch.cat(logits, dim=1), states)
 
 
-def build_model(flavour: str | ModelConfig, **overrides) -> InfiniTransformer:
+def build_model(flavour: str | ModelConfig, **overrides) -> SegmentTransformer:
     """A randomly initialised model of a named flavour, with config fields overridden."""
     if isinstance(flavour, str):
         check_choice("model.flavour", flavour, list(FLAVOURS))
         flavour = FLAVOURS[flavour]
-    return InfiniTransformer(replace(flavour, **overrides))
+    return SegmentTransformer(replace(flavour, **overrides))

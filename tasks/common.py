@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice, check_finite
 from infini_bench.faults import fault
-from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
+from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.files import follow_umask
 from infini_bench.train import TrainConfig
@@ -65,7 +65,7 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
+def build_model_and_tokenizer(cfg: DictConfig) -> tuple[SegmentTransformer, object]:
     """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
     with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
     if cfg.task.get("setting") is not None and is_main_process():  # every task starts here: say what applies
@@ -82,17 +82,17 @@ def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, objec
     return model, tokenizer
 
 
-def _random_model(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
+def _random_model(cfg: DictConfig) -> tuple[SegmentTransformer, object]:
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     except (OSError, ValueError) as err:
         raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer!r} could not be loaded "
                           f"({str(err).splitlines()[0][:120]}); use byte or a local tokenizer directory") from None
     torch.manual_seed(cfg.seed)
-    return InfiniTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
+    return SegmentTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
 
 
-def load_weights(model: InfiniTransformer, path: str) -> None:
+def load_weights(model: SegmentTransformer, path: str) -> None:
     """Weights from the model.safetensors an earlier run exported (a path, or relative to the repository)."""
     from safetensors.torch import load_model
 
@@ -110,7 +110,7 @@ def load_weights(model: InfiniTransformer, path: str) -> None:
                           f"({str(err).splitlines()[0][:160]})") from None
 
 
-def export_weights(model: InfiniTransformer, run) -> Path:
+def export_weights(model: SegmentTransformer, run) -> Path:
     """The trained weights as <run>/model.safetensors (fp32, gathered from every rank under FSDP), written
     atomically by rank 0, for model.init_from. A collective under torchrun: every rank calls it."""
     from safetensors.torch import save_file
@@ -176,7 +176,7 @@ def checkpoint_dir(run) -> Path:
     return Path(run.out_dir) / "checkpoints"
 
 
-def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, float]:
+def log_gates(model: SegmentTransformer, run, step: int | None) -> dict[str, float]:
     """sigmoid(beta) per layer and head (paper Figure 3) as numbers and a heatmap image."""
     from infini_bench.plots import gate_heatmap
 
