@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable
@@ -16,7 +15,6 @@ from infini_bench.model import FLAVOURS, ModelConfig
 
 SECTIONS = ("train", "prefill", "decode")
 PEER = "lucidrains"  # the public infini-transformer-pytorch: a training row, not a registered memory
-ORDER = ("none", "linear", "delta", "full", "txl", "memorizing", "rmt")  # rows in this order, then the rest
 DATASHEET = {"device": "H200 SXM", "bf16_tflops": 989.0, "hbm_tb_s": 4.8}  # dense bf16, HBM3e (vendor)
 GIB = 2**30
 
@@ -26,16 +24,9 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def autocast(device: torch.device):
-    """Mixed precision for training: bf16 autocast over fp32 parameters on a GPU, plain fp32 on a CPU."""
-    dtype = compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def registered_memories() -> tuple[str, ...]:
-    """Every registered memory, in table order: a newly registered one gets its rows without a change here."""
-    names = memory_names()
-    return tuple([m for m in ORDER if m in names] + [m for m in names if m not in ORDER])
+    """Every registered memory, in the registry's order: a newly registered one gets its rows without a change here."""
+    return tuple(memory_names())
 
 
 def streaming_memories() -> tuple[str, ...]:

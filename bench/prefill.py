@@ -12,11 +12,11 @@ from torch import Tensor
 from bench.common import (Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms, free_memory,
                           memory_args_used, time_ms)
 from bench.flops import linear_params, prefill_bytes, prefill_flops
-from infini_bench.model import FLAVOURS, InfiniTransformer, build_model
+from infini_bench.model import FLAVOURS, SegmentTransformer, build_model
 from infini_bench.paper import length_label
 
 @torch.inference_mode()
-def _stream(model: InfiniTransformer, ids: Tensor) -> Tensor:
+def _stream(model: SegmentTransformer, ids: Tensor) -> Tensor:
     """The model's own segment-streaming forward, keeping only the last logits (constant memory)."""
     out = None
     for out in model.segments(ids, last_only=True):
@@ -25,7 +25,7 @@ def _stream(model: InfiniTransformer, ids: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _whole(model: InfiniTransformer, ids: Tensor) -> Tensor:
+def _whole(model: SegmentTransformer, ids: Tensor) -> Tensor:
     """One forward over the whole prompt (plain full attention when segment_len >= its length)."""
     return model(ids, last_only=True).logits
 
@@ -39,7 +39,7 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
 
-    def measure(name: str, model: InfiniTransformer, fn: Callable[[Tensor], Tensor], t: int, reps: int) -> None:
+    def measure(name: str, model: SegmentTransformer, fn: Callable[[Tensor], Tensor], t: int, reps: int) -> None:
         free_memory(device)
         ids = torch.randint(0, base.vocab_size, (1, t), device=device, generator=g)
         mem.reset()
@@ -59,8 +59,8 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
                      "mfu": flops / s / (ceilings["matmul_tflops"] * 1e12), "peak_gib": peak,
                      "above_weights_gib": None if peak is None else peak - before, "reps": reps})
 
-    def build(name: str, lengths: tuple[int, ...], warm: Callable[[InfiniTransformer], Tensor],
-              **overrides) -> InfiniTransformer | None:
+    def build(name: str, lengths: tuple[int, ...], warm: Callable[[SegmentTransformer], Tensor],
+              **overrides) -> SegmentTransformer | None:
         """The model of one row (`base` with `overrides`), built and warmed up; a failure becomes an error row
         at every length."""
         free_memory(device)
@@ -101,7 +101,7 @@ def bench_prefill(device: torch.device, sizes: Sizes, ceilings: dict, compile_bl
                        "kv_heads": base.n_kv_heads, "ffn": base.ffn_dim, "vocab": base.vocab_size,
                        "precision": f"model.to({str(dtype).removeprefix('torch.')}), memory state fp32, "
                                     "torch.inference_mode",
-                       "stream": "InfiniTransformer.segments(ids, last_only=True): one segment at a time",
+                       "stream": "SegmentTransformer.segments(ids, last_only=True): one segment at a time",
                        "full": "memory none, segment_len >= prompt: one causal SDPA (flash) per layer",
                        "memory_args": memory_args_used(names, sizes)},
             "flop_formula": "2 (P - P_head) R + 2 P_head S + 4 d H L pairs + memory + kNN selection (forward "

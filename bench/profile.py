@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import Sizes, autocast
-from infini_bench.model import FLAVOURS, InfiniTransformer
+from bench.common import Sizes
+from infini_bench.model import FLAVOURS, SegmentTransformer
+from infini_bench.train import autocast
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
                   memory_args=sizes.memory_args.get(args.memory))
     torch.manual_seed(0)
     with torch.device(device):
-        model = InfiniTransformer(cfg)
+        model = SegmentTransformer(cfg)
     if args.compile:
         model.compile_blocks()
     model.train()
@@ -45,7 +46,7 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, sizes.train_seq + 1), device=device)
 
     def step() -> None:
-        with autocast(device):
+        with autocast(device, "auto"):
             logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[0, 1:])
         loss.backward()

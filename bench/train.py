@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.common import (DATASHEET, PEER, Clock, PeakMemory, Sizes, autocast, compute_dtype, error_text, floor_ms,
+from bench.common import (DATASHEET, PEER, Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms,
                           free_memory, memory_args_used, with_memory)
 from bench.flops import linear_params, train_bytes, train_flops
-from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
+from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
+from infini_bench.train import autocast
 
 def lucidrains_model(cfg: ModelConfig, seq: int, n: int) -> tuple[nn.Module, Callable[[Tensor], Tensor], str]:
     """The public infini-transformer-pytorch (PyPI 0.2.1) at our shapes, trained through its own wrapper.
@@ -38,7 +39,7 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
     t, n = sizes.train_seq, sizes.train_segment
     memory = name.removesuffix("+compile")
     clock, mem = Clock(device), PeakMemory(device)
-    amp = autocast(device)
+    amp = autocast(device, "auto")  # bf16 on a GPU, fp32 on a CPU (compute_dtype)
     fused = device.type == "cuda"
     mem.reset()
     g = torch.Generator(device=device).manual_seed(0)
@@ -59,7 +60,7 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
     else:
         cfg = with_memory(base, memory, sizes)
         with torch.device(device):
-            model = InfiniTransformer(cfg)
+            model = SegmentTransformer(cfg)
         if name.endswith("+compile"):  # regional compilation, as trainer.compile=true
             model.compile_blocks()
             note = "torch.compile per segment (all blocks)" if model.stack_memory is not None else \

@@ -1,5 +1,5 @@
 """infini-bench: Infini-attention models, training and evaluation (importable without Hydra)."""
-from infini_bench.attention import MemoryState, infini_attention
-from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig, build_model
+from infini_bench.compressive import MemoryState, infini_attention
+from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer, build_model
 
-__all__ = ["FLAVOURS", "InfiniTransformer", "MemoryState", "ModelConfig", "build_model", "infini_attention"]
+__all__ = ["FLAVOURS", "MemoryState", "ModelConfig", "SegmentTransformer", "build_model", "infini_attention"]

@@ -1,19 +1,9 @@
-"""Infini-attention as a pure function (Munkhdalai et al. 2024, arXiv 2404.07143, Eqs. 6-10).
+"""Attention that every model here shares, whatever its memory: causal softmax attention inside a segment
+(Eq. 6 of the Infini-attention paper, arXiv 2404.07143), over all segments at once or over one segment with
+keys and values before it, and the per-head gate that mixes a memory's read into it (Eq. 10).
 
-The sequence is cut into segments of `segment_len` tokens. Inside a segment, queries attend causally to
-keys of the same segment (Eq. 6). Across segments, information flows only through a compressive memory
-(M, z) per kv head, read before it is written (Eq. 7, then Eq. 8 or 9). A learned gate per query head
-mixes the two (Eq. 10).
-
-Two ways to compute the same function live here:
-- the segment-parallel path (`infini_attention`): one SDPA call over all full segments, and for the linear
-  rule an exclusive prefix sum over per-segment memory writes, with no Python loop over segments;
-- the streaming path is simply the same call made on one segment at a time, passing `state` along.
-
-Precision: M and z are fp32 everywhere, also under autocast (bf16 sums overflow or lose small writes over
-long inputs): every write is accumulated into them in fp32. The products that touch every token (sigma(K)^T V,
-sigma(Q) M, the delta rule's sigma(K) M) take their operands in the activations' dtype and accumulate in fp32,
-as every other matrix product of the model does; with fp32 inputs everything is fp32.
+The compressive memory's own math (Eqs. 7-9) is in `infini_bench.compressive`; a memory's contract in
+`infini_bench.memories.base`.
 """
 from __future__ import annotations
 
@@ -22,37 +12,35 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-RULES = ("linear", "delta", "none")
 # What a segment reads from an empty memory (a document's first segment). zero: A_mem = 0, so Eq. 10 gives
 # (1 - sigmoid(beta)) A_dot, the same function of the local output as in every later segment (the paper's M_0 = 0,
 # docs/PAPER_NOTES.md). local: A_dot alone, unscaled (the ablation).
 EMPTY_READS = ("zero", "local")
 
 
-class MemoryState(NamedTuple):
-    """Compressive memory of one layer: M (B, H_kv, D, D_v) and z (B, H_kv, D), always fp32."""
+class Context(NamedTuple):
+    """Keys and values before the segment: k (B, H_kv, M, D) un-rotated, v (B, H_kv, M, D_v), valid (B, M)."""
 
-    M: Tensor
-    z: Tensor
+    k: Tensor
+    v: Tensor
+    valid: Tensor
 
 
 class Rotary(Protocol):
-    def __call__(self, x: Tensor, offset: int = 0) -> Tensor: ...
+    """RoPE's signature (`model.Rotary`): rotate x (..., L, D) as if at positions offset .. offset + L - 1."""
+
+    def __call__(self, x: Tensor, offset: int | Tensor = 0) -> Tensor: ...
 
 
-def sigma(x: Tensor) -> Tensor:
-    """ELU + 1, the memory's non-negative feature map (Eq. 7), in x's dtype (two passes, one allocation)."""
-    return F.elu(x).add_(1.0)  # elu's backward reads its input, so adding in place is safe
-
-
-def _split_segments(x: Tensor, n: int) -> Tensor:
+def split_segments(x: Tensor, n: int) -> Tensor:
     """(B, H, S*N, D) -> (B, H, S, N, D)."""
     b, h, t, d = x.shape
     return x.reshape(b, h, t // n, n, d)
 
 
-def _local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | None) -> Tensor:
+def parallel_local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | None) -> Tensor:
     """Eq. 6: causal softmax attention inside each segment, all segments in one SDPA call.
 
     q (B, H, S*N, D), k (B, H_kv, S*N, D), v (B, H_kv, S*N, D_v) -> (B, H, S*N, D_v).
@@ -61,7 +49,7 @@ def _local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | N
     s = t // n
 
     def fold(x: Tensor) -> Tensor:  # (B, H, S*N, D) -> (B*S, H, N, D): segments become batch items
-        return _split_segments(x, n).transpose(1, 2).reshape(b * s, x.shape[1], n, x.shape[-1])
+        return split_segments(x, n).transpose(1, 2).reshape(b * s, x.shape[1], n, x.shape[-1])
 
     qs, ks, vs = fold(q), fold(k), fold(v)
     if rotary is not None:  # positions restart at 0 in every segment; RoPE is relative, so this is exact
@@ -70,139 +58,55 @@ def _local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | N
     return out.reshape(b, s, h, n, -1).transpose(1, 2).reshape(b, h, t, -1)
 
 
-def _retrieve(sq: Tensor, M: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 7's numerator sigma(q) M and denominator sigma(q) z, query heads grouped onto their kv head.
+def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, ctx: Context | None, pos: int | Tensor = 0,
+                    visible: Tensor | None = None) -> Tensor:
+    """Causal softmax attention of L queries at segment positions pos .. pos+L-1 over the context and keys.
 
-    sq (B, H_kv, G, ..., N, D), M (B, H_kv, G or 1, ..., D, D_v), z (B, H_kv, ..., D), both fp32 ->
-    num (B, H_kv, G, ..., N, D_v) and den (B, H_kv, G, ..., N, 1) in sq's dtype (fp32 accumulation).
-    """
-    num = torch.matmul(sq, M.to(sq.dtype))
-    den = torch.matmul(sq, z.unsqueeze(2).unsqueeze(-1).to(sq.dtype))
-    return num, den
-
-
-def _memory_writes(
-    sk: Tensor, vf: Tensor, rule: str, state: MemoryState | None
-) -> tuple[Tensor, Tensor, MemoryState]:
-    """Memory each of S full segments reads, and the memory after the last one.
-
-    sk (B, H_kv, S, N, D), vf (B, H_kv, S, N, D_v), in the activations' dtype.
-    Returns M_prev (B, H_kv, S, D, D_v), z_prev (B, H_kv, S, D), both fp32, and the new state. Where
-    `state` is None, entry 0 is a placeholder: the first segment has no memory to read.
-    """
-    b, hk, s, n, d = sk.shape
-    dz = sk.sum(dim=3, dtype=torch.float32)  # (B, H_kv, S, D): z update of every segment
-    if rule == "linear":
-        dM = (sk.transpose(-1, -2) @ vf).float()  # Eq. 8, per segment: (B, H_kv, S, D, D_v)
-        # Exclusive prefix sum: segment s reads the memory written by segments < s.
-        M_all = torch.cumsum(dM, dim=2)
-        z_all = torch.cumsum(dz, dim=2)
-        M_prev = torch.cat([torch.zeros_like(dM[:, :, :1]), M_all[:, :, :-1]], dim=2)
-        z_prev = torch.cat([torch.zeros_like(dz[:, :, :1]), z_all[:, :, :-1]], dim=2)
-        if state is not None:
-            M_prev = M_prev + state.M.unsqueeze(2)
-            z_prev = z_prev + state.z.unsqueeze(2)
-        new_state = MemoryState(M_prev[:, :, -1] + dM[:, :, -1], z_prev[:, :, -1] + dz[:, :, -1])
-    else:  # delta: each write depends on the memory it updates, so scan over segments (M in fp32)
-        # z does not depend on M: its exclusive prefix sum, and every segment's denominator sigma(K) z, come
-        # first in one product, leaving three products per segment in the scan (read, correct, write).
-        z_prev = torch.cat([torch.zeros_like(dz[:, :, :1]), torch.cumsum(dz, dim=2)[:, :, :-1]], dim=2)
-        if state is not None:
-            z_prev = z_prev + state.z.unsqueeze(2)
-        den = sk @ z_prev.unsqueeze(-1).to(sk.dtype)  # (B, H_kv, S, N, 1); entry 0 unused without a state
-        M = None if state is None else state.M
-        Ms = []
-        # unbind, not sk[:, :, i]: the backward of S selects would add S full-size gradients
-        for k_i, v_i, den_i in zip(sk.unbind(2), vf.unbind(2), den.unbind(2)):  # (B, H_kv, N, D or D_v or 1)
-            if M is None:  # no memory yet: the retrieval term of Eq. 9 is 0
-                Ms.append(sk.new_zeros(b, hk, d, vf.shape[-1], dtype=torch.float32))  # placeholder, never read
-                M = (k_i.transpose(-1, -2) @ v_i).float()
-            else:
-                Ms.append(M)
-                new = torch.addcdiv(v_i, k_i @ M.to(k_i.dtype), den_i, value=-1.0)  # V - what the memory holds
-                M = M + (k_i.transpose(-1, -2) @ new).float()  # Eq. 9
-        M_prev = torch.stack(Ms, dim=2)
-        new_state = MemoryState(M, z_prev[:, :, -1] + dz[:, :, -1])
-    return M_prev, z_prev, new_state
+    q (B, H, L, D), k and v (B, H_kv, S, D) with S >= pos + L (the segment's keys so far, or a preallocated
+    cache), un-rotated. The context sits at positions 0 .. M-1, the segment at M onwards. `visible` (L, S)
+    overrides the causal mask over the segment's keys (RMT's memory rows). Returns (B, H, L, D_v)."""
+    m = 0 if ctx is None else ctx.k.shape[2]
+    length, s = q.shape[2], k.shape[2]
+    qr, kr = rotary(q, offset=pos + m), rotary(k, offset=m)
+    if visible is None:
+        rows = torch.arange(length, device=q.device)[:, None] + pos
+        visible = torch.arange(s, device=q.device)[None, :] <= rows  # (L, S): causal within the segment
+    if ctx is None:
+        keys, values, mask = kr, v, visible
+    else:
+        keys = torch.cat([rotary(ctx.k, offset=0), kr], dim=2)  # (B, H_kv, M + S, D)
+        values = torch.cat([ctx.v.to(v.dtype), v], dim=2)
+        b = q.shape[0]
+        mask = torch.cat([ctx.valid[:, None, None, :].expand(b, 1, length, m),
+                          visible.expand(b, 1, length, s)], dim=-1)  # (B, 1, L, M + S)
+    return F.scaled_dot_product_attention(qr, keys, values.to(qr.dtype), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
-def memory_read(q: Tensor, state: MemoryState) -> Tensor:
-    """Eq. 7 for any number of query positions: q (B, H, L, D), un-rotated -> A_mem (B, H, L, D_v), fp32."""
-    b, h, length, d = q.shape
-    hk = state.M.shape[1]
-    sq = sigma(q).reshape(b, hk, h // hk, length, d)
-    num, den = _retrieve(sq, state.M.unsqueeze(2), state.z)
-    return (num.float() / den.float()).reshape(b, h, length, -1)
+_LOWER_RIGHT: dict[tuple[int, int], CausalBias] = {}
 
 
-def memory_write(k: Tensor, v: Tensor, rule: str, state: MemoryState | None) -> MemoryState:
-    """Eq. 8 or 9 for one segment: k (B, H_kv, L, D), v (B, H_kv, L, D_v), L <= segment_len."""
-    _, _, new_state = _memory_writes(sigma(k).unsqueeze(2), v.unsqueeze(2), rule, state)
-    return new_state
+def lower_right(queries: int, keys: int) -> CausalBias:
+    """The causal bias aligned bottom-right for `queries` rows over `keys` keys (row i sees keys j <= keys -
+    queries + i), which SDPA runs with a flash kernel. One object per shape, kept: building a CausalBias inside
+    a compiled region breaks the graph, so a memory asks for its shapes once outside it (at construction, or
+    in an uncompiled loop) and the compiled code only looks them up."""
+    bias = _LOWER_RIGHT.get((queries, keys))
+    if bias is None:
+        bias = _LOWER_RIGHT[(queries, keys)] = causal_lower_right(queries, keys)
+    return bias
 
 
-def infini_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    *,
-    segment_len: int,
-    rule: str = "linear",
-    state: MemoryState | None = None,
-    rotary: Rotary | None = None,
-    empty_read: str = "zero",
-) -> tuple[Tensor, MemoryState | None]:
-    """Infini-attention over a whole sequence, starting from `state` (None: no memory yet).
-
-    q (B, H, T, D), k (B, H_kv, T, D), v (B, H_kv, T, D_v), beta (H,) raw gate logits; `empty_read` is what
-    the first segment reads when there is no state (EMPTY_READS).
-    Returns out (B, H, T, D_v) in q's dtype and the memory after the last token (None for rule 'none').
-    """
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is not one of {', '.join(RULES)}")
-    if empty_read not in EMPTY_READS:
-        raise ValueError(f"empty_read={empty_read!r} is not one of {', '.join(EMPTY_READS)}")
-    if segment_len <= 0:
-        raise ValueError(f"segment_len={segment_len} must be > 0")
-    b, h, t, d = q.shape
-    hk = k.shape[1]
-    if h % hk:
-        raise ValueError(f"{h} query heads are not a multiple of {hk} kv heads")
-    n = min(segment_len, t)
-    t_full = (t // n) * n
-    if t_full < t:  # a shorter last segment: full segments in parallel, then the tail carries their state
-        head, state = infini_attention(
-            q[:, :, :t_full], k[:, :, :t_full], v[:, :, :t_full], beta, segment_len=n, rule=rule,
-            state=state, rotary=rotary, empty_read=empty_read,
-        )
-        tail, state = infini_attention(
-            q[:, :, t_full:], k[:, :, t_full:], v[:, :, t_full:], beta, segment_len=n, rule=rule,
-            state=state, rotary=rotary, empty_read=empty_read,
-        )
-        return torch.cat([head, tail], dim=2), state
-
-    a_dot = _local_attention(q, k, v, n, rotary)  # (B, H, T, D_v)
-    if rule == "none":
-        return a_dot, None
-
-    s, g, dv = t // n, h // hk, v.shape[-1]
-    M_prev, z_prev, new_state = _memory_writes(_split_segments(sigma(k), n), _split_segments(v, n), rule, state)
-    # Segments with memory to read: all of them, or all but the first at the start of a document.
-    first = 0 if state is not None else 1
-    head = a_dot[:, :, : first * n]  # the first segment of a document: A_mem = 0 (or, ablation, A_dot alone)
-    if first and empty_read == "zero":
-        head = (head * (1.0 - torch.sigmoid(beta.float())).view(1, h, 1, 1)).to(a_dot.dtype)
-    if s == first:
-        return head.to(q.dtype), new_state
-    sq = _split_segments(sigma(q[:, :, first * n:]), n).reshape(b, hk, g, s - first, n, d)  # un-rotated q
-    # Eq. 10 with Eq. 7 inside: sigmoid(beta) A_mem = sigma(q) (sigmoid(beta) M) / (sigma(q) z), so the gate
-    # scales the small memories, not the T x D_v retrievals; the mix is then one fused addcdiv.
-    gate = torch.sigmoid(beta.float()).view(1, hk, g, 1, 1, 1)
-    num, den = _retrieve(sq, M_prev[:, :, first:].unsqueeze(2) * gate, z_prev[:, :, first:])
-    local = a_dot[:, :, first * n:].reshape(b, hk, g, s - first, n, dv)
-    mixed = torch.addcdiv(local * (1.0 - gate).to(local.dtype), num, den)  # (B, H_kv, G, S', N, D_v)
-    # Assembled as (B, T, H, D_v) in memory, so the output projection's reshape needs no copy.
-    out = torch.cat([head.transpose(1, 2),
-                     mixed.reshape(b, h, t - first * n, dv).transpose(1, 2)], dim=1).transpose(1, 2)
-    return out.to(q.dtype), new_state
+def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None, empty_read: str = "local") -> Tensor:
+    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head. Where nothing was read (no state, or
+    an empty one), `empty_read` decides: zero reads A_mem = 0, so (1 - sigmoid(beta)) A_local; local keeps
+    A_local unscaled (EMPTY_READS)."""
+    if gate is None:
+        return local
+    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
+    empty = (1.0 - g) * local.float() if empty_read == "zero" else local.float()
+    if read is None:
+        return empty.to(local.dtype)
+    a_mem, has = read
+    mixed = g * a_mem + (1.0 - g) * local.float()
+    return torch.where(has, mixed, empty).to(local.dtype)

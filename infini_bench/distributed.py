@@ -395,7 +395,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     import torch.distributed.checkpoint as dcp
 
     from infini_bench.faults import fault
-    from infini_bench.tracking import atomic_write_text
+    from infini_bench.files import atomic_write_text
 
     final = Path(directory)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")

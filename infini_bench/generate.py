@@ -3,7 +3,7 @@
 The decoder state holds, per layer, the memory state written by every finished segment (whatever the memory:
 Infini-attention's M and z, Transformer-XL's cache, ...) and the keys and values of the *current* segment
 (at most `segment_len` tokens, preallocated). New tokens go through the model's own blocks with that cache
-(`InfiniTransformer.hidden(..., cache=, pos=)`), so decoding shares one definition of the block with training.
+(`SegmentTransformer.hidden(..., cache=, pos=)`), so decoding shares one definition of the block with training.
 When the segment fills up, each layer's memory writes it exactly as the segment-parallel path does, and the
 cache starts over. So the logits of prefill + decode equal one parallel forward over the same tokens.
 """
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from infini_bench.model import InfiniTransformer, LocalCache
+from infini_bench.model import LocalCache, SegmentTransformer
 
 
 @dataclass
@@ -36,31 +36,24 @@ class Generation(NamedTuple):
     logits: Tensor | None  # (B, steps, V) logits each new token was drawn from, with return_logits
 
 
-def new_state(model: InfiniTransformer, batch_size: int = 1) -> DecodeState:
-    """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly)."""
-    if model.stack_memory is not None:
-        return model.stack_memory.new_decode_state(model, batch_size)
-    cfg = model.cfg
+def new_state(model: SegmentTransformer, batch_size: int = 1) -> DecodeState:
+    """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly),
+    after the slots of a stack memory's rows."""
+    cfg, stack = model.cfg, model.stack_memory
     p = model.embed.weight
-    shape = (batch_size, cfg.n_kv_heads, cfg.segment_len, cfg.head_dim)
+    shape = (batch_size, cfg.n_kv_heads, (stack.rows if stack is not None else 0) + cfg.segment_len, cfg.head_dim)
     cache = [LocalCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
                         torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
-    return DecodeState([None] * cfg.n_layers, cache)
+    return DecodeState(None if stack is not None else [None] * cfg.n_layers, cache)
 
 
-def _end_segment(model: InfiniTransformer, state: DecodeState) -> None:
-    """The segment is full: every layer's memory writes it, as the segment-parallel path would."""
-    if model.stack_memory is not None:
-        model.stack_memory.end_decode_segment(model, state)
-    else:
-        # Copies: the next segment overwrites these buffers, and a memory may keep what it is given (full
-        # attention's first write holds its keys as they are).
-        state.states = [block.attn.memory.write(s, c.k.clone(), c.v.clone())
-                        for block, s, c in zip(model.layers, state.states, state.cache)]
+def _end_segment(model: SegmentTransformer, state: DecodeState) -> None:
+    """The segment is full: the memory takes it in (model.end_segment) and the cache starts over."""
+    state.states = model.end_segment(state.states, state.cache)
     state.pos = 0
 
 
-def _extend(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: bool) -> Tensor:
+def _extend(model: SegmentTransformer, ids: Tensor, state: DecodeState, last_only: bool) -> Tensor:
     """Feed ids (B, L) that fit in the current segment through the cached path; returns logits (B, L or 1, V)."""
     n = model.cfg.segment_len
     pos, length = state.pos, ids.shape[1]
@@ -73,7 +66,7 @@ def _extend(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only
 
 
 @torch.inference_mode()
-def feed(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: bool = True) -> Tensor:
+def feed(model: SegmentTransformer, ids: Tensor, state: DecodeState, last_only: bool = True) -> Tensor:
     """Consume ids (B, T) of any length, continuing `state` in place; returns logits (B, 1 or T, V).
 
     Whole segments that start at a boundary go through the model's own segment-parallel forward (one
@@ -98,7 +91,7 @@ def feed(model: InfiniTransformer, ids: Tensor, state: DecodeState, last_only: b
     return torch.cat(out, dim=1)
 
 
-def prefill(model: InfiniTransformer, input_ids: Tensor) -> tuple[Tensor, DecodeState]:
+def prefill(model: SegmentTransformer, input_ids: Tensor) -> tuple[Tensor, DecodeState]:
     """Encode a prompt (B, T) in constant memory; returns the last position's logits (B, V) and the state."""
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
@@ -107,7 +100,7 @@ def prefill(model: InfiniTransformer, input_ids: Tensor) -> tuple[Tensor, Decode
 
 
 @torch.inference_mode()
-def decode_step(model: InfiniTransformer, token: Tensor, state: DecodeState) -> Tensor:
+def decode_step(model: SegmentTransformer, token: Tensor, state: DecodeState) -> Tensor:
     """One new token per row, token (B,) -> logits of the next one (B, V); updates `state` in place."""
     return _extend(model, token.view(-1, 1).to(model.embed.weight.device), state, last_only=True)[:, -1]
 
@@ -131,7 +124,7 @@ class StaticDecoder:
     warning. It owns `state` while it decodes: feed it no other way.
     """
 
-    def __init__(self, model: InfiniTransformer, state: DecodeState, graph: bool | None = None):
+    def __init__(self, model: SegmentTransformer, state: DecodeState, graph: bool | None = None):
         cfg = model.cfg
         self.model, self.state = model, state
         device = model.embed.weight.device
@@ -223,7 +216,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, greedy: bool,
 
 @torch.inference_mode()
 def generate(
-    model: InfiniTransformer,
+    model: SegmentTransformer,
     prompt_ids: Tensor,
     max_new_tokens: int = 1024,
     *,

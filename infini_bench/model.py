@@ -2,9 +2,10 @@
 
 RMSNorm, RoPE on the local attention only, SwiGLU, GQA, optional tied embeddings. Sizes are named flavours
 in `FLAVOURS`; the memory is a registered component (`infini_bench.memories`). The forward pass takes and
-returns one memory state per layer, so a sequence of any length can be fed whole (segment-parallel, for
-training) or a segment at a time (streaming); with a `cache` it continues a partial segment token by token
-(decoding, `infini_bench.generate`). The block is defined once, here, for all three.
+returns one memory state per layer (or one state for a memory that changes the stack, RMT's), so a sequence
+of any length can be fed whole (segment-parallel, for training) or a segment at a time (streaming); with a
+`cache` it continues a partial segment token by token (decoding, `infini_bench.generate`). The block is
+defined once, here, for all three.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from infini_bench.attention import Context, local_attention, mix
 from infini_bench.errors import ConfigError, check_choice
 from infini_bench.memories import Footprint, memory_class, resolve_args
-from infini_bench.memories.base import local_attention, mix
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class ModelConfig:
         return self.n_layers * block + emb + self.dim
 
 
-RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see InfiniTransformer.prepare_compile)
+RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see SegmentTransformer.prepare_compile)
 
 FLAVOURS: dict[str, ModelConfig] = {
     # Runs in seconds on a CPU; byte-level vocabulary.
@@ -161,7 +162,7 @@ class Rotary(nn.Module):
             at = offset + torch.arange(length, device=x.device)
             cos, sin = cos.index_select(0, at).to(x.dtype), sin.index_select(0, at).to(x.dtype)
         else:
-            # Compiled blocks only read the table, which InfiniTransformer.fill_rotary grew outside them:
+            # Compiled blocks only read the table, which SegmentTransformer.fill_rotary grew outside them:
             # checking its length here would specialise the graph on it, and every growth would recompile.
             cos, sin = (self._cache[2], self._cache[3]) if torch.compiler.is_compiling() else \
                 self._cos_sin(offset + length, x.device)
@@ -188,6 +189,14 @@ class LocalCache(NamedTuple):
     v: Tensor
 
 
+class Rows(NamedTuple):
+    """Rows a stack memory runs through a block outside a segment (while decoding): which of them each row sees,
+    and the layer's keys and values before them (its cache), seen by every row."""
+
+    visible: Tensor  # (L, L) bool
+    ctx: Context | None
+
+
 class Attention(nn.Module):
     """Projections, the memory and its gate around local causal attention."""
 
@@ -209,15 +218,18 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], -1, self.cfg.head_dim).transpose(1, 2)
 
     def forward(self, h: Tensor, state, rotary: Rotary, h_detached: Tensor | None = None,
-                cache: LocalCache | None = None, pos: int | Tensor = 0):
+                cache: LocalCache | None = None, pos: int | Tensor = 0, rows: Rows | None = None):
         """h (B, T, dim) normed -> (B, T, dim) and the memory state after it.
 
         Without `cache`, T tokens from a segment boundary (segment-parallel). With it, T tokens at positions
         pos .. pos+T-1 of the current segment, whose earlier keys sit in the cache; the state is not written
-        (the decoder writes it when the segment is full)."""
+        (the decoder writes it when the segment is full). With `rows`, a stack memory's rows: they attend as
+        `rows` says, and their keys and values come back in the state's place, for the decoding cache."""
         b, t, _ = h.shape
         q, k, v = self.split_heads(self.wq(h)), self.split_heads(self.wk(h)), self.split_heads(self.wv(h))
-        if cache is None:
+        if rows is not None:
+            out, state = local_attention(q, k, v, rotary, rows.ctx, visible=rows.visible), LocalCache(k, v)
+        elif cache is None:
             kv_detached = None
             if h_detached is not None:  # Transformer-XL: cached rows recomputed from the detached input
                 kv_detached = (self.split_heads(self.wk(h_detached)), self.split_heads(self.wv(h_detached)))
@@ -267,12 +279,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: Tensor, state, rotary: Rotary, cache: LocalCache | None = None, pos: int | Tensor = 0):
+    def forward(self, x: Tensor, state, rotary: Rotary, cache: LocalCache | None = None, pos: int | Tensor = 0,
+                rows: Rows | None = None):
         """x (B, T, dim) -> (B, T, dim) and the layer's memory state after it (see Attention.forward)."""
         h_detached = None
         if cache is None and self.attn.memory.detached_input and torch.is_grad_enabled():
             h_detached = self.attn_norm(x.detach())  # the cached rows' input: no gradient into earlier segments
-        h, state = self.attn(self.attn_norm(x), state, rotary, h_detached, cache, pos)
+        h, state = self.attn(self.attn_norm(x), state, rotary, h_detached, cache, pos, rows)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -282,7 +295,10 @@ class ModelOutput(NamedTuple):
     states: list  # one memory state per layer (None: nothing carried yet)
 
 
-class InfiniTransformer(nn.Module):
+class SegmentTransformer(nn.Module):
+    """The decoder, whatever its memory: Infini-attention, a baseline, or none (cfg.memory). It runs in segments of
+    cfg.segment_len tokens; each layer's memory, or a stack memory, carries what crosses them."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -293,10 +309,10 @@ class InfiniTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg)
-        memory = memory_class(cfg.memory)
-        # A memory that changes the stack (RMT's memory tokens) drives the segment loop from here.
-        self.stack_memory = memory.build_stack(cfg, resolve_args(cfg.memory, cfg.memory_args)) \
-            if memory.model_level else None
+        stack = memory_class(cfg.memory).stack
+        # A memory that changes the stack (RMT's memory tokens): the segment loop asks it for each segment's rows.
+        self.stack_memory = stack(cfg, resolve_args(cfg.memory, cfg.memory_args)) if stack is not None else None
+        self._segment = SegmentTransformer.stack_segment  # or its compiled version (compile_blocks)
         self.apply(self._init_weights)
         self.init_memory_parameters()
 
@@ -339,12 +355,17 @@ class InfiniTransformer(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each block in place (regional compilation: the identical blocks share one graph), or
-        for a memory that drives the stack (RMT) its segment through every block; `options` go to torch.compile.
-        Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent."""
+        with a stack memory (RMT) each segment through every block as one graph; `options` go to torch.compile.
+        Parameter names, and so checkpoints, are unchanged; training and streaming both use it. Idempotent.
+
+        A stack memory's segments are sequential and each is a small amount of work for a GPU (N + 2m rows
+        through every block), so compiling block by block would leave the step bound by the host: one compiled
+        call, with its guards and wrappers, per block, segment and direction. One graph per segment makes that
+        12x fewer calls."""
         if getattr(self, "_blocks_compiled", False) or not self.prepare_compile():
             return
-        if self.stack_memory is not None and hasattr(self.stack_memory, "compile_segments"):
-            self.stack_memory.compile_segments(**options)  # a memory that drives the stack compiles its segment
+        if self.stack_memory is not None:
+            self._segment = torch.compile(SegmentTransformer.stack_segment, **options)
         else:
             for block in self.layers:
                 block.compile(**options)
@@ -375,8 +396,25 @@ class InfiniTransformer(nn.Module):
         Without `cache`, T tokens from a segment boundary; with one LocalCache per layer, T tokens at
         positions pos .. of the current segment (decoding; the states are returned unchanged)."""
         self.fill_rotary(input_ids.shape[1] if cache is None else self.cfg.segment_len, states)
-        if self.stack_memory is not None:
-            return self.stack_memory.hidden(self, input_ids, states, cache, pos)
+        stack = self.stack_memory
+        if stack is None:
+            return self._blocks(input_ids, states, cache, pos)
+        if cache is None:
+            return self._stack_segments(input_ids, states)
+        # Decoding: the stack memory's rows fill the first cache slots at the segment's first token, the text
+        # follows them; the carried state changes only when the segment is full (end_segment).
+        if pos == 0 and stack.rows:
+            rows = stack.memory_rows(states, input_ids.shape[0]).to(self.embed.weight.dtype)
+            _, kvs = self.run_rows(rows, stack.rows_visible(input_ids.device), [None] * len(self.layers))
+            for c, kv in zip(cache, kvs):
+                c.k[:, :, :stack.rows] = kv.k
+                c.v[:, :, :stack.rows] = kv.v
+        h, _ = self._blocks(input_ids, None, cache, pos + stack.rows)
+        return h, states
+
+    def _blocks(self, input_ids: Tensor, states: list | None, cache: list[LocalCache] | None,
+                pos: int | Tensor) -> tuple[Tensor, list]:
+        """The per-layer path of hidden(): every block with its own memory state."""
         states = list(states) if states is not None else [None] * self.cfg.n_layers
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
@@ -386,6 +424,61 @@ class InfiniTransformer(nn.Module):
             else:
                 x, states[i] = layer(x, states[i], self.rotary, c, pos)
         return self.norm(x), states
+
+    def _stack_segments(self, input_ids: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The stack memory's path of hidden() from a segment boundary: one segment at a time through
+        stack_segment, the state carried between them."""
+        stack, n = self.stack_memory, self.cfg.segment_len
+        x = self.embed(input_ids)  # (B, T, dim)
+        state = stack.start(x.shape[0]) if state is None else state
+        recompute = self.training and torch.is_grad_enabled() and (self.cfg.activation_checkpointing or stack.recompute)
+        outs = []
+        for i, start in enumerate(range(0, x.shape[1], n)):
+            text = x[:, start: start + n]
+            if recompute:
+                h, state = checkpoint(self._segment, self, text, state, use_reentrant=False)
+            else:
+                h, state = self._segment(self, text, state)
+            outs.append(h)
+            state = stack.carry(i, state)
+        return torch.cat(outs, dim=1), state
+
+    def stack_segment(self, text: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One segment through a stack memory: text (B, L, dim) embedded, its state -> the text's final-norm
+        outputs (B, L, dim) and the next state. The stack memory wraps the text in its rows and takes the state
+        out of the output; each layer's memory attends among the rows."""
+        h, _ = self.run_rows(self.stack_memory.wrap(text, state))
+        return self.stack_memory.unwrap(h, text.shape[1])
+
+    def run_rows(self, x: Tensor, visible: Tensor | None = None,
+                 contexts: list[Context | None] | None = None) -> tuple[Tensor, list]:
+        """Rows x (B, L, dim) through every block and the final norm. Without `visible`, a wrapped segment's rows,
+        attended among as each layer's memory does (-> the final-norm output and the layers' states); with it,
+        each row sees the rows `visible` (L, L) allows, after the layer's context in `contexts` (a stack memory's
+        rows while decoding; -> the output and each layer's keys and values, a LocalCache)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            rows = Rows(visible, contexts[i]) if visible is not None else None
+            x, kv = layer(x, None, self.rotary, rows=rows)
+            out.append(kv)
+        return self.norm(x), out
+
+    def end_segment(self, states, cache: list[LocalCache]):
+        """The memory state after a decoded segment that fills `cache`: every layer's memory writes it, as the
+        segment-parallel path would, or a stack memory's rows run over it and give the next state."""
+        stack = self.stack_memory
+        if stack is None:
+            # Copies: the next segment overwrites these buffers, and a memory may keep what it is given (full
+            # attention's first write holds its keys as they are).
+            return [block.attn.memory.write(s, c.k.clone(), c.v.clone())
+                    for block, s, c in zip(self.layers, states, cache)]
+        if not stack.rows:
+            return states
+        rows = stack.memory_rows(states, cache[0].k.shape[0])
+        valid = torch.ones(cache[0].k.shape[0], cache[0].k.shape[2], dtype=torch.bool, device=rows.device)
+        contexts = [Context(c.k, c.v, valid) for c in cache]  # the stack's rows + the full segment, all seen
+        h, _ = self.run_rows(rows.to(self.embed.weight.dtype), stack.rows_visible(rows.device), contexts)
+        return h
 
     def forward(self, input_ids: Tensor, states: list | None = None,
                 last_only: bool = False) -> ModelOutput:
@@ -415,9 +508,9 @@ class InfiniTransformer(nn.Module):
         return ModelOutput(torch.cat(logits, dim=1), states)
 
 
-def build_model(flavour: str | ModelConfig, **overrides) -> InfiniTransformer:
+def build_model(flavour: str | ModelConfig, **overrides) -> SegmentTransformer:
     """A randomly initialised model of a named flavour, with config fields overridden."""
     if isinstance(flavour, str):
         check_choice("model.flavour", flavour, list(FLAVOURS))
         flavour = FLAVOURS[flavour]
-    return InfiniTransformer(replace(flavour, **overrides))
+    return SegmentTransformer(replace(flavour, **overrides))

@@ -17,7 +17,7 @@ import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 from infini_bench.paper import length_label  # noqa: E402
-from infini_bench.tracking import follow_umask  # noqa: E402
+from infini_bench.files import follow_umask  # noqa: E402
 
 
 def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) per layer and head",
@@ -48,7 +48,7 @@ def gate_heatmap(gates: torch.Tensor, path: Path, title: str = "sigmoid(beta) pe
 
 # One colour per memory, the same in every figure of the report, so a memory is recognised at a glance; a
 # memory without one here is drawn in black.
-MEMORY_COLORS = {"none": "tab:gray", "full": "tab:brown", "linear": "tab:blue", "delta": "tab:orange",
+MEMORY_COLORS = {"none": "tab:gray", "linear": "tab:blue", "delta": "tab:orange", "full": "tab:brown",
                  "txl": "tab:green", "memorizing": "tab:red", "rmt": "tab:purple"}
 # Lines of one colour in one panel (two seeds of a memory) differ in style and marker.
 LINESTYLES = ("-", "--", ":", "-.")

@@ -1,4 +1,4 @@
-"""Hugging Face Llama-architecture checkpoints -> `InfiniTransformer`, with the memory's own parameters added.
+"""Hugging Face Llama-architecture checkpoints -> `SegmentTransformer`, with the memory's own parameters added.
 
 The paper converts existing 1B and 8B LLMs to Infini-attention and continues pre-training (Tables 3, 4).
 Only the memory's parameters are new (Infini-attention's gates: one logit beta per query head and layer,
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from infini_bench.errors import ConfigError
-from infini_bench.model import InfiniTransformer, ModelConfig, rope_inv_freq
+from infini_bench.model import ModelConfig, SegmentTransformer, rope_inv_freq
 from infini_bench.tokenizer import HFTokenizer
 
 KEY = "model.pretrained"
@@ -46,7 +46,7 @@ def hf_to_ours(name: str) -> str | None:
         return None
     m = _LAYER_RE.fullmatch(name)
     if m is None or m.group(2) not in _LAYER_KEYS:
-        raise ConfigError(KEY, f"checkpoint parameter {name!r} has no counterpart in InfiniTransformer")
+        raise ConfigError(KEY, f"checkpoint parameter {name!r} has no counterpart in SegmentTransformer")
     return f"layers.{m.group(1)}.{_LAYER_KEYS[m.group(2)]}.{m.group(3)}"
 
 
@@ -156,8 +156,8 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
-) -> tuple[InfiniTransformer, HFTokenizer]:
-    """A Llama / Mistral / Qwen2 checkpoint as an InfiniTransformer with fresh gates, and its tokenizer."""
+) -> tuple[SegmentTransformer, HFTokenizer]:
+    """A Llama / Mistral / Qwen2 checkpoint as an SegmentTransformer with fresh gates, and its tokenizer."""
     root = resolve(name_or_path, revision)
     if not (root / "config.json").is_file():
         raise _unreachable(name_or_path, f"no config.json in {root}")
@@ -165,7 +165,7 @@ def load_pretrained(
                          memory_args=memory_args, gate_init=gate_init)
     sd = load_state_dict(root, cfg, dtype, device)
     with torch.device("meta"):  # no random init of billions of weights that are overwritten at once
-        model = InfiniTransformer(cfg)
+        model = SegmentTransformer(cfg)
     # The memory's own parameters (gates, memory tokens, ...) are the only ones no checkpoint has.
     own = {name for name, _ in model.memory_parameters()}
     missing = sorted(set(model.state_dict()) - set(sd) - own)

@@ -21,26 +21,20 @@ from pathlib import Path
 
 import yaml
 
+from infini_bench.memories import memory_names
 from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
-from infini_bench.tracking import atomic_write_text, read_metrics
+from infini_bench.files import atomic_write_text
+from infini_bench.tracking import read_metrics
 
 DEPTHS = ("start", "middle", "end")
 HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}
-# Table 2's rows in order: ours without a paper row first, then the paper's.
-MEMORY_ORDER = ("none", "full", "linear", "delta", "txl", "memorizing", "rmt")
 # Keys that say how a run was launched or logged, not what it computed: runs differing only there are one run.
 _NOT_IDENTITY = {"hydra", "logger", "device"}
 _NOT_IDENTITY_TRAINER = {"progress", "resume"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def memory_names(conf: Path | None = None) -> list[str]:
-    """The memories to report on: the memory config group's options and the paper's, in Table 2's order."""
-    names = set(options("memory", conf or CONF)) | set(MEMORY_ORDER)
-    return sorted(names, key=lambda n: (MEMORY_ORDER.index(n) if n in MEMORY_ORDER else len(MEMORY_ORDER), n))
 
 
 def _identity(config: dict) -> str:

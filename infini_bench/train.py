@@ -160,6 +160,8 @@ def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: i
 
 
 def autocast(device: torch.device, precision: str):
+    """Mixed precision for a forward pass: bf16 autocast over fp32 parameters for `precision` bf16, or auto on a GPU;
+    otherwise none (fp32)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 

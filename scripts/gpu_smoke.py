@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infini_bench.memories import memory_names  # noqa: E402
 from infini_bench.model import build_model  # noqa: E402
+from infini_bench.train import autocast  # noqa: E402
 
 N = 32
 # The defaults are sized for the paper's model; these keep every memory's mechanism in play at N = 32.
@@ -41,7 +41,7 @@ TOLERANCE = 5e-2  # bf16 activations: the compiled and eager kernels round diffe
 def smoke(memory: str, device: torch.device, backend: str | None, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model("tiny", memory=memory, memory_args=ARGS.get(memory), segment_len=N, n_layers=2).to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = autocast(device, "auto")
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, model.cfg.vocab_size, (4, 4 * N + 7), device=device, generator=gen)
     model.compile_blocks(**({"backend": backend} if backend else {}))

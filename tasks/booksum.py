@@ -34,7 +34,7 @@ from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.generate import generate
 from infini_bench.hub import prepare_hub
 from infini_bench.metrics import rouge
-from infini_bench.model import InfiniTransformer
+from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
@@ -247,7 +247,7 @@ def summary_loss(model, examples: list[Example], tokens: dict, device: torch.dev
     return total / max(count, 1)
 
 
-def summarise_books(model: InfiniTransformer, tokenizer, books, lengths: list[int], tokens: dict, t: DictConfig,
+def summarise_books(model: SegmentTransformer, tokenizer, books, lengths: list[int], tokens: dict, t: DictConfig,
                     device: torch.device, tcfg) -> tuple[dict[int, list[str]], dict[int, list[int]]]:
     """Figure 4: one summary per book and input length, and the input tokens used; the same sampling seed per
     book at every length. Truncating to the longest input first, then to each length, equals one truncation

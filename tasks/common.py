@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice, check_finite
 from infini_bench.faults import fault
-from infini_bench.model import FLAVOURS, InfiniTransformer, ModelConfig
+from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
 from infini_bench.tokenizer import load_tokenizer
-from infini_bench.tracking import follow_umask
+from infini_bench.files import follow_umask
 from infini_bench.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def log_setting(cfg: DictConfig) -> None:
         log.info(setting_line(cfg))
 
 
-def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
+def build_model_and_tokenizer(cfg: DictConfig) -> tuple[SegmentTransformer, object]:
     """A pretrained checkpoint converted to Infini-attention, or a random model of the named flavour; then,
     with model.init_from, the weights an earlier run exported (e.g. continual pre-training, then passkey)."""
     if cfg.model.get("pretrained"):
@@ -86,17 +86,17 @@ def build_model_and_tokenizer(cfg: DictConfig) -> tuple[InfiniTransformer, objec
     return model, tokenizer
 
 
-def _random_model(cfg: DictConfig) -> tuple[InfiniTransformer, object]:
+def _random_model(cfg: DictConfig) -> tuple[SegmentTransformer, object]:
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer)
     except (OSError, ValueError) as err:
         raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer!r} could not be loaded "
                           f"({str(err).splitlines()[0][:120]}); use byte or a local tokenizer directory") from None
     torch.manual_seed(cfg.seed)
-    return InfiniTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
+    return SegmentTransformer(model_config(cfg, tokenizer.vocab_size)), tokenizer
 
 
-def load_weights(model: InfiniTransformer, path: str) -> None:
+def load_weights(model: SegmentTransformer, path: str) -> None:
     """Weights from the model.safetensors an earlier run exported (a path, or relative to the repository)."""
     from safetensors.torch import load_model
 
@@ -114,7 +114,7 @@ def load_weights(model: InfiniTransformer, path: str) -> None:
                           f"({str(err).splitlines()[0][:160]})") from None
 
 
-def export_weights(model: InfiniTransformer, run) -> Path:
+def export_weights(model: SegmentTransformer, run) -> Path:
     """The trained weights as <run>/model.safetensors (fp32, gathered from every rank under FSDP), written
     atomically by rank 0, for model.init_from. A collective under torchrun: every rank calls it."""
     from safetensors.torch import save_file
@@ -180,7 +180,7 @@ def checkpoint_dir(run) -> Path:
     return Path(run.out_dir) / "checkpoints"
 
 
-def log_gates(model: InfiniTransformer, run, step: int | None) -> dict[str, float]:
+def log_gates(model: SegmentTransformer, run, step: int | None) -> dict[str, float]:
     """sigmoid(beta) per layer and head (paper Figure 3): one number per head in metrics.jsonl (`gates/L0/H3`, which
     the report reads), and in W&B one table of (layer, head, gate) and a heatmap image per evaluation, not a panel
     per head (1,024 for the 8B)."""

@@ -28,7 +28,7 @@ from infini_bench.data import corpus_dir  # noqa: E402
 from infini_bench.distributed import gathered, is_distributed, recover_checkpoint  # noqa: E402
 from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
 from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
-from infini_bench.model import InfiniTransformer  # noqa: E402
+from infini_bench.model import SegmentTransformer  # noqa: E402
 from infini_bench.paper import length_label  # noqa: E402
 from infini_bench.plots import save_figure  # noqa: E402
 from infini_bench.tokenizer import Tokenizer  # noqa: E402
@@ -225,7 +225,7 @@ def segments_back(sample: PasskeySample, segment_len: int) -> int:
 
 
 @torch.inference_mode()
-def evaluate_batch(model: InfiniTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer
+def evaluate_batch(model: SegmentTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer
                    ) -> list[Outcome]:
     """Samples of equal prompt and answer lengths as one batch: the prompt streamed through the model one
     segment at a time (constant memory), then the answer teacher-forced (token accuracy) and, from the same
@@ -253,7 +253,7 @@ def evaluate_batch(model: InfiniTransformer, samples: Sequence[PasskeySample], t
     return outcomes
 
 
-def evaluate_samples(model: InfiniTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer,
+def evaluate_samples(model: SegmentTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer,
                      batch_size: int = 16) -> list[Outcome]:
     """Outcomes in the order of `samples`, batching those of equal prompt and answer lengths."""
     groups: dict[tuple[int, int], list[int]] = {}
@@ -286,7 +286,7 @@ def summarise(outcomes: Sequence[Outcome]) -> dict:
     }
 
 
-def evaluate_grid(model: InfiniTransformer, tokenizer: Tokenizer, lengths: Sequence[int], depths: dict[str, float],
+def evaluate_grid(model: SegmentTransformer, tokenizer: Tokenizer, lengths: Sequence[int], depths: dict[str, float],
                   samples: int, seed: int, haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
                   batch_size: int = 16, progress: bool = True) -> tuple[list[dict], list[Outcome]]:
     """One row per (length, depth) cell, and every outcome. Sample i of every cell has seed `seed + i`: the same
@@ -539,7 +539,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if tcfg.compile and not is_distributed():  # the streamed evaluation runs compiled too (2x at 1M tokens)
         model.compile_blocks()
 
-    def grid(m: InfiniTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
+    def grid(m: SegmentTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
         with gathered(m) as whole, autocast(run.device, tcfg.precision):  # under FSDP: a whole replica
             whole.eval()
             return evaluate_grid(whole, tokenizer, lengths, names, n, t.seed, t.haystack, key_range,
@@ -549,7 +549,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     warmup = t.local_warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up
     logged = _StepOffset(run, warmup)  # the main phase logs its steps after the warm-up's
 
-    def validate(m: InfiniTransformer, step: int) -> dict[str, float]:
+    def validate(m: SegmentTransformer, step: int) -> dict[str, float]:
         """A quick look during training: the needle at the start of the shortest evaluation length."""
         rows, _ = grid(m, [min(t.lengths)], {"start": 0.0}, t.val_samples, progress=False)
         log_gates(m, logged, step)
@@ -567,7 +567,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
     if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
         local_cfg = dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)
-        local = InfiniTransformer(local_cfg).to(run.device)
+        local = SegmentTransformer(local_cfg).to(run.device)
         local.load_state_dict(model.state_dict())
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
                                  t.train_haystack, key_range, key_ramp)

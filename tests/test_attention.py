@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from infini_bench.attention import MemoryState, infini_attention
+from infini_bench.compressive import MemoryState, infini_attention
 from infini_bench.model import ModelConfig, Rotary
 
 
@@ -177,7 +177,7 @@ def test_bad_arguments_raise(bad):
 
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_single_segment_read_write_match_the_sequence_call(rule):
-    from infini_bench.attention import memory_read, memory_write
+    from infini_bench.compressive import memory_read, memory_write
 
     q, k, v, beta = make_inputs(t=24)
     whole, state_whole = infini_attention(q, k, v, beta, segment_len=8, rule=rule)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infini_bench.generate import decode_step, prefill
-from infini_bench.memories.base import local_attention
+from infini_bench.attention import local_attention
 from infini_bench.memories.rmt import rows_attention, segment_mask
 from infini_bench.model import build_model
 
@@ -43,7 +43,7 @@ def rule_mask(m: int, length: int, causal: bool) -> torch.Tensor:
 def reference(model, ids: torch.Tensor, causal: bool) -> torch.Tensor:
     """The model's weights in float64, one segment at a time: [M; text; M] through each layer with one masked
     softmax over RoPE positions 0 .. 2m + L - 1, the final-norm write rows as the next M; text logits only."""
-    cfg, m = model.cfg, model.stack_memory.m
+    cfg, m = model.cfg, model.stack_memory.rows
 
     def rms(x, norm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * norm.weight.double()
@@ -118,13 +118,12 @@ def test_mask_probed_through_the_jacobian(causal, length, blocks):
     already transitive): text rows never see write rows; every write row depends on every text row. Both for
     the mask given as a tensor (decoding) and as a segment's blocks (`rows_attention`, training)."""
     model = rmt(causal=causal)
-    stack = model.stack_memory
     assert torch.equal(segment_mask(M, length, causal), rule_mask(M, length, causal))
     x = torch.randn(1, 2 * M + length, model.cfg.dim, requires_grad=True)
     if blocks:
-        h, _ = stack.run_rows(model, x, [None] * 2, None, (M, causal))
+        h, _ = model.run_rows(x)
     else:
-        h, _ = stack.run_rows(model, x, [None] * 2, segment_mask(M, length, causal))
+        h, _ = model.run_rows(x, segment_mask(M, length, causal), [None] * 2)
     depends = torch.stack([torch.autograd.grad(h[0, i].sum(), x, retain_graph=True)[0][0].abs().sum(-1) > 0
                            for i in range(h.shape[1])])
     assert torch.equal(depends, rule_mask(M, length, causal))

@@ -13,27 +13,22 @@ A memory is what a layer's attention sees beyond the current segment. Per layer 
   class computes it segment by segment from the three methods above, which is also the definition the fast
   paths are tested against.
 
-Memories that change the stack rather than a layer (RMT's memory tokens) set `model_level = True` and are
-driven by the model's segment loop (see `infini_bench.model`).
+The attention they plug into (local attention with a context, the gate's mix) is `infini_bench.attention`.
+
+Memories that change the stack rather than a layer (RMT's memory tokens) meet a second, smaller contract,
+`StackMemory`: the model asks it to wrap each segment's input in rows of its own and to take its state out of
+the stack's output. Such a memory names its `StackMemory` in `stack`; its per-layer part is then an ordinary
+`Memory` that carries nothing and attends among the rows it is given.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from infini_bench.attention import Context, local_attention, mix
 from infini_bench.errors import ConfigError, check_choice
-
-
-class Context(NamedTuple):
-    """Keys and values before the segment: k (B, H_kv, M, D) un-rotated, v (B, H_kv, M, D_v), valid (B, M)."""
-
-    k: Tensor
-    v: Tensor
-    valid: Tensor
 
 
 class Footprint(NamedTuple):
@@ -73,7 +68,7 @@ class Memory(nn.Module):
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}  # accepted memory_args and their defaults
     gated: ClassVar[bool] = False  # read() is mixed in by a per-head gate (Eq. 10)
-    model_level: ClassVar[bool] = False  # changes the stack, not the layer (RMT)
+    stack: ClassVar[type[StackMemory] | None] = None  # the stack-level part, for a memory that changes the stack
     capturable: ClassVar[bool] = True  # fixed-shape state: decoding can be captured as a CUDA graph
     compilable: ClassVar[bool] = True  # its blocks trace under torch.compile (tests/test_compile.py holds it)
     whole_sequence: ClassVar[bool] = False  # ignores segment_len (full attention)
@@ -119,11 +114,6 @@ class Memory(nn.Module):
         """The position encoding of this layer's local attention: RoPE, unless the memory's layer has none."""
         return rotary
 
-    @classmethod
-    def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
-        """For model-level memories: the module that runs the model's segment loop (see model.hidden)."""
-        raise NotImplementedError
-
     # ---- the whole-sequence forward --------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any, rotary,
                 kv_detached: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
@@ -154,58 +144,50 @@ class Memory(nn.Module):
         return Work(sum(causal_pairs(s) for _, s in segment_spans(t, n)), t)
 
 
-def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary, ctx: Context | None, pos: int | Tensor = 0,
-                    visible: Tensor | None = None) -> Tensor:
-    """Causal softmax attention of L queries at segment positions pos .. pos+L-1 over the context and keys.
+class StackMemory(nn.Module):
+    """A memory that changes the stack rather than a layer: it adds rows to every segment, runs them through every
+    block with the text, and reads what it carries from the stack's output at those rows. The model calls it and
+    runs the blocks; it never touches the model. Its state is one tensor, `None` at a document start.
 
-    q (B, H, L, D), k and v (B, H_kv, S, D) with S >= pos + L (the segment's keys so far, or a preallocated
-    cache), un-rotated. The context sits at positions 0 .. M-1, the segment at M onwards. `visible` (L, S)
-    overrides the causal mask over the segment's keys (RMT's memory rows). Returns (B, H, L, D_v)."""
-    m = 0 if ctx is None else ctx.k.shape[2]
-    length, s = q.shape[2], k.shape[2]
-    qr, kr = rotary(q, offset=pos + m), rotary(k, offset=m)
-    if visible is None:
-        rows = torch.arange(length, device=q.device)[:, None] + pos
-        visible = torch.arange(s, device=q.device)[None, :] <= rows  # (L, S): causal within the segment
-    if ctx is None:
-        keys, values, mask = kr, v, visible
-    else:
-        keys = torch.cat([rotary(ctx.k, offset=0), kr], dim=2)  # (B, H_kv, M + S, D)
-        values = torch.cat([ctx.v.to(v.dtype), v], dim=2)
-        b = q.shape[0]
-        mask = torch.cat([ctx.valid[:, None, None, :].expand(b, 1, length, m),
-                          visible.expand(b, 1, length, s)], dim=-1)  # (B, 1, L, M + S)
-    return F.scaled_dot_product_attention(qr, keys, values.to(qr.dtype), attn_mask=mask,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    In training and streaming, each segment's embedded text goes through `wrap`, the blocks (whose per-layer
+    memory attends among the rows as the memory wants) and the final norm, then `unwrap`. While decoding, the
+    `rows` rows of `memory_rows` fill the first slots of every layer's cache before the segment's text (seeing each
+    other as `rows_visible` says), and once the segment is full they run again over the whole cache: their
+    final-norm output is the next state."""
 
+    rows: int = 0  # rows before the text, in a wrapped segment and in every layer's decoding cache
+    recompute: bool = False  # training recomputes each segment in the backward pass
 
-_LOWER_RIGHT: dict[tuple[int, int], CausalBias] = {}
+    def __init__(self, cfg, args: dict[str, Any]):
+        super().__init__()
+        self.cfg, self.args = cfg, args
 
+    def start(self, batch: int) -> Tensor:
+        """The state at a document start."""
+        raise NotImplementedError
 
-def lower_right(queries: int, keys: int) -> CausalBias:
-    """The causal bias aligned bottom-right for `queries` rows over `keys` keys (row i sees keys j <= keys -
-    queries + i), which SDPA runs with a flash kernel. One object per shape, kept: building a CausalBias inside
-    a compiled region breaks the graph, so a memory asks for its shapes once outside it (at construction, or
-    in an uncompiled loop) and the compiled code only looks them up."""
-    bias = _LOWER_RIGHT.get((queries, keys))
-    if bias is None:
-        bias = _LOWER_RIGHT[(queries, keys)] = causal_lower_right(queries, keys)
-    return bias
+    def wrap(self, x: Tensor, state: Tensor) -> Tensor:
+        """A segment's embedded text x (B, L, dim) -> the rows the stack runs for it (B, L', dim)."""
+        raise NotImplementedError
 
+    def unwrap(self, h: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """The final-norm output over the wrapped rows -> the `length` text outputs and the next state."""
+        raise NotImplementedError
 
-def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None, empty_read: str = "local") -> Tensor:
-    """Eq. 10: sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_local per head. Where nothing was read (no state, or
-    an empty one), `empty_read` decides: zero reads A_mem = 0, so (1 - sigmoid(beta)) A_local; local keeps
-    A_local unscaled (attention.EMPTY_READS)."""
-    if gate is None:
-        return local
-    g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
-    empty = (1.0 - g) * local.float() if empty_read == "zero" else local.float()
-    if read is None:
-        return empty.to(local.dtype)
-    a_mem, has = read
-    mixed = g * a_mem + (1.0 - g) * local.float()
-    return torch.where(has, mixed, empty).to(local.dtype)
+    def carry(self, index: int, state: Tensor) -> Tensor:
+        """The state segment `index` of a call hands to the next one (truncated BPTT detaches it here)."""
+        return state
+
+    def memory_rows(self, state: Tensor | None, batch: int) -> Tensor:
+        """The rows a decoded segment starts and ends with (B, rows, dim)."""
+        raise NotImplementedError
+
+    def rows_visible(self, device: torch.device) -> Tensor:
+        """(rows, rows) bool: which of `memory_rows` each of them sees while decoding."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise its parameters; also called after loading a pretrained model."""
 
 
 def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, state: Any,
@@ -219,6 +201,9 @@ def segment_attention(memory: Memory, q: Tensor, k: Tensor, v: Tensor, gate: Ten
 
 # ---- the registry ----------------------------------------------------------------------------------------------
 MEMORIES: dict[str, type[Memory]] = {}
+# The order of every list of memories (tables, figures, the benchmark's rows, the tests' parameters): the ablation,
+# Infini-attention's two rules, the whole past, then the paper's baselines. A memory not named here follows, by name.
+MEMORY_ORDER = ("none", "linear", "delta", "full", "txl", "memorizing", "rmt")
 
 
 def register_memory(cls: type[Memory]) -> type[Memory]:
@@ -228,7 +213,8 @@ def register_memory(cls: type[Memory]) -> type[Memory]:
 
 
 def memory_names() -> list[str]:
-    return sorted(MEMORIES)
+    """The registered memories, in MEMORY_ORDER."""
+    return [m for m in MEMORY_ORDER if m in MEMORIES] + sorted(m for m in MEMORIES if m not in MEMORY_ORDER)
 
 
 def memory_class(name: str) -> type[Memory]:

@@ -1,6 +1,6 @@
 """Infini-attention's compressive memory (linear and delta rules), and `none`: local attention only.
 
-The math lives in `infini_bench.attention` (the functional core and its segment-parallel fast path); these
+The math lives in `infini_bench.compressive` (the functional core and its segment-parallel fast path); these
 classes put it behind the memory contract.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from infini_bench.attention import EMPTY_READS, MemoryState, infini_attention, memory_read, memory_write
+from infini_bench.attention import EMPTY_READS
+from infini_bench.compressive import MemoryState, infini_attention, memory_read, memory_write
 from infini_bench.errors import check_choice
 from infini_bench.memories.base import Footprint, Memory, Work, register_memory
 

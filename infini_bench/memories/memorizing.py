@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infini_bench.attention import infini_attention
+from infini_bench.attention import Context, mix
+from infini_bench.compressive import infini_attention
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import Context, Footprint, Work, mix, register_memory, segment_spans
+from infini_bench.memories.base import Footprint, Work, register_memory, segment_spans
 from infini_bench.memories.txl import KVCache, TransformerXL, _empty_cache
 
 CHUNK = 512  # query rows scored at once: the score matrix is (B, H_kv, CHUNK, window)

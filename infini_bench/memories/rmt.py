@@ -11,6 +11,10 @@ The mask (the original LM-RMT's): read rows see all read rows; text rows see the
 causally, never the write rows; write rows see everything, all write rows included. `causal: true` takes the
 plain causal mask over [read; text; write] instead.
 
+The memory changes the stack, so it comes in two parts: `MemoryTokens`, the stack-level part the model calls
+(`memories.base.StackMemory`: M_0, wrapping a segment in its memory rows, taking the next memory out of the
+output), and `RecurrentMemory`, the per-layer part, which attends among a segment's rows under the mask.
+
 A partial last segment is processed like a full one, its write rows right after its L tokens, as training
 does with a shorter tail; the memory returned after it summarises that partial segment. So a sequence split
 at segment boundaries (`model.stream`, evaluation, `model(ids[:, :2N])` then the rest) equals one call.
@@ -21,26 +25,16 @@ their own segment, so this equals the parallel forward.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from infini_bench.attention import lower_right
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import (Context, Footprint, Memory, Work, causal_pairs, local_attention, lower_right,
-                                        register_memory, segment_spans)
-
-
-class Rows(NamedTuple):
-    """What one layer's attention needs for a run of rows: keys and values before them, and their own mask."""
-
-    ctx: Context | None  # keys (B, H_kv, M, D) un-rotated at positions 0 .. M-1, or None
-    visible: Tensor | None  # (L, L) bool: which of the rows' own keys each row sees
-    # Instead of visible: (m, causal) of `segment_mask`, the text length read from the rows' shape (an int here
-    # would be a constant of the compiled block, one trace per partial segment length).
-    segment: tuple[int, bool] | None = None
+from infini_bench.memories.base import (Footprint, Memory, StackMemory, Work, causal_pairs, register_memory,
+                                        segment_spans)
 
 
 def check_args(args: dict[str, Any]) -> None:
@@ -89,34 +83,71 @@ def rows_attention(q: Tensor, k: Tensor, v: Tensor, rotary, m: int, length: int,
     return torch.cat([read, text, write], dim=2)
 
 
+class MemoryTokens(StackMemory):
+    """The stack-level part: M_0 and the m memory vectors around every segment. States are (B, m, dim), None = M_0."""
+
+    def __init__(self, cfg, args: dict[str, Any]):
+        super().__init__(cfg, args)
+        check_args(args)
+        self.rows, self.causal = args["num_mem_tokens"], args["causal"]
+        self.bptt_depth, self.recompute = args["bptt_depth"], args["checkpoint_segments"]
+        self.initial = nn.Parameter(torch.empty(self.rows, cfg.dim))  # M_0 (m, dim)
+        if self.rows and not self.causal:
+            lower_right(cfg.segment_len, self.rows + cfg.segment_len)  # a full segment's text rows, made uncompiled
+
+    def reset_parameters(self) -> None:
+        """Independent random rows: identical rows would stay identical through every layer."""
+        nn.init.normal_(self.initial, std=0.02)
+
+    def start(self, batch: int) -> Tensor:
+        return self.initial.unsqueeze(0).expand(batch, -1, -1)  # (B, m, dim)
+
+    def wrap(self, x: Tensor, state: Tensor) -> Tensor:
+        """[read memory (m); text (L); write memory (m)], both memory blocks the carried vectors."""
+        state = state.to(x.dtype)
+        return torch.cat([state, x, state], dim=1)
+
+    def unwrap(self, h: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """The text rows, and the write rows as the next memory."""
+        m = self.rows
+        return h[:, m: m + length], h[:, m + length:]
+
+    def carry(self, index: int, state: Tensor) -> Tensor:
+        if self.bptt_depth and (index + 1) % self.bptt_depth == 0:  # truncated BPTT (counted within one call)
+            return state.detach()
+        return state
+
+    def memory_rows(self, state: Tensor | None, batch: int) -> Tensor:
+        return self.start(batch) if state is None else state
+
+    def rows_visible(self, device: torch.device) -> Tensor:
+        """(m, m): how the read rows, and the write rows, see each other."""
+        return segment_mask(self.rows, 0, self.causal, device)[: self.rows, : self.rows]
+
+
 @register_memory
 class RecurrentMemory(Memory):
-    """The per-layer part: local attention over the rows it is given, with their mask; no state of its own."""
+    """The per-layer part: attention among a segment's rows [read; text; write] under the mask; no state of its own."""
 
     name = "rmt"
     defaults = {"num_mem_tokens": 100, "causal": False, "bptt_depth": 0, "checkpoint_segments": False}
-    model_level = True
+    stack = MemoryTokens
     capturable = False  # a segment end runs the write rows through the stack: decoded eagerly
+
+    def __init__(self, cfg, layer: int, args: dict[str, Any]):
+        super().__init__(cfg, layer, args)
+        self.m, self.causal = args["num_mem_tokens"], args["causal"]  # checked by MemoryTokens
 
     def active(self) -> bool:
         return False  # nothing per layer: the memory is carried by the stack
 
     def positions(self, t: int, state) -> int:
-        return 2 * self.args["num_mem_tokens"] + self.cfg.segment_len  # [read; text; write]
+        return 2 * self.m + self.cfg.segment_len  # [read; text; write]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state: Rows, rotary,
-                kv_detached=None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The rows' attention -> (B, H, L, D_v) and their keys and values (for the decoding cache)."""
-        if state.segment is not None:
-            m, causal = state.segment
-            length = q.shape[2] - 2 * m
-            return rows_attention(q, k, v, rotary, m, length, causal, length == self.cfg.segment_len), (k, v)
-        return local_attention(q, k, v, rotary, state.ctx, visible=state.visible), (k, v)
-
-    @classmethod
-    def build_stack(cls, cfg, args: dict[str, Any]) -> nn.Module:
-        check_args(args)
-        return MemoryTokens(cfg, args)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, gate, state, rotary, kv_detached=None) -> tuple[Tensor, None]:
+        """The rows [read (m); text (L); write (m)] of one segment -> (B, H, 2m + L, D_v); nothing carried."""
+        length = q.shape[2] - 2 * self.m
+        return rows_attention(q, k, v, rotary, self.m, length, self.causal, length == self.cfg.segment_len), None
 
     @classmethod
     def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
@@ -142,112 +173,3 @@ def mask_pairs(m: int, length: int, causal: bool) -> int:
     if causal:
         return causal_pairs(2 * m + length)
     return m * m + causal_pairs(length, m) + m * (2 * m + length)
-
-
-class MemoryTokens(nn.Module):
-    """The model-level part: M_0 and the segment loop. States are the memory vectors (B, m, dim), None = M_0."""
-
-    def __init__(self, cfg, args: dict[str, Any]):
-        super().__init__()
-        self.cfg = cfg
-        self.m, self.causal = args["num_mem_tokens"], args["causal"]
-        self.bptt_depth, self.checkpoint_segments = args["bptt_depth"], args["checkpoint_segments"]
-        self.initial = nn.Parameter(torch.empty(self.m, cfg.dim))  # M_0 (m, dim)
-        self._segment = MemoryTokens.segment  # or its compiled version (compile_segments)
-
-    def compile_segments(self, **options) -> None:
-        """torch.compile one segment through the whole stack as one graph (`options` go to torch.compile).
-
-        Segments are sequential and each is a small amount of work for a GPU (N + 2m rows through every block),
-        so compiling block by block leaves the step bound by the host: one compiled call, with its guards and
-        wrappers, per block, segment and direction. One graph per segment makes that 12x fewer calls."""
-        self._segment = torch.compile(MemoryTokens.segment, **options)
-
-    def reset_parameters(self) -> None:
-        """Independent random rows: identical rows would stay identical through every layer."""
-        nn.init.normal_(self.initial, std=0.02)
-
-    def start(self, batch: int) -> Tensor:
-        return self.initial.unsqueeze(0).expand(batch, -1, -1)  # (B, m, dim)
-
-    def memory_mask(self, device: torch.device) -> Tensor:
-        """(m, m): how the read rows, and the write rows, see each other."""
-        return segment_mask(self.m, 0, self.causal, device)[: self.m, : self.m]
-
-    def run_rows(self, model, x: Tensor, contexts: list[Context | None], visible: Tensor | None,
-                 segment: tuple[int, bool] | None = None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Rows x (B, L, dim) through every block -> the final-norm output and each layer's keys and values.
-        The rows see each other as `visible` says, or as a whole segment's rows (`Rows.segment`)."""
-        kvs = []
-        for layer, ctx in zip(model.layers, contexts):
-            x, kv = layer(x, Rows(ctx, visible, segment), model.rotary)
-            kvs.append(kv)
-        return model.norm(x), kvs
-
-    def segment(self, model, text: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """text (B, L, dim) embedded, memory (B, m, dim) -> text outputs (B, L, dim), next memory (B, m, dim)."""
-        m, length = self.m, text.shape[1]
-        memory = memory.to(text.dtype)
-        h, _ = self.run_rows(model, torch.cat([memory, text, memory], dim=1), [None] * len(model.layers), None,
-                             (m, self.causal))
-        return h[:, m: m + length], h[:, m + length:]
-
-    def hidden(self, model, input_ids: Tensor, states: Tensor | None, cache: list | None = None,
-               pos: int = 0) -> tuple[Tensor, Tensor | None]:
-        """input_ids (B, T) -> final-norm text outputs (B, T, dim) and the memory after them (see model.hidden)."""
-        if cache is not None:
-            return self.decode(model, input_ids, states, cache, pos), states
-        n = model.cfg.segment_len
-        x = model.embed(input_ids)  # (B, T, dim)
-        memory = self.start(x.shape[0]) if states is None else states
-        recompute = model.training and torch.is_grad_enabled() and (
-            model.cfg.activation_checkpointing or self.checkpoint_segments)
-        if self.m and not self.causal:
-            lower_right(n, self.m + n)  # a full segment's text rows' mask (rows_attention), made uncompiled
-        outs = []
-        for i, start in enumerate(range(0, x.shape[1], n)):
-            text = x[:, start: start + n]
-            if recompute:
-                h, memory = checkpoint(self._segment, self, model, text, memory, use_reentrant=False)
-            else:
-                h, memory = self._segment(self, model, text, memory)
-            outs.append(h)
-            if self.bptt_depth and (i + 1) % self.bptt_depth == 0:  # truncated BPTT (counted within this call)
-                memory = memory.detach()
-        return torch.cat(outs, dim=1), memory
-
-    def decode(self, model, input_ids: Tensor, states: Tensor | None, cache: list, pos: int) -> Tensor:
-        """input_ids (B, L) at text positions pos .. of the current segment -> final-norm outputs (B, L, dim)."""
-        m = self.m
-        if pos == 0 and m:  # the segment's first tokens: its read rows go into cache slots 0 .. m-1
-            memory = self.start(input_ids.shape[0]) if states is None else states
-            _, kvs = self.run_rows(model, memory.to(model.embed.weight.dtype), [None] * len(model.layers),
-                                   self.memory_mask(input_ids.device))
-            for c, (k, v) in zip(cache, kvs):
-                c.k[:, :, :m] = k
-                c.v[:, :, :m] = v
-        x = model.embed(input_ids)
-        for layer, c in zip(model.layers, cache):
-            # Causal over the cache from slot m + pos: every read row, the text so far, no write row.
-            x, _ = layer(x, None, model.rotary, c, pos + m)
-        return model.norm(x)
-
-    def new_decode_state(self, model, batch: int):
-        """Caches of m + N slots per layer (read rows, then the segment's text) and no memory yet."""
-        from infini_bench.generate import DecodeState  # generate imports the model, which imports this module
-        from infini_bench.model import LocalCache
-        cfg, p = model.cfg, model.embed.weight
-        shape = (batch, cfg.n_kv_heads, self.m + cfg.segment_len, cfg.head_dim)
-        cache = [LocalCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)]
-        return DecodeState(None, cache)
-
-    def end_decode_segment(self, model, state) -> None:
-        """The segment is full: its write rows run over [read; text] from the caches and give the next memory."""
-        if not self.m:
-            return
-        batch, slots = state.cache[0].k.shape[0], state.cache[0].k.shape[2]
-        memory = self.start(batch) if state.states is None else state.states
-        valid = torch.ones(batch, slots, dtype=torch.bool, device=memory.device)
-        contexts = [Context(c.k, c.v, valid) for c in state.cache]  # read rows + the full segment, all seen
-        state.states, _ = self.run_rows(model, memory.to(model.embed.weight.dtype), contexts,
-                                        self.memory_mask(memory.device))

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from infini_bench.attention import Context, local_attention, lower_right
 from infini_bench.errors import ConfigError, check_int
-from infini_bench.memories.base import (Context, Footprint, Memory, Work, causal_pairs, local_attention, lower_right,
-                                        register_memory, segment_spans)
+from infini_bench.memories.base import Footprint, Memory, Work, causal_pairs, register_memory, segment_spans
 
 
 class KVCache(NamedTuple):
