@@ -73,6 +73,26 @@ SEEDS_OF = $(if $(filter none linear,$(1)),0 1 2,0 1)
 MICRO_OF = $(if $(filter memorizing rmt,$(1)), trainer.batch_size=16 trainer.grad_accum=1,)
 EACH_MEMORY_SEED = $(foreach m,$(MEMORIES),$(foreach s,$(call SEEDS_OF,$(m)),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)$(call MICRO_OF,$(m))"))
 
+# Infini-attention's ablation study on the same recipe (docs/ABLATIONS.md): each arm with seeds 0 and 1, four runs
+# side by side per GPU. An arm is name:override,override; `make ablations-mini ABLATIONS="..."` runs a subset.
+comma := ,
+ABLATIONS ?= linear-empty_local:memory=linear,memory.empty_read=local \
+	delta-empty_local:memory=delta,memory.empty_read=local \
+	linear-gate_init_-2:memory=linear,model.gate_init=-2 \
+	linear-gate_init_-4:memory=linear,model.gate_init=-4 \
+	linear-gate_lr_1e-3:memory=linear,trainer.gate_lr=1e-3 \
+	linear-read_norm:memory=linear,memory.read_norm=rms \
+	delta-read_norm:memory=delta,memory.read_norm=rms \
+	linear-fp32:memory=linear,memory.products=fp32 \
+	linear-detached:memory=linear,memory.backprop=detached
+ARM_NAME = $(word 1,$(subst :, ,$(1)))
+ARM_OVERRIDES = $(subst $(comma), ,$(word 2,$(subst :, ,$(1))))
+EACH_ABLATION_SEED = $(foreach a,$(ABLATIONS),$(foreach s,0 1,--variant "$(call ARM_NAME,$(a))-s$(s)=$(call ARM_OVERRIDES,$(a)) seed=$(s)"))
+
+ablations-mini: ## Infini-attention's ablations on the Table 2 recipe, two seeds per arm (docs/ABLATIONS.md), then the report
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/ablations --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_ABLATION_SEED) -- $(ARGS)
+	$(MAKE) report
+
 reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (passkey_gpu) and the BookSum pipeline, offline, then the report
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2 --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_MEMORY_SEED) -- $(ARGS)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/passkey --experiment passkey_gpu --budget 900 $(EACH_MEMORY) -- $(ARGS)
@@ -95,4 +115,4 @@ table2-shape-scan: ## the memory=none shape scan behind table2_mini's model (one
 report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
 	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
-.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini table2-shape-scan report
+.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini ablations-mini table2-shape-scan report

@@ -6,9 +6,10 @@ from infini_bench.compressive import MemoryState, infini_attention
 from infini_bench.model import ModelConfig, Rotary
 
 
-def naive(q, k, v, beta, n, rule, rotary=None, empty_read="zero"):
+def naive(q, k, v, beta, n, rule, rotary=None, empty_read="zero", read_scale=None):
     """Float64, one segment and one query at a time, written straight from Eqs. 6-10; M_0 = 0 reads A_mem = 0
-    (empty_read="zero") or, the ablation, leaves A_dot unmixed in the first segment ("local")."""
+    (empty_read="zero") or, the ablation, leaves A_dot unmixed in the first segment ("local"); with `read_scale`
+    (H * D_v,), A_mem is divided by its root mean square over D_v and scaled before the mix (the ablation)."""
     q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
     b, h, t, d = q.shape
     g = h // k.shape[1]
@@ -32,6 +33,9 @@ def naive(q, k, v, beta, n, rule, rotary=None, empty_read="zero"):
                 else:
                     sq = sig(qs[:, hh, i])  # un-rotated
                     a_mem = torch.einsum("bd,bde->be", sq, M[:, kv]) / (sq * z[:, kv]).sum(-1, keepdim=True)
+                    if read_scale is not None:
+                        scale = read_scale.double().view(h, -1)[hh]
+                        a_mem = a_mem / (a_mem.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * scale
                     gate = torch.sigmoid(beta[hh])
                     out[:, hh, s0 + i] = gate * a_mem + (1 - gate) * a_dot
         if rule == "none":
@@ -151,6 +155,64 @@ def test_first_segment_is_local_attention_scaled_by_the_gate_as_in_every_segment
     torch.testing.assert_close(unscaled[:, :, 8:], out[:, :, 8:])  # later segments do not depend on it
 
 
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("t", [40, 37], ids=["full-segments", "partial-last"])
+def test_normalized_read_matches_float64_loop(rule, t):
+    q, k, v, beta = make_inputs(4, 2, t=t)
+    scale = torch.rand(4 * 8, generator=torch.Generator().manual_seed(3)) + 0.5
+    out, _ = infini_attention(q, k, v, beta, segment_len=8, rule=rule, read_scale=scale)
+    ref, _, _ = naive(q, k, v, beta, 8, rule, read_scale=scale)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    plain, _ = infini_attention(q, k, v, beta, segment_len=8, rule=rule)
+    assert (out - plain)[:, :, 8:].abs().max() > 1e-2  # the option changes what later segments read
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_detached_memory_passes_no_gradient_from_a_read_into_earlier_writes(rule):
+    from infini_bench.compressive import memory_read, memory_write
+
+    grads = {}
+    for backprop in ("full", "detached"):
+        q, k, v, beta = make_inputs(t=16)
+        q.requires_grad_(True), k.requires_grad_(True)
+        out, _ = infini_attention(q, k, v, beta, segment_len=8, rule=rule, backprop=backprop)
+        out[:, :, 8:].sum().backward()  # only the second segment's output
+        streamed = memory_read(q[:, :, 8:], memory_write(k[:, :, :8], v[:, :, :8], rule, None), backprop=backprop)
+        (k_grad_streamed,) = torch.autograd.grad(streamed.sum(), k, allow_unused=True)
+        streamed_sum = 0 if k_grad_streamed is None else k_grad_streamed.abs().sum()
+        grads[backprop] = (k.grad[:, :, :8].abs().sum(), streamed_sum, out.detach())
+    assert grads["full"][0] > 0 and grads["full"][1] > 0
+    assert grads["detached"][0] == 0 and grads["detached"][1] == 0
+    torch.testing.assert_close(grads["detached"][2], grads["full"][2], rtol=0, atol=0)  # the same forward
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_fp32_products_keep_the_memory_exact_under_bf16_autocast(rule):
+    """Under bf16 autocast, products="fp32" reads the memory as a float64 computation does (to fp32 rounding);
+    the default products in bf16 are off by bf16's rounding. The option changes precision, not the function."""
+    q, k, v, beta = make_inputs(4, 2, t=64)
+    _, M, z = naive(q, k, v, beta, 8, rule)
+    sq = torch.nn.functional.elu(q[:, :, -8:].double()) + 1
+    g = q.shape[1] // k.shape[1]
+    ref = (sq.view(2, 2, g, 8, 8) @ M.unsqueeze(2)) / (sq.view(2, 2, g, 8, 8) @ z.view(2, 2, 1, 8, 1))
+    ref = ref.view(2, 4, 8, 8)
+    from infini_bench.compressive import memory_read, memory_write
+
+    errors = {}
+    for products in ("activation", "fp32"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = None
+            for s0 in range(0, 64, 8):
+                state = memory_write(k[:, :, s0:s0 + 8].bfloat16(), v[:, :, s0:s0 + 8].bfloat16(), rule, state,
+                                     products=products) if s0 < 64 else state
+            # the last segment's queries read the memory of all 8 segments, as in the float64 loop's state
+            a_mem = memory_read(q[:, :, -8:].bfloat16(), state, products=products)
+        errors[products] = ((a_mem.double() - ref).abs().max() / ref.abs().max()).item()
+    # bf16 inputs carry their own rounding (2^-9 relative), so even fp32 products are not exact; they must be
+    # clearly better than products in bf16.
+    assert errors["fp32"] < 0.5 * errors["activation"], errors
+
+
 def test_memory_gets_gradients_from_later_segments():
     q, k, v, beta = make_inputs(t=16)
     k.requires_grad_(True)
@@ -167,11 +229,12 @@ def test_given_state_is_read_by_first_segment():
     assert (with_mem - without).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("bad", [{"rule": "foo"}, {"segment_len": 0}, {"empty_read": "none"}])
+@pytest.mark.parametrize("bad", [{"rule": "foo"}, {"segment_len": 0}, {"empty_read": "none"},
+                                 {"products": "bf16"}, {"backprop": "none"}])
 def test_bad_arguments_raise(bad):
     q, k, v, beta = make_inputs(t=8)
     kwargs = {"segment_len": 8, **bad}
-    with pytest.raises(ValueError, match="rule|segment_len|empty_read"):
+    with pytest.raises(ValueError, match="rule|segment_len|empty_read|products|backprop"):
         infini_attention(q, k, v, beta, **kwargs)
 
 

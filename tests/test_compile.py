@@ -51,10 +51,10 @@ def fresh_compiler():
     torch._dynamo.reset()
 
 
-def pair(memory: str) -> tuple[torch.nn.Module, torch.nn.Module, Traces]:
+def pair(memory: str, args: dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module, Traces]:
     """A tiny two-layer model and a copy with the same weights whose blocks are compiled (no graph breaks)."""
     torch.manual_seed(0)
-    eager = build_model("tiny", memory=memory, memory_args=ARGS.get(memory), segment_len=N, n_layers=2)
+    eager = build_model("tiny", memory=memory, memory_args=args or ARGS.get(memory), segment_len=N, n_layers=2)
     with torch.no_grad():  # gates away from 0.5 so the memory path matters
         for layer in eager.layers:
             if layer.attn.gate is not None:
@@ -86,6 +86,20 @@ def test_compiled_training_equals_eager(memory):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
     assert traces.graphs > 0  # the blocks did run through the compiler
+
+
+@pytest.mark.parametrize("args", [{"read_norm": "rms"}, {"products": "fp32"}, {"backprop": "detached"}],
+                         ids=["read_norm", "products", "backprop"])
+@pytest.mark.parametrize("memory", ["linear", "delta"])
+def test_the_ablation_options_compile(memory, args):
+    """Infini-attention's ablation options trace in one graph and train as they do eagerly."""
+    eager, compiled, traces = pair(memory, args)
+    ids = tokens(4 * N + 3)
+    torch.testing.assert_close(train_step(compiled, ids), train_step(eager, ids), rtol=1e-5, atol=1e-5)
+    grads = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert traces.graphs > 0
 
 
 @pytest.mark.parametrize("memory", memory_names())

@@ -22,12 +22,16 @@ def tiny(memory: str, seed: int = 0, **args):
         for layer in model.layers:
             if layer.attn.gate is not None:
                 layer.attn.gate.normal_(0, 2)
+            if getattr(layer.attn.memory, "read_scale", None) is not None:  # a learned scale away from 1
+                layer.attn.memory.read_scale.uniform_(0.5, 2.0)
     return model
 
 
-# Every memory, plus the empty-memory ablation of Infini-attention (A_dot unscaled in a document's first segment).
-CONVENTIONS = [(m, {}) for m in memory_names()] + [(m, {"empty_read": "local"}) for m in ("linear", "delta")]
-CONVENTION_IDS = [m + ("-empty_local" if a else "") for m, a in CONVENTIONS]
+# Every memory, plus the ablation options of Infini-attention: A_dot unscaled in a document's first segment,
+# A_mem RMS-normalised, every memory product in fp32, the memory read detached.
+ABLATIONS = [{"empty_read": "local"}, {"read_norm": "rms"}, {"products": "fp32"}, {"backprop": "detached"}]
+CONVENTIONS = [(m, {}) for m in memory_names()] + [(m, a) for a in ABLATIONS for m in ("linear", "delta")]
+CONVENTION_IDS = [m + "".join(f"-{k}_{v}" for k, v in a.items()) for m, a in CONVENTIONS]
 
 
 def tokens(t: int, b: int = 2, seed: int = 1) -> torch.Tensor:
@@ -116,6 +120,24 @@ def test_the_empty_read_convention_changes_only_what_an_empty_memory_gives():
     from infini_bench.errors import ConfigError
     with pytest.raises(ConfigError, match="memory.empty_read"):
         tiny("delta", empty_read="none")
+
+
+@pytest.mark.parametrize("key,bad", [("read_norm", "layer"), ("products", "bf16"), ("backprop", "truncated")])
+def test_a_bad_ablation_option_is_named_with_its_values(key, bad):
+    from infini_bench.errors import ConfigError
+    with pytest.raises(ConfigError, match=rf"memory.{key}: .*{bad}.*"):
+        tiny("linear", **{key: bad})
+
+
+def test_the_normalized_read_adds_one_scale_per_head_and_channel_without_weight_decay():
+    from infini_bench.train import TrainConfig, param_groups
+    plain, normed = tiny("linear"), tiny("linear", read_norm="rms")
+    shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in (plain, normed)]
+    extra = shapes[1].items() - shapes[0].items()
+    cfg = normed.cfg
+    assert sorted(extra) == [(f"layers.{i}.attn.memory.read_scale", (cfg.n_heads * cfg.head_dim,)) for i in range(2)]
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(normed, TrainConfig())}
+    assert all(id(normed.layers[i].attn.memory.read_scale) in groups["no_decay"] for i in range(2))
 
 
 def test_unknown_memory_argument_is_named():

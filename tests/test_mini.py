@@ -150,3 +150,32 @@ def test_reproduce_mini_runs_every_memory_in_each_benchmark():
     assert all(f'--variant "{m}-s{s}=memory={m} seed={s}{micro.get(m, "")}"' in runs[0]
                for m in memories for s in seeds[m])
     assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
+
+
+def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds():
+    """`make ablations-mini` as it would run: two seeds per arm on the Table 2 recipe, and each arm's overrides
+    compose (no misspelt key) and build its model (no value the memory refuses), before any GPU time is spent."""
+    import shlex
+
+    from infini_bench.model import build_model
+    from tasks.common import memory_fields
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "ablations-mini"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x)
+    assert "--experiment table2_mini" in line and "HF_HUB_OFFLINE=1" in line
+    words = shlex.split(line)
+    variants = [words[i + 1] for i, w in enumerate(words) if w == "--variant"]
+    arms: dict[str, list[int]] = {}
+    for variant in variants:
+        name, _, overrides = variant.partition("=")
+        arm, seed = name.rsplit("-s", 1)
+        assert overrides.split()[-1] == f"seed={seed}"
+        arms.setdefault(arm, []).append(int(seed))
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["experiment=table2_mini", *overrides.split()])
+        build_model("tiny", segment_len=8, n_layers=1, gate_init=cfg.model.gate_init, **memory_fields(cfg))
+    assert len(arms) >= 9 and all(seeds == [0, 1] for seeds in arms.values())
+    assert {"linear-read_norm", "linear-fp32", "linear-detached", "linear-empty_local"} <= set(arms)

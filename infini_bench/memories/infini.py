@@ -8,12 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from infini_bench.attention import EMPTY_READS
-from infini_bench.compressive import MemoryState, infini_attention, memory_read, memory_write
+from infini_bench.compressive import BACKPROPS, PRODUCTS, MemoryState, infini_attention, memory_read, memory_write
 from infini_bench.errors import check_choice
 from infini_bench.memories.base import Footprint, Memory, Work, register_memory
+
+
+READ_NORMS = ("none", "rms")
 
 
 @register_memory
@@ -38,16 +41,30 @@ class CompressiveMemory(Memory):
     rule: str
     # empty_read: what a document's first segment reads (attention.EMPTY_READS). zero is Eq. 10 with M_0 = 0:
     # (1 - sigmoid(beta)) A_dot, as in every other segment; local keeps A_dot unscaled there (an ablation).
-    defaults = {"empty_read": "zero"}
+    # products, backprop and read_norm: the ablation study's options (compressive.py's docstring); the defaults
+    # are the paper's reading.
+    defaults = {"empty_read": "zero", "products": "activation", "backprop": "full", "read_norm": "none"}
 
     def __init__(self, cfg, layer: int, args: dict[str, Any]):
         super().__init__(cfg, layer, args)
         check_choice("memory.empty_read", args["empty_read"], EMPTY_READS)
-        self.empty_read = args["empty_read"]
+        check_choice("memory.products", args["products"], PRODUCTS)
+        check_choice("memory.backprop", args["backprop"], BACKPROPS)
+        check_choice("memory.read_norm", args["read_norm"], READ_NORMS)
+        self.empty_read, self.products, self.backprop = args["empty_read"], args["products"], args["backprop"]
+        # rms: A_mem RMS-normalised per head, times a learned scale per head and channel (1-D: no weight decay)
+        self.read_scale = (nn.Parameter(torch.ones(cfg.n_heads * cfg.head_dim)) if args["read_norm"] == "rms"
+                           else None)
+
+    def reset_parameters(self) -> None:
+        if self.read_scale is not None:
+            with torch.no_grad():
+                self.read_scale.fill_(1.0)
 
     def forward(self, q, k, v, gate, state, rotary, kv_detached=None):
         return infini_attention(q, k, v, gate, segment_len=self.cfg.segment_len, rule=self.rule, state=state,
-                                rotary=rotary, empty_read=self.empty_read)
+                                rotary=rotary, empty_read=self.empty_read, products=self.products,
+                                backprop=self.backprop, read_scale=self.read_scale)
 
     def read(self, q: Tensor, state: MemoryState) -> tuple[Tensor, Tensor]:
         b, h = q.shape[:2]
@@ -55,10 +72,11 @@ class CompressiveMemory(Memory):
         # Nothing written yet (an empty fixed-shape state): z = 0, and the read is 0 / 0; the mix then takes
         # empty_read's output. Once written, z > 0 everywhere because ELU + 1 > 0.
         has = (state.z.sum(-1) > 0).repeat_interleave(h // hk, dim=1).view(b, h, 1, 1)
-        return memory_read(q, state), has
+        return memory_read(q, state, products=self.products, backprop=self.backprop,
+                           read_scale=self.read_scale), has
 
     def write(self, state: MemoryState | None, k: Tensor, v: Tensor) -> MemoryState:
-        return memory_write(k, v, self.rule, state)
+        return memory_write(k, v, self.rule, state, products=self.products)
 
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
         cfg = self.cfg
