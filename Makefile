@@ -28,7 +28,7 @@ install: $(BIN)/.installed ## create .venv and install the project (torch first,
 run: install ## the embedded default main job on CPU (python run.py)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python run.py $(ARGS)
 
-test: install ## run the test suite (no network, about 12 minutes on 2 CPU cores)
+test: install ## run the test suite (no network, about 14 minutes on 2 CPU cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)
 
 bench: ## the benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
