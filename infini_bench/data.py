@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from infini_bench.code_corpus import code_documents
 from infini_bench.documents import SPLITS, Document
-from infini_bench.errors import ConfigError
+from infini_bench.errors import ConfigError, check_choice
 from infini_bench.hub import prepare_hub
 
 EMBEDDED = ("embedded_pg19", "embedded_math", "embedded")
@@ -135,6 +135,9 @@ def load_documents(dataset: str, split: str, max_docs: int = 1000, min_bytes: in
     raise ConfigError("task.dataset", f"{dataset!r} is not one of {', '.join(EMBEDDED + CODE + tuple(HUB))}")
 
 
+WINDOW_STARTS = ("any", "document")
+
+
 class TokenStream:
     """Tokenized training documents, sampled as fixed-length windows that depend only on (seed, index).
 
@@ -142,10 +145,12 @@ class TokenStream:
     With `min_doc_tokens` = 0 the documents are packed end to end (an EOS between them) and a window may
     span two; with `min_doc_tokens` > 0 (the paper's continual pre-training: documents longer than 4K)
     documents shorter than that, or than one window, are dropped and every window lies inside one document.
+    `window_start` "document" (with `min_doc_tokens` > 0) starts every window at a document's first token, so a
+    window's first segment is a document's first segment, as in evaluation; "any" starts it anywhere.
     """
 
     def __init__(self, docs: Sequence[Document], tokenizer, seq_len: int, batch_size: int, seed: int,
-                 min_doc_tokens: int = 0):
+                 min_doc_tokens: int = 0, window_start: str = "any"):
         within_docs = min_doc_tokens > 0
         shortest = max(min_doc_tokens, seq_len + 1) if within_docs else 0
         pieces = []
@@ -160,14 +165,16 @@ class TokenStream:
         if not pieces:
             raise ConfigError("task.min_doc_tokens", f"{min_doc_tokens} drops all {len(docs)} training documents")
         self._setup(torch.cat(pieces), torch.tensor([len(p) for p in pieces]), within_docs, seq_len, batch_size,
-                    seed)
+                    seed, window_start)
         self.n_dropped = len(docs) - len(pieces)
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor | bool | int], seq_len: int, batch_size: int, seed: int):
+    def from_state(cls, state: dict[str, Tensor | bool | int], seq_len: int, batch_size: int, seed: int,
+                   window_start: str = "any"):
         """The stream `state()` saved: tokenized once, then reused by other ranks and by a resumed run."""
         stream = cls.__new__(cls)
-        stream._setup(state["tokens"], state["lengths"], bool(state["within_docs"]), seq_len, batch_size, seed)
+        stream._setup(state["tokens"], state["lengths"], bool(state["within_docs"]), seq_len, batch_size, seed,
+                      window_start)
         stream.n_dropped = int(state["n_dropped"])
         return stream
 
@@ -175,7 +182,12 @@ class TokenStream:
         return {"tokens": self.tokens, "lengths": self.lengths, "within_docs": self.within_docs,
                 "n_dropped": self.n_dropped}
 
-    def _setup(self, tokens: Tensor, lengths: Tensor, within_docs: bool, seq_len: int, batch_size: int, seed: int):
+    def _setup(self, tokens: Tensor, lengths: Tensor, within_docs: bool, seq_len: int, batch_size: int, seed: int,
+               window_start: str = "any"):
+        check_choice("task.window_start", window_start, WINDOW_STARTS)
+        if window_start == "document" and not within_docs:
+            raise ConfigError("task.window_start", "document needs task.min_doc_tokens > 0 (packed text has no "
+                              "document starts); e.g. task.min_doc_tokens=1")
         self.tokens, self.lengths, self.within_docs = tokens, lengths, within_docs
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.n_docs = len(lengths)
@@ -188,6 +200,8 @@ class TokenStream:
         if not within_docs:
             lengths = torch.tensor([len(tokens) - 1])
         self._starts_per_doc, self._first = lengths - seq_len, torch.cumsum(lengths, 0) - lengths
+        if window_start == "document":  # one start per document: its first token
+            self._starts_per_doc = torch.ones_like(lengths)
         self._cum = torch.cumsum(self._starts_per_doc, 0)
 
     def windows(self, n: int, g: torch.Generator) -> Tensor:

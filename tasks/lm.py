@@ -81,8 +81,9 @@ def tokens_key(t: DictConfig, dataset: str, min_tokens: int, tokenizer: Tokenize
     SHA-256 of their text; for a hub data set, which ones its stream yields, as they can't be hashed before
     they are streamed), the tokenizer (its definition's SHA-256), and which documents are kept whole."""
     within = min_tokens > 0
-    key = {"dataset": dataset, "split": "train", "tokenizer": tokenizer.name, "tokenizer_sha256": tokenizer.fingerprint(),
-           "within_docs": within, "shortest": max(min_tokens, t.seq_len + 1) if within else 0}
+    key = {"dataset": dataset, "split": "train", "tokenizer": tokenizer.name,
+           "tokenizer_sha256": tokenizer.fingerprint(), "within_docs": within,
+           "shortest": max(min_tokens, t.seq_len + 1) if within else 0}
     if dataset in HUB:
         return {**key, "hub": HUB[dataset], "max_docs": t.max_train_docs, "min_bytes": min_tokens}
     return {**key, "documents_sha256": documents_digest(docs)}
@@ -209,7 +210,9 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
                 raise ConfigError("trainer.resume", f"the training tokens of {source} in the token cache changed "
                                   "while the run started; run the command again")
             states[source] = found.state
-    streams = {source: TokenStream.from_state(state, t.seq_len, batch_size, seed) for source, state in states.items()}
+    start = t.get("window_start", "any")
+    streams = {source: TokenStream.from_state(state, t.seq_len, batch_size, seed, start)
+               for source, state in states.items()}
     if plan["weights"] is None:
         return next(iter(streams.values())), plan["sources"]
     return MixtureStream(streams, plan["weights"], batch_size, seed), plan["sources"]

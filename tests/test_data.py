@@ -218,3 +218,21 @@ def test_cache_entries_written_at_once_by_several_writers_stay_whole(tmp_path):
     assert not errors and [p.name for p in tmp_path.iterdir()] == [cache.path(key).name]  # no temporary file left
     assert cache.load(key).sha256 == state_digest(state)
     assert cache.load({**key, "test": 2}) is None
+
+
+def test_windows_start_at_document_starts_when_asked():
+    """window_start=document: every window is a document's first seq_len + 1 tokens, each document as likely;
+    the default starts anywhere; packed text has no document starts, so asking for them is one clear error."""
+    docs = [Document("a", "".join(chr(ord("A") + i) for i in range(30))), Document("b", "b" * 40)]
+    starts = TokenStream(docs, TOK, seq_len=8, batch_size=2000, seed=0, min_doc_tokens=1, window_start="document")
+    firsts = Counter(int(row[0]) for row in starts(0)["input_ids"])
+    assert set(firsts) == {ord("A"), ord("b")} and firsts[ord("A")] / 2000 == pytest.approx(0.5, abs=0.05)
+    assert all(row.tolist() == TOK.encode("ABCDEFGH") for row in starts(0)["input_ids"] if row[0] == ord("A"))
+    anywhere = TokenStream(docs, TOK, seq_len=8, batch_size=2000, seed=0, min_doc_tokens=1)
+    assert len({int(row[0]) for row in anywhere(0)["input_ids"]}) > 2
+    restored = TokenStream.from_state(starts.state(), 8, 2000, 0, window_start="document")
+    assert torch.equal(restored(5)["input_ids"], starts(5)["input_ids"])  # a resumed run draws the same windows
+    with pytest.raises(ConfigError, match=r"^task\.window_start: document needs task\.min_doc_tokens > 0"):
+        TokenStream(docs, TOK, seq_len=8, batch_size=2, seed=0, window_start="document")
+    with pytest.raises(ConfigError, match=r"^task\.window_start: 'start' is not one of any, document"):
+        TokenStream(docs, TOK, seq_len=8, batch_size=2, seed=0, min_doc_tokens=1, window_start="start")
