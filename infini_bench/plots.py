@@ -55,6 +55,9 @@ LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
 
 
+LEGEND_INSIDE = 6  # a line plot with more series than this has its legend beside the axes
+
+
 def memory_color(memory: str) -> str:
     """The colour of a memory in every figure of the report."""
     return MEMORY_COLORS.get(memory, "black")
@@ -95,7 +98,10 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > LEGEND_INSIDE:  # beside the axes, where it hides no line
+        fig.set_size_inches(9, 4.5)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    elif len(series) > 1:
         ax.legend()
     return save_figure(fig, path)
 

@@ -32,15 +32,22 @@ from infini_bench.tracking import read_metrics
 DEPTHS = ("start", "middle", "end")
 HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}
 # Keys that say how a run was launched or logged, not what it computed: runs differing only there are one run.
-_NOT_IDENTITY = {"hydra", "logger", "device"}
+_NOT_IDENTITY = {"hydra", "logger", "device", "cache_dir"}
 _NOT_IDENTITY_TRAINER = {"progress", "resume"}
+# Keys added after some runs were recorded, each with the value that does what those runs did: a run recorded
+# without the key is the same run as one with this value.
+_ADDED_KEYS = {("task", "window_start"): "any", ("task", "limit"): None}
 CONF = Path(__file__).resolve().parents[1] / "conf"
+ABLATIONS = CONF.parent / "docs" / "ABLATIONS.md"  # what the seed table's ablation arms test
 
 
 def _identity(config: dict) -> str:
     kept = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
     if isinstance(kept.get("trainer"), dict):
         kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in _NOT_IDENTITY_TRAINER}
+    for (section, key), value in _ADDED_KEYS.items():
+        if isinstance(kept.get(section), dict) and key not in kept[section]:
+            kept[section] = {**kept[section], key: value}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -286,16 +293,36 @@ def table2(results: list[dict], out: Path | None = None) -> list[str]:
 SEGMENT_BANDS = (("first segment", 0, 1), ("segments 8-15", 8, 16), ("segments 16+", 16, None))
 
 
+# Overrides that turn one knob of a memory (its options, the gate's start and learning rate): runs of one recipe that
+# differ only there are arms of an ablation, rows of the recipe's seed table rather than tables of their own.
+ARM_OVERRIDES = ("memory.", "model.gate_init=", "trainer.gate_lr=")
+
+
 def _setting(config: dict) -> str:
-    """A run's identity without its seed and memory: the runs of one recipe that a seed table compares."""
+    """A run's identity without its seed, memory and arm: the runs of one recipe that a seed table compares."""
     kept = json.loads(_identity(config))
     for key in ("seed", "memory", "name"):  # the run's name is made of its model and memory
         kept.pop(key, None)
+    kept.get("model", {}).pop("gate_init", None)
     trainer = kept.get("trainer", {})
-    trainer.pop("seed", None)
+    for key in ("seed", "gate_lr"):
+        trainer.pop(key, None)
     if "batch_size" in trainer:  # 8 sequences x 2 accumulated micro-batches is the same step as 16 x 1
         trainer["sequences_per_step"] = trainer.pop("batch_size") * trainer.pop("grad_accum", 1)
     return json.dumps(kept, sort_keys=True)
+
+
+def arm(run: dict) -> str:
+    """The row of a seed table a run belongs to: its memory, then the knobs it turned (`ARM_OVERRIDES`), e.g.
+    `linear memory.read_norm=rms`; a run that turned none is its memory's name alone."""
+    return " ".join([run["config"]["memory"]["name"], *sorted(a for a in overrides(run) if a.startswith(ARM_OVERRIDES))])
+
+
+def arms_in_order(by_arm: dict[str, list[dict]]) -> list[str]:
+    """Arms in the report's memory order, each memory's own row first and its ablations after it."""
+    memory = {label: runs[0]["config"]["memory"]["name"] for label, runs in by_arm.items()}
+    order = {m: i for i, m in enumerate(memory_names())}
+    return sorted(by_arm, key=lambda label: (order.get(memory[label], len(order)), label != memory[label], label))
 
 
 def _micro_batches(run: dict) -> str:
@@ -304,11 +331,11 @@ def _micro_batches(run: dict) -> str:
 
 
 def seed_groups(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """LM runs that differ only in seed and memory: {setting: {memory: runs}}, for settings where some memory
-    has two seeds or more (single runs stay in the per-run table above)."""
+    """LM runs that differ only in seed, memory and arm: {setting: {arm: runs}}, for settings where some arm has
+    two seeds or more (single runs stay in the per-run table above)."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in _by_task(results, "lm"):
-        groups.setdefault(_setting(r["config"]), {}).setdefault(r["config"]["memory"]["name"], []).append(r)
+        groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
     return {k: v for k, v in groups.items() if any(len(runs) > 1 for runs in v.values())}
 
 
@@ -344,9 +371,11 @@ def spread(values: list[float]) -> tuple[float, float]:
 def verdict(a: list[float], b: list[float]) -> str:
     """Lower, higher, or within noise: a difference counts only beyond twice the larger seed spread (and only
     with two seeds or more on each side)."""
-    (ma, sa), (mb, sb) = spread(a), spread(b)
+    if not a or not b:
+        return "-"
     if len(a) < 2 or len(b) < 2:
         return "one seed"
+    (ma, sa), (mb, sb) = spread(a), spread(b)
     if abs(ma - mb) <= 2 * max(sa, sb):
         return "within noise"
     return f"{'lower' if ma < mb else 'higher'} by {abs(ma - mb):.3f}"
@@ -359,47 +388,83 @@ def _mean_spread(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {width / 2:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def position_gain(curve: list[float]) -> float | None:
+    """Segments 16+ minus the first segment (nats): how much a run's loss falls as it reads further into a
+    document. Compared with none's, it isolates what a memory gains from earlier segments from a level shift that
+    lies on every segment alike."""
+    late, first = band_loss(curve, 16, None), band_loss(curve, 0, 1)
+    return None if late is None or first is None else late - first
+
+
+def gate_summary(runs: list[dict]) -> str:
+    """The final sigmoid(beta) of every head: the mean over heads and seeds, and the lowest and highest head."""
+    gates = [g for r in runs for g in final_gates(r).values()]
+    return f"{sum(gates) / len(gates):.2f} [{min(gates):.2f}, {max(gates):.2f}]" if gates else "-"
+
+
 def table2_seeds(results: list[dict], out: Path | None = None) -> list[str]:
     lines = ["## Table 2 across seeds", "",
-             "Runs of one recipe that differ only in seed and memory, one row per memory: the mean over seeds ± half "
-             "the range (max - min) / 2. A difference from `none` is called one only when it exceeds twice the "
-             "larger of the two ranges. Loss bands are means over per-segment-index losses (nats); tokens/s is the "
-             "median logged rate, which depends on what else ran on the GPU at the time. The paper's perplexity "
-             "(PG19 / Arxiv-math, its own data and scale) stands beside ours for reference, not comparison.", ""]
-    for setting, by_memory in seed_groups(results).items():
-        first = next(iter(by_memory.values()))[0]
+             "Runs of one recipe that differ only in seed and memory, one row per memory, and a row per ablation arm "
+             "(a memory with its knobs turned: its options, `model.gate_init`, `trainer.gate_lr`) after its memory's "
+             "row. Values are the mean over seeds ± half the range (max - min) / 2. A difference is called one only "
+             "when it exceeds twice the larger of the two ranges. Loss bands are means over per-segment-index losses "
+             "(nats); `16+ minus first` is how far a run's loss falls from a document's first segment to its "
+             "segments 16+, so comparing it with none's removes a shift that lies on every segment alike. Gates are "
+             "the final sigmoid(beta) of every head: mean [lowest, highest]. Tokens/s is the median logged rate, "
+             "which depends on what else ran on the GPU at the time. The paper's perplexity (PG19 / Arxiv-math, its "
+             "own data and scale) stands beside ours for reference, not comparison.", ""]
+    for setting, by_arm in seed_groups(results).items():
+        first = next(iter(by_arm.values()))[0]
         c = first["config"]
         split = _split(first["results"])
-        lines += [f"### {c['task'].get('dataset')} ({split} split): {_scale(first)}", "",
-                  f"| memory | seeds | {split} bits/byte | {split} perplexity | "
+        ablated = any(" " in label for label in by_arm)
+        lines += [f"### {c['task'].get('dataset')} ({split} split): {_scale(first)}", ""]
+        if ablated:
+            guide = ABLATIONS if out is None else Path(os.path.relpath(ABLATIONS, out.parent))
+            lines += [f"What each ablation arm tests, and what the arms found: [{ABLATIONS.name}]({guide}).", ""]
+        lines += [f"| memory | seeds | {split} bits/byte | {split} perplexity | "
                   + " | ".join(name for name, _, _ in SEGMENT_BANDS)
-                  + " | bits/byte vs none | train tokens/s | carried floats: paper formula / ours / bytes "
-                    "| paper PG19 / Arxiv-math | runs |",
-                  "|---|---|---|---|" + "---|" * len(SEGMENT_BANDS) + "---|---|---|---|---|"]
-        bpb = {m: [r["results"][f"{split}/bpb"] for r in runs] for m, runs in by_memory.items()}
-        for memory in memory_names():
-            runs = sorted(by_memory.get(memory, []), key=lambda r: r["config"].get("seed", 0))
-            if not runs:
-                continue
-            curves = [r["results"].get(f"{split}/loss_by_segment") or [] for r in runs]
-            bands = [_mean_spread([x for x in (band_loss(cv, lo, hi) for cv in curves) if x is not None])
+                  + " | 16+ minus first | bits/byte vs none | segments 8-15 vs none | 16+ minus first vs none | "
+                  + ("bits/byte vs the memory's own row | " if ablated else "")
+                  + "gates | train tokens/s | carried floats: paper formula / ours / bytes | paper PG19 / Arxiv-math "
+                    "| runs |",
+                  "|---|---|---|---|" + "---|" * len(SEGMENT_BANDS) + "---|---|---|---|" + "---|" * ablated
+                  + "---|---|---|---|---|"]
+        runs_of = {label: sorted(runs, key=lambda r: r["config"].get("seed", 0)) for label, runs in by_arm.items()}
+        curves = {label: [r["results"].get(f"{split}/loss_by_segment") or [] for r in runs]
+                  for label, runs in runs_of.items()}
+
+        def per_run(label: str, f) -> list[float]:
+            return [x for x in map(f, curves.get(label, [])) if x is not None]
+
+        bpb = {label: [r["results"][f"{split}/bpb"] for r in runs] for label, runs in runs_of.items()}
+        mid = {label: per_run(label, lambda cv: band_loss(cv, 8, 16)) for label in runs_of}
+        gain = {label: per_run(label, position_gain) for label in runs_of}
+        for label in arms_in_order(by_arm):
+            runs = runs_of[label]
+            memory = runs[0]["config"]["memory"]["name"]
+            bands = [_mean_spread(per_run(label, lambda cv, lo=lo, hi=hi: band_loss(cv, lo, hi)))
                      for _, lo, hi in SEGMENT_BANDS]
             rates = [x for x in map(tokens_per_s, runs) if x is not None]
             paper = TABLE2.get(TABLE2_MEMORY.get(memory, ""), {})
             cited = f"{paper['pg19']} / {paper['arxiv_math']}" if paper else "-"
-            versus = "-" if memory == "none" or "none" not in bpb else verdict(bpb[memory], bpb["none"])
+            versus = [("-" if label == "none" or "none" not in values else verdict(values[label], values["none"]))
+                      for values in (bpb, mid, gain)]
+            if ablated:
+                versus.append("-" if label == memory or memory not in bpb else verdict(bpb[label], bpb[memory]))
             links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
                               if out is not None else f"s{r['config'].get('seed', 0)}" for r in runs)
-            lines.append(f"| {memory} | {', '.join(str(r['config'].get('seed', 0)) for r in runs)} | "
-                         f"{_mean_spread(bpb[memory])} | "
+            lines.append(f"| {label} | {', '.join(str(r['config'].get('seed', 0)) for r in runs)} | "
+                         f"{_mean_spread(bpb[label])} | "
                          f"{_mean_spread([r['results'][f'{split}/ppl'] for r in runs], 2)} | {' | '.join(bands)} | "
-                         f"{versus} | {_fmt(sum(rates) / len(rates) / 1e3, 0) + 'K' if rates else '-'} | "
+                         f"{_mean_spread(gain[label])} | {' | '.join(versus)} | {gate_summary(runs)} | "
+                         f"{_fmt(sum(rates) / len(rates) / 1e3, 0) + 'K' if rates else '-'} | "
                          f"{' / '.join(_fmt(x) for x in footprint(runs[0]['results']))} | {cited} | {links} |")
-        splits = {m: sorted({_micro_batches(r) for r in runs}) for m, runs in by_memory.items()}
+        splits = {label: sorted({_micro_batches(r) for r in runs}) for label, runs in runs_of.items()}
         if len({b for bs in splits.values() for b in bs}) > 1:
             lines += ["", "Sequences per step as micro-batch x accumulated micro-batches (the same optimizer step; "
                           "the windows drawn differ): "
-                      + "; ".join(f"{m} {', '.join(bs)}" for m in memory_names() if (bs := splits.get(m)))]
+                      + "; ".join(f"{label} {', '.join(splits[label])}" for label in arms_in_order(by_arm))]
         lines.append("")
     return lines
 
@@ -407,38 +472,64 @@ def table2_seeds(results: list[dict], out: Path | None = None) -> list[str]:
 SEGMENTS_SHOWN = 48  # three training lengths of 16 segments: enough to see what happens past the trained length
 
 
-def seed_curves(by_memory: dict[str, list[dict]], path: Path) -> Path:
-    """Loss by segment position, mean over seeds, one line per memory; the y axis stops at 1.5x the highest
-    first-segment loss, so a memory that fails past its training length does not flatten the others."""
+def _memory_of(by_arm: dict[str, list[dict]]) -> dict[str, str]:
+    return {label: runs[0]["config"]["memory"]["name"] for label, runs in by_arm.items()}
+
+
+def _mean_curve(runs: list[dict], length: int | None = None) -> list[float]:
+    """The per-segment-index loss, mean over seeds, as long as the shortest run's (at most `length`)."""
+    curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
+    n = min(min((len(cv) for cv in curves), default=0), length or SEGMENTS_SHOWN)
+    return [sum(cv[k] for cv in curves) / len(curves) for k in range(n)]
+
+
+def seed_curves(by_arm: dict[str, list[dict]], path: Path) -> Path:
+    """Loss by segment position, mean over seeds, one line per memory or arm; the y axis stops at 1.5x the
+    highest first-segment loss, so a memory that fails past its training length does not flatten the others."""
     from infini_bench.plots import line_plot
 
+    memory = _memory_of(by_arm)
     series, memories = {}, {}
-    for memory in memory_names():
-        runs = by_memory.get(memory, [])
-        curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
-        length = min((len(cv) for cv in curves), default=0)
-        if length:
-            label = f"{memory} ({len(runs)} seeds)"
-            series[label] = [sum(cv[k] for cv in curves) / len(curves) for k in range(min(length, SEGMENTS_SHOWN))]
-            memories[label] = memory
+    for label in arms_in_order(by_arm):
+        if curve := _mean_curve(by_arm[label]):
+            name = f"{label} ({len(by_arm[label])} seeds)"
+            series[name], memories[name] = curve, memory[label]
     top = 1.5 * max(ys[0] for ys in series.values())
     return line_plot(series, path, "segment index in document", "mean token loss (nats)",
                      "Loss by segment position (16 segments trained)", ymax=top, memories=memories)
 
 
-def seed_training(by_memory: dict[str, list[dict]], path: Path) -> Path:
+def seed_differences(by_arm: dict[str, list[dict]], path: Path) -> Path | None:
+    """Each memory's and arm's loss by segment minus none's (means over seeds): below zero, better than local
+    attention at that position. None when the table has no none row."""
+    from infini_bench.plots import line_plot
+
+    if "none" not in by_arm:
+        return None
+    base, memory = _mean_curve(by_arm["none"]), _memory_of(by_arm)
+    series, memories = {}, {}
+    for label in arms_in_order(by_arm):
+        curve = _mean_curve(by_arm[label], len(base))
+        if label != "none" and curve and max(curve) < 1.5 * base[0]:  # a memory that fails off the trained length
+            series[label], memories[label] = [y - b for y, b in zip(curve, base)], memory[label]
+    return line_plot(series, path, "segment index in document", "loss minus none's (nats)",
+                     "Loss by segment position, relative to local attention", memories=memories) if series else None
+
+
+def seed_training(by_arm: dict[str, list[dict]], path: Path) -> Path:
     """Training loss against step, one line per run."""
     from infini_bench.plots import line_plot
 
+    memory = _memory_of(by_arm)
     series, xs, memories = {}, {}, {}
-    for memory in memory_names():
-        for r in by_memory.get(memory, []):
+    for label in arms_in_order(by_arm):
+        for r in by_arm[label]:
             metrics = Path(r["path"]) / "metrics.jsonl"
             rows = {row["step"]: row["train/loss"] for row in read_metrics(metrics) if "train/loss" in row} \
                 if metrics.exists() else {}
             if rows:
-                label = f"{memory} s{r['config'].get('seed', 0)}"
-                series[label], xs[label], memories[label] = list(rows.values()), list(rows), memory
+                name = f"{label} s{r['config'].get('seed', 0)}"
+                series[name], xs[name], memories[name] = list(rows.values()), list(rows), memory[label]
     return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs, memories=memories)
 
 
@@ -454,24 +545,30 @@ def final_gates(run: dict) -> dict[tuple[int, int], float]:
             if k.startswith("gates/L")}
 
 
-def seed_gates(by_memory: dict[str, list[dict]], folder: Path, stem: str) -> list[tuple[str, Path]]:
-    """The paper's Figure 3 for each gated memory of a seed table: the final sigmoid(beta) per layer and head,
-    the mean over the seeds that logged gates."""
+def file_stem(label: str) -> str:
+    """An arm's label as a file name: `linear memory.read_norm=rms` -> `linear_memory.read_norm-rms`."""
+    return label.replace(" ", "_").replace("=", "-").replace("/", "-")
+
+
+def seed_gates(by_arm: dict[str, list[dict]], folder: Path, stem: str) -> list[tuple[str, Path]]:
+    """The paper's Figure 3 for each gated memory or arm of a seed table: the final sigmoid(beta) per layer and
+    head, the mean over the seeds that logged gates."""
     import torch
 
     from infini_bench.plots import gate_heatmap
 
     figures = []
-    for memory in memory_names():
-        per_run = [g for g in map(final_gates, by_memory.get(memory, [])) if g]
+    for label in arms_in_order(by_arm):
+        per_run = [g for g in map(final_gates, by_arm[label]) if g]
         if not per_run:
             continue
         cells = sorted(set().union(*per_run))
         layers, heads = sorted({i for i, _ in cells}), max(j for _, j in cells) + 1
         mean = torch.tensor([[sum(g.get((i, j), float("nan")) for g in per_run) / len(per_run)
                               for j in range(heads)] for i in layers])
-        title = f"{memory}: sigmoid(beta), mean of {len(per_run)} seed{'s' * (len(per_run) > 1)}"
-        figures.append((memory, gate_heatmap(mean, folder / f"{stem}_gates_{memory}.png", title, layers=layers)))
+        title = f"{label}: sigmoid(beta), mean of {len(per_run)} seed{'s' * (len(per_run) > 1)}"
+        path = folder / f"{stem}_gates_{file_stem(label)}.png"
+        figures.append((label, gate_heatmap(mean, path, title, layers=layers)))
     return figures
 
 
@@ -603,11 +700,13 @@ def figures(results: list[dict], out: Path) -> list[str]:
         add("loss by segment", panels_plot(panels, img / "loss_by_segment.png", "segment index in document",
                                            "mean token loss (nats)", "Loss by segment position: one panel per data "
                                            "set, model and segment length", memories))
-    for i, by_memory in enumerate(seed_groups(results).values()):
-        add(f"seed table {i + 1}: loss by segment", seed_curves(by_memory, img / f"table2_seeds_{i + 1}_segments.png"))
-        add(f"seed table {i + 1}: training loss", seed_training(by_memory, img / f"table2_seeds_{i + 1}_train.png"))
-        for memory, path in seed_gates(by_memory, img, f"table2_seeds_{i + 1}"):
-            add(f"seed table {i + 1}: gates of {memory}", path)
+    for i, by_arm in enumerate(seed_groups(results).values()):
+        add(f"seed table {i + 1}: loss by segment", seed_curves(by_arm, img / f"table2_seeds_{i + 1}_segments.png"))
+        if path := seed_differences(by_arm, img / f"table2_seeds_{i + 1}_vs_none.png"):
+            add(f"seed table {i + 1}: loss by segment minus none's", path)
+        add(f"seed table {i + 1}: training loss", seed_training(by_arm, img / f"table2_seeds_{i + 1}_train.png"))
+        for label, path in seed_gates(by_arm, img, f"table2_seeds_{i + 1}"):
+            add(f"seed table {i + 1}: gates of {label}", path)
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
     if books:
         xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}

@@ -195,6 +195,59 @@ def test_the_seed_table_draws_each_gated_memorys_final_gates_averaged_over_seeds
     assert "gates of none" not in text  # no gate, no figure
 
 
+def _arm(root: Path, memory: str, seed: int, bpb: float, curve: list[float], knobs: list[str],
+         gates: list[dict[str, float]] = ()) -> None:
+    """A seed run of one recipe with some of a memory's knobs turned on the command line, as Hydra records them."""
+    _seed_run(root / "_".join(knobs), memory, seed, bpb, curve, gates)
+    path = root / "_".join(knobs) / f"{memory}-s{seed}" / "results.json"
+    data = json.loads(path.read_text())
+    for knob in knobs:
+        section, rest = knob.split(".", 1)
+        key, value = rest.split("=")
+        data["config"][section][key] = float(value) if section != "memory" else value
+    data["config"]["hydra"] = {"overrides": ["experiment=table2_mini", f"memory={memory}", *knobs, f"seed={seed}"]}
+    # Made after keys were added: one that moves only caches, two whose defaults do what older runs did.
+    data["config"]["cache_dir"] = "~/.cache/infini-bench"
+    data["config"]["task"].update(window_start="any", limit=None)
+    path.write_text(json.dumps(data))
+
+
+def test_ablation_arms_are_rows_of_their_recipes_seed_table_beside_their_memory(tmp_path):
+    from infini_bench.report import arm, seed_groups
+
+    flat, falling = [1.0] * 16 + [0.9] * 8, [1.0] * 16 + [0.7] * 8  # 16+ minus first: -0.1 and -0.3
+    for seed, (a, b) in enumerate(((1.30, 1.28), (1.29, 1.31))):
+        _seed_run(tmp_path, "none", seed, a, flat)
+        _seed_run(tmp_path, "linear", seed, b, flat, gates=[{"gates/L0/H0": 0.3, "gates/L0/H1": 0.5}])
+    _arm(tmp_path, "linear", 0, 1.50, flat, ["memory.read_norm=rms"])
+    _arm(tmp_path, "linear", 1, 1.52, flat, ["memory.read_norm=rms"])
+    _arm(tmp_path, "linear", 0, 1.29, falling, ["model.gate_init=-4"], gates=[{"gates/L0/H0": 0.02}])
+    _arm(tmp_path, "linear", 1, 1.29, falling, ["model.gate_init=-4"], gates=[{"gates/L0/H0": 0.04}])
+    runs = find_results([tmp_path])
+    assert len(seed_groups(runs)) == 1  # the gate's start is a knob, not another recipe; nor are the added keys
+    labels = {arm(r) for r in runs}
+    assert labels == {"none", "linear", "linear memory.read_norm=rms", "linear model.gate_init=-4"}
+    text = build_report(runs, tmp_path / "docs" / "REPORT.md")
+    section = text.split("## Table 2 across seeds")[1].split("\n## ")[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["memory", "none", "linear", "linear memory.read_norm=rms", "linear model.gate_init=-4"]
+    header = "| memory | seeds |"
+    linear = cells(section, header, "| linear |")
+    norm = cells(section, header, "| linear memory.read_norm=rms |")
+    init = cells(section, header, "| linear model.gate_init=-4 |")
+    assert linear["test bits/byte"] == "1.295 ± 0.015"  # the arms' runs are not averaged into their memory's row
+    assert norm["bits/byte vs the memory's own row"] == "higher by 0.215" and linear["bits/byte vs the memory's own row"] == "-"
+    assert norm["bits/byte vs none"] == "higher by 0.215"  # none: 1.30 and 1.29
+    assert init["16+ minus first"] == "-0.300 ± 0.000" and init["16+ minus first vs none"] == "lower by 0.200"
+    assert init["segments 8-15 vs none"] == "within noise"
+    assert linear["gates"] == "0.40 [0.30, 0.50]" and init["gates"] == "0.03 [0.02, 0.04]" and norm["gates"] == "-"
+    assert "![seed table 1: gates of linear model.gate_init=-4](report_img/table2_seeds_1_gates_linear_model.gate_init--4.png)" in text
+    assert (tmp_path / "docs" / "report_img" / "table2_seeds_1_vs_none.png").stat().st_size > 1000
+    guide = next(line for line in section.splitlines() if "ABLATIONS.md" in line)
+    link = guide.split("](")[1].rstrip(").")
+    assert (tmp_path / "docs" / link).resolve().read_text().startswith("# Ablations")  # the link leads to the guide
+
+
 def test_gates_figure_spans_zero_to_one_and_names_its_run(tmp_path, monkeypatch):
     """A colour scale fitted to the values would paint 0.49 and 0.51 as the two extremes of the map."""
     import matplotlib.axes
@@ -389,3 +442,18 @@ def test_the_passkey_table_names_the_depth_of_each_number(tmp_path):
     assert row.split("|")[0].strip() == "acc@32K % at depth 0.00/0.50/1.00"
     assert row.split("|")[1].strip() == "100/50/0"
     assert "100/100/100 at start/middle/end (paper, fine-tuned)" in row
+
+
+def test_a_line_plot_of_many_series_puts_its_legend_beside_the_axes(tmp_path, monkeypatch):
+    """An ablation's dozen lines would hide under a legend drawn inside the axes."""
+    import matplotlib.axes
+
+    from infini_bench import plots
+
+    seen, legend = {}, matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda ax, *a, **k: seen.update(k) or legend(ax, *a, **k))
+    plots.line_plot({f"s{i}": [i, i + 1] for i in range(plots.LEGEND_INSIDE + 1)}, tmp_path / "many.png", "x", "y", "t")
+    assert seen["bbox_to_anchor"][0] > 1
+    seen.clear()
+    plots.line_plot({"a": [1, 2], "b": [2, 3]}, tmp_path / "two.png", "x", "y", "t")
+    assert "bbox_to_anchor" not in seen
