@@ -1,65 +1,6 @@
 """The package's shape: no import cycle among its modules, counting imports made inside functions too (a lazy
-import that dodges a cycle at load time still ties the two modules together)."""
-import ast
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("infini_bench", "tasks")
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
-
-
-def imported(name: str, path: Path, known: set[str]) -> set[str]:
-    """The project's modules that `name` imports anywhere in its file (at the top or inside a function)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the package, one level up per extra dot
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            # `from pkg import sub` imports the submodule; `from mod import name` the module itself.
-            subs = {f"{base}.{alias.name}" for alias in node.names} & known
-            out |= subs or {base}
-    return {m for m in out if m in known and m != name}
-
-
-def import_graph() -> dict[str, set[str]]:
-    mods = modules()
-    return {name: imported(name, path, set(mods)) for name, path in mods.items()}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of the graph as a path that ends where it starts, or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: finished
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return None
+import that dodges a cycle at load time still ties the two modules together); the walk's figures."""
+from bench.structure import Walk, find_cycle, import_graph
 
 
 def test_the_graph_sees_imports_inside_functions():
@@ -72,3 +13,12 @@ def test_the_graph_sees_imports_inside_functions():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_walks_figures_count_returns_to_a_file_and_calls_back_up_the_layers():
+    walk = Walk()
+    walk.stays = ["run", "tasks.lm", "infini_bench.train", "tasks.lm", "infini_bench.train", "tasks.lm"]
+    walk.calls = [("run", "tasks.lm"), ("tasks.lm", "infini_bench.train"), ("infini_bench.train", "tasks.lm")]
+    figures = walk.figures(import_graph())
+    # tasks.lm imports infini_bench.train, so the trainer calling back into the task climbs; run -> task does not.
+    assert figures == {"stays": 6, "files": 3, "returns": 3, "climbs": 1}
