@@ -48,15 +48,17 @@ def test_a_tasks_defaults_follow_the_models_scale():
             return compose("config", overrides=list(overrides)).task
 
         tiny, paper = task("task=passkey"), task("task=passkey", "model=1b")
-        assert (tiny.setting, list(tiny.key_range), list(tiny.lengths)) == ("tiny", [1, 9], [1024, 2048, 4096])
-        assert (paper.setting, list(paper.key_range), list(paper.train_lengths)) == ("paper", [1, 50000], [5120, 5120])
+        assert compose("config", overrides=["task=passkey"]).scale == "tiny"
+        assert compose("config", overrides=["task=passkey", "model=1b"]).scale == "paper"
+        assert (list(tiny.key_range), list(tiny.lengths)) == ([1, 9], [1024, 2048, 4096])
+        assert (list(paper.key_range), list(paper.train_lengths)) == ([1, 50000], [5120, 5120])
         assert list(paper.lengths) == [32768, 131072, 262144, 524288, 1048576] and paper.local_warmup_steps == 0
         assert list(task("experiment=table3_passkey_1b").key_range) == [1, 50000]
         booksum = task("task=booksum", "model=8b")
         assert booksum.train_input_len == 32768 and booksum.max_new_tokens == 1024
         assert list(booksum.eval_input_lens)[-1] == 500000
         assert task("task=lm", "model=lm_paper").seq_len == 32768 and task("task=lm").seq_len == 512
-        assert list(task("task=passkey", "model=1b", "task.setting=tiny").lengths) == [1024, 2048, 4096]
+        assert list(task("task=passkey", "model=1b", "scale=tiny").lengths) == [1024, 2048, 4096]
         assert task("task=passkey", "model=1b", "task.key_range=[1,99]").key_range[1] == 99  # an override wins
 
 
@@ -75,11 +77,11 @@ def _trainer(*overrides):
     return train_config(_compose(*overrides))
 
 
-PAPER_MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")
-                      if OmegaConf.load(p).get("scale") == "paper")
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+PAPER_MODELS = [model for model in MODELS if _compose(f"model={model}").scale == "paper"]
 
 
-def test_each_tasks_trainer_follows_the_setting():
+def test_each_tasks_trainer_follows_the_scale():
     assert {"1b", "8b", "lm_paper"} <= set(PAPER_MODELS)
     tiny = {task: _trainer(f"task={task}") for task in ("passkey", "booksum", "lm")}
     assert (tiny["passkey"].steps, tiny["passkey"].lr, tiny["passkey"].batch_size) == (600, 3e-3, 16)
@@ -91,17 +93,19 @@ def test_each_tasks_trainer_follows_the_setting():
         assert booksum.lr == 1e-4 and booksum.steps == 100, model
         assert (lm.optimizer, lm.lr, lm.warmup_steps, lm.schedule, lm.batch_size * lm.grad_accum) == \
             ("adafactor", 1e-2, 1000, "cosine", 64), model
-    # The whole setting moves together: task.setting=tiny on a paper-scale model is the tiny check, trainer too.
-    assert _trainer("task=passkey", "model=1b", "task.setting=tiny") == tiny["passkey"]
-    assert _trainer("task=lm", "model=tiny", "model.scale=paper").optimizer == "adafactor"
+    # The whole scale moves together: scale=tiny on a paper-scale model is the tiny check, trainer too.
+    assert _trainer("task=passkey", "model=1b", "scale=tiny") == tiny["passkey"]
+    assert _trainer("task=lm", "model=tiny", "scale=paper").optimizer == "adafactor"
+    assert _trainer("task=lm", "model=tiny", "scale=paper") == _trainer("task=lm", "trainer=lm_paper")
 
 
-def test_a_command_line_trainer_choice_or_value_wins_over_the_setting():
+def test_a_command_line_trainer_choice_or_value_wins_over_the_scale():
     paper = _trainer("task=passkey", "model=1b")
     assert _trainer("task=passkey", "model=1b", "trainer.lr=5e-4") == dataclasses.replace(paper, lr=5e-4)
     assert _trainer("task=passkey", "model=1b", "trainer=passkey_tiny") == _trainer("task=passkey")
     assert _trainer("task=passkey", "trainer=passkey_paper") == paper
-    assert _trainer("task=lm", "trainer=paper_lm") == _trainer("task=lm", "model=lm_paper")
+    assert _trainer("task=lm", "trainer=lm_paper") == _trainer("task=lm", "model=lm_paper")
+    assert _compose("task=lm", "model=1b", "trainer=lm_tiny").task.seq_len == 32768  # the task keeps its scale
     default = _trainer("task=booksum", "model=8b", "trainer=default")
     assert (default.steps, default.lr, default.batch_size) == (300, 3e-3, 8)
 
@@ -132,11 +136,11 @@ def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
 
     cfg = _compose("task=passkey", "model=1b", "task.key_range=[1,99]", "trainer.lr=5e-4")
     line = common.setting_line(cfg)
-    assert line.startswith("task=passkey takes its paper setting (model=1b)")
+    assert line.startswith("task=passkey at scale=paper (model=1b): lengths=")
     assert "key_range=[1, 99]" in line and "lr=0.0005" in line and "steps=400" in line
     assert "lengths=[32768, 131072, 262144, 524288, 1048576]" in line
     tiny = common.setting_line(_compose("task=lm", "trainer.steps=7"))
-    assert "tiny setting" in tiny and "seq_len=512" in tiny and "steps=7" in tiny and "optimizer=adamw" in tiny
+    assert "scale=tiny" in tiny and "seq_len=512" in tiny and "steps=7" in tiny and "optimizer=adamw" in tiny
 
     cfg = _compose("task=passkey")
     for main, expected in ((True, 1), (False, 0)):  # under torchrun only rank 0 says it
@@ -145,4 +149,5 @@ def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
         with caplog.at_level(logging.INFO, logger=common.log.name):
             common.log_setting(cfg)
             common.build_model_and_tokenizer(cfg)
-        assert sum("takes its tiny setting" in r.getMessage() for r in caplog.records) == expected
+        assert sum("at scale=tiny" in r.getMessage() for r in caplog.records) == expected
+
