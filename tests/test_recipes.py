@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +152,105 @@ def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
             common.build_model_and_tokenizer(cfg)
         assert sum("at scale=tiny" in r.getMessage() for r in caplog.records) == expected
 
+
+TASK_NAMES = ("lm", "passkey", "booksum")
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+# The interpolations a composed config keeps: the run's seed, name and cache folder; every other value is literal.
+INTERPOLATED = {"cache_dir", "name", "task.seed", "trainer.seed"}
+
+
+def _leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def test_no_composed_config_holds_an_interpolated_preset():
+    from hydra import compose, initialize_config_dir
+
+    cases = [[]] + [[f"experiment={e}"] for e in EXPERIMENTS] + \
+        [[f"task={t}", f"model={m}"] for t in TASK_NAMES for m in MODELS] + \
+        [[f"task={t}", f"scale={s}"] for t in TASK_NAMES for s in ("tiny", "paper")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for overrides in cases:
+            cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=False)
+            found = {k: v for k, v in _leaves(cfg) if isinstance(v, str) and "${" in v}
+            assert not [v for v in found.values() if "presets" in v or "setting" in v], (overrides, found)
+            assert set(found) <= INTERPOLATED, (overrides, found)
+            assert not {"presets", "setting"} & (set(cfg["task"]) | set(cfg["trainer"])), overrides
+            assert cfg["scale"] in ("tiny", "paper"), overrides
+
+
+def test_no_config_file_picks_values_through_a_preset():
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        text = path.read_text()
+        assert "presets" not in text and ".setting" not in text, path
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], {"scale": "tiny", "trainer.steps": 600, "trainer.lr": 3e-3, "task.lengths": [1024, 2048, 4096]}),
+    (["task=lm", "model=1b"], {"scale": "paper", "trainer.steps": 20000, "trainer.optimizer": "adafactor",
+                               "trainer.compile": True, "task.seq_len": 32768, "task.eval_max_tokens": None}),
+    (["task=booksum", "model=1b", "scale=tiny"], {"scale": "tiny", "trainer.steps": 150, "trainer.batch_size": 4,
+                                                  "task.train_input_len": 512, "task.max_new_tokens": 256}),
+    (["experiment=table2_pg19"], {"trainer.steps": 20000, "trainer.batch_size": 8, "trainer.lr": 1e-2,
+                                  "trainer.warmup_steps": 1000, "task.seq_len": 32768}),
+])
+def test_cfg_job_prints_literal_values(args, expected):
+    import yaml
+
+    proc = subprocess.run([sys.executable, "run.py", "--cfg", "job", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = OmegaConf.create(yaml.safe_load(proc.stdout))  # unresolved: what the user reads
+    for key, value in expected.items():
+        assert OmegaConf.select(printed, key) == value, (key, OmegaConf.select(printed, key))
+    for key, value in _leaves(OmegaConf.to_container(printed, resolve=False)):
+        assert key in INTERPOLATED or not (isinstance(value, str) and "${" in value), (key, value)
+
+
+def test_config_yaml_and_the_readme_name_every_option():
+    lines = (ROOT / "conf" / "config.yaml").read_text().splitlines()
+    for group in ("scale", "model", "memory", "task"):
+        (line,) = [line for line in lines if line.startswith(f"  - {group}:")]
+        listed = {option.split()[0] for option in line.split("#", 1)[1].split(";")[0].split("|")}
+        assert listed == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}, group
+    readme = (ROOT / "README.md").read_text()
+    memories = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml")))
+    assert f"error: memory='lstm' is not one of {memories}\n" in readme
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `trainer` |")]
+    assert all(f"`{p.stem}`" in row for p in (ROOT / "conf" / "trainer").glob("*.yaml"))
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `model` |")]
+    assert all(f"`{p.stem}`" in row for p in (ROOT / "conf" / "model").glob("*.yaml"))
+
+
+def test_each_task_has_both_scales_and_their_trainers():
+    for task in TASK_NAMES:
+        for scale in ("tiny", "paper"):
+            assert (ROOT / "conf" / "task" / "scale" / f"{task}_{scale}.yaml").exists(), (task, scale)
+            assert (ROOT / "conf" / "trainer" / f"{task}_{scale}.yaml").exists(), (task, scale)
+        values = OmegaConf.load(ROOT / "conf" / "task" / f"{task}.yaml").task
+        missing = [k for k in values if OmegaConf.is_missing(values, k)]
+        for scale in ("tiny", "paper"):  # a scale sets exactly the values its task leaves as ???
+            assert sorted(OmegaConf.load(ROOT / "conf" / "task" / "scale" / f"{task}_{scale}.yaml")) == sorted(missing)
+
+
+def test_a_run_stored_with_presets_resumes_under_scale(tmp_path):
+    from infini_bench.errors import ConfigError
+    from run import check_same_config
+
+    now = OmegaConf.to_container(_compose("task=lm", "model=1b"), resolve=True)
+    old = json.loads(json.dumps(now))
+    old.pop("scale")
+    old["model"]["scale"] = old["task"]["setting"] = old["trainer"]["setting"] = "paper"
+    old["task"]["presets"] = {"tiny": {"seq_len": 512}, "paper": {"seq_len": 32768}}
+    old["trainer"]["presets"] = {"tiny": {"steps": 300}, "paper": {"steps": 20000}}
+    assert check_same_config(now, old, tmp_path) is None
+    old["task"]["seq_len"] = 512  # a value, not a name, still stops it
+    with pytest.raises(ConfigError, match="task.seq_len"):
+        check_same_config(now, old, tmp_path)
