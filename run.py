@@ -263,6 +263,8 @@ def lock_run_folder(out_dir: Path) -> None:
 
 # Keys that may change between a run and its resume: they do not change what is trained.
 _MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "cache_dir", "hydra")
+# Names of the scale choice, not values (a run stored with task.setting and presets resumes under scale).
+_MAY_CHANGE += ("scale", "model.scale", "task.setting", "task.presets", "trainer.setting", "trainer.presets")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

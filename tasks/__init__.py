@@ -8,6 +8,8 @@ RENAMED = {
     "task.warmup_steps": "task.local_warmup_steps (passkey's warm-up on local attention; trainer.warmup_steps is "
                          "the learning rate's)",
     "task.warmup_segment_len": "task.local_warmup_segment_len (the segment length of passkey's local warm-up)",
+    "task.setting": "scale (tiny | paper; each model sets its own: scale=tiny on model=1b is the CPU check)",
+    "model.scale": "scale (tiny | paper; each model sets its own: scale=paper on model=tiny takes the paper's values)",
 }
 
 

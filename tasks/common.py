@@ -20,7 +20,7 @@ from infini_bench.train import TrainConfig
 log = logging.getLogger(__name__)
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
 _TRAINER_SHOWN = ("steps", "batch_size", "grad_accum", "optimizer", "lr", "gate_lr", "warmup_steps", "precision")
-_TRAINER_PRESET_KEYS = ("setting", "presets")  # a task's trainer picks its values with these (conf/trainer/lm.yaml)
+_SCALED = Path(__file__).resolve().parents[1] / "conf" / "task" / "scale"  # <task>_<scale>.yaml: what a scale sets
 
 
 def memory_fields(cfg: DictConfig) -> dict:
@@ -52,12 +52,13 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None) -> ModelConfig:
 
 
 def setting_line(cfg: DictConfig) -> str:
-    """Which setting the task takes and the values it runs with, task.* and trainer.* overrides included."""
-    task = ", ".join(f"{k}={_plain(cfg.task[k])}" for k in cfg.task.presets[cfg.task.setting])
+    """The task's scale and the values it runs with, task.* and trainer.* overrides included."""
+    path = _SCALED / f"{cfg.task.name}_{cfg.scale}.yaml"
+    task = ", ".join(f"{k}={_plain(cfg.task[k])}" for k in (OmegaConf.load(path) if path.exists() else ()))
     trainer = ", ".join(f"{k}={_plain(cfg.trainer[k])}" for k in _TRAINER_SHOWN)
     if cfg.trainer.steps == 0:
         trainer = "steps=0, evaluation only (no training data is built)"
-    return (f"task={cfg.task.name} takes its {cfg.task.setting} setting (model={cfg.model.name}): {task}; "
+    return (f"task={cfg.task.name} at scale={cfg.scale} (model={cfg.model.name}): {task}; "
             f"trainer: {trainer}")
 
 
@@ -66,8 +67,8 @@ def _plain(value):
 
 
 def log_setting(cfg: DictConfig) -> None:
-    """The line every task starts with: its setting and the values it runs with (rank 0 alone, under torchrun)."""
-    if cfg.task.get("setting") is not None and is_main_process():
+    """The line every task starts with: its scale and the values it runs with (rank 0 alone, under torchrun)."""
+    if cfg.get("scale") is not None and is_main_process():
         log.info(setting_line(cfg))
 
 
@@ -134,9 +135,8 @@ def export_weights(model: SegmentTransformer, run) -> Path:
 
 
 def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
-    """The TrainConfig of cfg.trainer (its preset choice aside), with overrides on top."""
-    values = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()
-              if k not in _TRAINER_PRESET_KEYS}
+    """The TrainConfig of cfg.trainer, with overrides on top."""
+    values = OmegaConf.to_container(cfg.trainer, resolve=True)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:

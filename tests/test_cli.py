@@ -45,6 +45,11 @@ def cli(*args, tmp_path):
                               "attention; trainer.warmup_steps is the learning rate's)"),
     (["-m", "task.warmup_segment_len=64,128"],
      "task.warmup_segment_len: was renamed task.local_warmup_segment_len"),
+    (["task.setting=tiny"], "task.setting: was renamed scale (tiny | paper; each model sets its own"),
+    (["model.scale=paper"], "model.scale: was renamed scale (tiny | paper; each model sets its own"),
+    (["scale=huge"], "scale='huge' is not one of paper, tiny"),
+    (["task=lm", "trainer=paper_lm"], "trainer='paper_lm' is not one of booksum_paper, booksum_tiny, continual, "
+                                      "default, lm_paper, lm_tiny, passkey_paper, passkey_tiny"),
     (["task=lm", "task.limit=0"], "task.limit: 0 must be null (task.eval_max_docs) or an integer >= 1"),
     (["task=booksum", "task.limit=all"], "task.limit: 'all' must be null (task.eval_books) or an integer >= 1"),
 ])
