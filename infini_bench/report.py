@@ -48,6 +48,13 @@ def _identity(config: dict) -> str:
     for (section, key), value in _ADDED_KEYS.items():
         if isinstance(kept.get(section), dict) and key not in kept[section]:
             kept[section] = {**kept[section], key: value}
+    # Runs recorded when the tiny/paper choice was `task.setting` (with `model.scale`, and the values of both
+    # scales under `presets` in task and trainer) name it `scale` now; the values themselves are unchanged.
+    if isinstance(kept.get("task"), dict) and "setting" in kept["task"]:
+        kept.setdefault("scale", kept["task"]["setting"])
+    for section, keys in (("task", ("setting", "presets")), ("trainer", ("setting", "presets")), ("model", ("scale",))):
+        if isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
     return json.dumps(kept, sort_keys=True, default=str)
 
 

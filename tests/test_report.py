@@ -206,9 +206,11 @@ def _arm(root: Path, memory: str, seed: int, bpb: float, curve: list[float], kno
         key, value = rest.split("=")
         data["config"][section][key] = float(value) if section != "memory" else value
     data["config"]["hydra"] = {"overrides": ["experiment=table2_mini", f"memory={memory}", *knobs, f"seed={seed}"]}
-    # Made after keys were added: one that moves only caches, two whose defaults do what older runs did.
+    # Made after keys were added: one that moves only caches, two whose defaults do what older runs did, and the
+    # tiny/paper choice named `scale` (where older runs have task.setting, model.scale and presets).
     data["config"]["cache_dir"] = "~/.cache/infini-bench"
     data["config"]["task"].update(window_start="any", limit=None)
+    data["config"]["scale"] = "paper"
     path.write_text(json.dumps(data))
 
 
@@ -223,6 +225,12 @@ def test_ablation_arms_are_rows_of_their_recipes_seed_table_beside_their_memory(
     _arm(tmp_path, "linear", 1, 1.52, flat, ["memory.read_norm=rms"])
     _arm(tmp_path, "linear", 0, 1.29, falling, ["model.gate_init=-4"], gates=[{"gates/L0/H0": 0.02}])
     _arm(tmp_path, "linear", 1, 1.29, falling, ["model.gate_init=-4"], gates=[{"gates/L0/H0": 0.04}])
+    for folder in (tmp_path / f"{m}-s{s}" for m in ("none", "linear") for s in (0, 1)):  # recorded with older keys
+        data = json.loads((folder / "results.json").read_text())
+        data["config"]["task"].update(setting="paper", presets={"paper": {"seq_len": 32768}})
+        data["config"]["trainer"].update(setting="paper", presets={"paper": {"steps": 20000}})
+        data["config"]["model"]["scale"] = "paper"
+        (folder / "results.json").write_text(json.dumps(data))
     runs = find_results([tmp_path])
     assert len(seed_groups(runs)) == 1  # the gate's start is a knob, not another recipe; nor are the added keys
     labels = {arm(r) for r in runs}
