@@ -1,11 +1,12 @@
-"""Long-document perplexity through the streaming path, with the memory carried through each document."""
+"""Long-document scoring through the streaming path, with the memory carried through each sequence."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from infini_bench.documents import Document
@@ -13,13 +14,32 @@ from infini_bench.train import autocast
 
 
 @torch.no_grad()
+def streamed_nll(model: nn.Module, input_ids: Tensor, labels: Tensor, precision: str = "auto"
+                 ) -> Iterator[tuple[float, int]]:
+    """Per segment, the summed negative log-likelihood of its labelled tokens and their count.
+
+    input_ids and labels (B, T), on the model's device; labels[:, t] is the target of position t, -100 where
+    nothing is scored. The sequence is streamed one segment at a time, so the model never holds more than one
+    segment of activations, and segment k is predicted from local attention plus the memory of segments < k.
+    """
+    n = model.cfg.segment_len
+    states = None
+    for start in range(0, input_ids.shape[1], n):
+        with autocast(input_ids.device, precision):
+            out = model(input_ids[:, start: start + n], states)
+        states = out.states
+        target = labels[:, start: start + n]
+        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+        yield nll.item(), int((target != -100).sum())
+
+
+@torch.no_grad()
 def evaluate_lm(model: nn.Module, docs: tuple[Document, ...], tokenizer, device: torch.device,
                 max_tokens: int | None = None, precision: str = "auto", progress: bool = False) -> dict:
     """Token perplexity and bits per byte over whole documents, and the mean loss at each segment index.
 
-    Each document is streamed one segment at a time: the model never holds more than one segment of
-    activations, and segment k is predicted from local attention plus the memory of segments < k. `progress`
-    shows a bar of segments that goes away when done, below a training bar if there is one.
+    Each document is scored by `streamed_nll`, in constant memory whatever its length. `progress` shows a bar of
+    segments that goes away when done, below a training bar if there is one.
     """
     model.eval()
     n = model.cfg.segment_len
@@ -33,21 +53,14 @@ def evaluate_lm(model: nn.Module, docs: tuple[Document, ...], tokenizer, device:
                dynamic_ncols=True, disable=not progress)
     for ids in encoded:
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
-        inputs, targets = ids_t[:-1].unsqueeze(0), ids_t[1:]
-        states = None
-        for k, start in enumerate(range(0, inputs.shape[1], n)):
-            with autocast(device, precision):
-                out = model(inputs[:, start: start + n], states)
-            states = out.states
-            tgt = targets[start: start + n]
-            nll = F.cross_entropy(out.logits[0].float(), tgt, reduction="sum").item()
+        for k, (nll, count) in enumerate(streamed_nll(model, ids_t[None, :-1], ids_t[None, 1:], precision)):
             nll_sum += nll
-            n_tokens += tgt.numel()
+            n_tokens += count
             if k == len(seg_sum):
                 seg_sum.append(0.0)
                 seg_count.append(0)
             seg_sum[k] += nll
-            seg_count[k] += tgt.numel()
+            seg_count[k] += count
             bar.update(1)
         n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
     bar.close()

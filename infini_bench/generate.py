@@ -230,15 +230,39 @@ def generate(
 ) -> Generation:
     """Continue prompts (B, T) of equal length; the paper decodes with temperature 0.5, top-p 0.95, 1024 steps.
 
-    Rows stop at `eos_id` or after `max_new_tokens`; sampling is reproducible by `seed`. Decoding runs through
-    a StaticDecoder, captured as a CUDA graph on a GPU unless cuda_graph=False.
+    The prompt is encoded by `prefill`, then decoded by `generate_from`.
     """
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0)
-    b = prompt_ids.shape[0]
+    logits, state = prefill(model, prompt_ids)
+    return generate_from(model, logits, state, max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                         eos_id=eos_id, seed=seed, return_logits=return_logits, cuda_graph=cuda_graph)
+
+
+@torch.inference_mode()
+def generate_from(
+    model: SegmentTransformer,
+    logits: Tensor,
+    state: DecodeState,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.5,
+    top_p: float = 0.95,
+    greedy: bool = False,
+    eos_id: int | None = None,
+    seed: int = 0,
+    return_logits: bool = False,
+    cuda_graph: bool | None = None,
+) -> Generation:
+    """Continue a prefilled `state` whose next-token logits (B, V) are `logits`, so that a caller can also use the
+    prompt's state otherwise (passkey scores a teacher-forced answer from a copy of it).
+
+    Rows stop at `eos_id` or after `max_new_tokens`; sampling is reproducible by `seed`. Decoding runs through
+    a StaticDecoder, which owns `state` from then on, captured as a CUDA graph on a GPU unless cuda_graph=False.
+    """
+    b = logits.shape[0]
     device = model.embed.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    logits, state = prefill(model, prompt_ids)
     decoder = StaticDecoder(model, state, graph=cuda_graph) if max_new_tokens > 1 else None
     tokens: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from infini_bench.memories import memory_names  # noqa: E402
 from infini_bench.model import build_model  # noqa: E402
 from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
-from tasks.passkey import DEPTHS, evaluate_samples, make_sample, summarise  # noqa: E402
+from tasks.passkey import evaluate_samples  # noqa: E402
+from tasks.passkey_data import DEPTHS, make_sample, summarise  # noqa: E402
 
 
 def main() -> None:

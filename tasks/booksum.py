@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from infini_bench.data import load_documents
 from infini_bench.distributed import gathered
 from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.evaluate import streamed_nll
 from infini_bench.generate import generate
 from infini_bench.hub import prepare_hub
 from infini_bench.metrics import rouge
@@ -230,20 +230,15 @@ def _load(t: DictConfig, eval_split: str, train: bool = True) -> tuple[list[tupl
     return [(b.text, b.references[0]) for b in train_books], eval_books
 
 
-@torch.no_grad()
 def summary_loss(model, examples: list[Example], tokens: dict, device: torch.device, precision: str) -> float:
-    """Mean cross-entropy of the reference summary tokens given the truncated book (teacher forcing)."""
+    """Mean cross-entropy of the reference summary tokens given the truncated book (teacher forcing), streamed
+    one segment at a time: memory stays flat at 32K tokens and beyond."""
     model.eval()
     total, count = 0.0, 0
-    n = model.cfg.segment_len
     for ex in examples:
         batch = make_batch([ex], **tokens)
-        labels = batch["labels"][0].to(device)
-        with autocast(device, precision):  # one segment at a time: memory stays flat at 32K tokens and beyond
-            for k, out in enumerate(model.segments(batch["input_ids"].to(device))):
-                seg = labels[k * n: (k + 1) * n]
-                total += F.cross_entropy(out.logits[0].float(), seg, ignore_index=-100, reduction="sum").item()
-        count += int((labels != -100).sum())
+        for nll, n in streamed_nll(model, batch["input_ids"].to(device), batch["labels"].to(device), precision):
+            total, count = total + nll, count + n
     return total / max(count, 1)
 
 

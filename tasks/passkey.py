@@ -7,221 +7,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
-import re
-from collections import Counter
-from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
-import matplotlib
+import torch
+from omegaconf import DictConfig, ListConfig
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.figure  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, ListConfig  # noqa: E402
-from torch import Tensor  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from infini_bench.data import corpus_dir  # noqa: E402
-from infini_bench.distributed import gathered, is_distributed, recover_checkpoint  # noqa: E402
-from infini_bench.errors import ConfigError, check_choice, check_positive  # noqa: E402
-from infini_bench.generate import decode_step, feed, prefill  # noqa: E402
-from infini_bench.model import SegmentTransformer  # noqa: E402
-from infini_bench.paper import length_label  # noqa: E402
-from infini_bench.plots import save_figure  # noqa: E402
-from infini_bench.tokenizer import Tokenizer  # noqa: E402
-from infini_bench.tracking import Run  # noqa: E402
-from infini_bench.train import checkpoint_path, autocast, train  # noqa: E402
-from tasks import RENAMED  # noqa: E402
-from tasks.common import (  # noqa: E402
+from infini_bench.distributed import gathered, is_distributed, recover_checkpoint
+from infini_bench.errors import ConfigError, check_choice, check_positive
+from infini_bench.generate import feed, generate_from, prefill
+from infini_bench.model import SegmentTransformer
+from infini_bench.paper import length_label
+from infini_bench.tokenizer import Tokenizer
+from infini_bench.tracking import Run
+from infini_bench.train import checkpoint_path, autocast, train
+from tasks import RENAMED
+from tasks.common import (
     build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates,
     log_setting, train_config,
 )
-
-DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-               "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-# The paper's start / middle / end, as the fraction of the haystack that precedes the needle. 0 puts the needle
-# right after the task description, 1 right before the question: only then can the paper's zero-shot "end"
-# column (97-100% with 2K segments, against 3-14% elsewhere) come from local attention alone.
-DEPTHS = {"start": 0.0, "middle": 0.5, "end": 1.0}
-HAYSTACKS = ("repeat", "books")
-LOSSES = ("answer", "all")
-KEY_RANGE = (1, 50000)  # the landmark-attention test draws randint(1, 50000)
-
-
-class PasskeySample(NamedTuple):
-    """One prompt; token positions index `input_ids`, the answer follows the prompt."""
-
-    text: str
-    input_ids: list[int]
-    passkey: str
-    needle_start: int
-    needle_end: int
-    key_end: int  # one past the last key token of the needle (its second copy of the key)
-    answer_ids: list[int]  # tokens of " {passkey}."
-    scored: list[bool]  # which answer tokens carry digits: the tokens the paper's accuracy counts
-
-
-def _books_dir() -> Path:
-    """The embedded books, shipped with the package."""
-    return corpus_dir() / "pg_books"
-
-
-@lru_cache(maxsize=None)
-def _book_words(path: Path) -> tuple[str, ...]:
-    """A book as words; Gutenberg's CRLF line ends and paragraph breaks become single spaces."""
-    return tuple(path.read_text(encoding="utf-8", errors="replace").split())
-
-
-def _haystack_words(haystack: str, rng: random.Random, books_dir: Path | None) -> tuple[Sequence[str], int]:
-    """The words the filler cycles through, and where the prefix starts in them."""
-    if haystack == "repeat":
-        return FILLER.split(" "), 0
-    books = sorted((books_dir or _books_dir()).glob("*.txt"))
-    if not books:
-        raise FileNotFoundError(f"no *.txt books in {books_dir or _books_dir()}")
-    words = _book_words(rng.choice(books))
-    return words, rng.randrange(len(words))
-
-
-class _Encoder:
-    """Token counts of haystack words, cached: the layout is planned with them before anything is encoded."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
-        self.cache: dict[str, int] = {}
-
-    def count(self, word: str) -> int:
-        if word not in self.cache:
-            self.cache[word] = len(self.tok.encode(" " + word))
-        return self.cache[word]
-
-    def take(self, words: Sequence[str], start: int, budget: int) -> int:
-        """How many words, cycling from `start`, come closest to `budget` tokens (a line end included)."""
-        if budget <= 0:
-            return 0
-        total, n = 1, 0  # 1 for the line end
-        while True:
-            c = self.count(words[(start + n) % len(words)])
-            if total + c - budget > budget - total:  # one more word would overshoot by more than we undershoot
-                return n
-            total, n = total + c, n + 1
-
-
-def _line(words: Sequence[str], start: int, n: int) -> str:
-    return " ".join(words[(start + i) % len(words)] for i in range(n)) + "\n" if n else ""
-
-
-def min_length(tokenizer: Tokenizer) -> int:
-    """Tokens of a prompt with a five-digit key and no filler: the shortest length `make_sample` accepts."""
-    return len(tokenizer.encode(DESCRIPTION + "\n" + NEEDLE.format(key="99999") + "\n" + QUESTION))
-
-
-def make_sample(length: int, depth: float | None, seed: int, tokenizer: Tokenizer, haystack: str = "repeat",
-                key_range: tuple[int, int] = KEY_RANGE, books_dir: Path | None = None) -> PasskeySample:
-    """A prompt of `length` tokens (within 1%) with the needle after a fraction `depth` of the haystack.
-
-    The seed fixes the key and, with depth=None or the books haystack, the layout: the depth, which book and
-    where in it. input_ids are the concatenated encodings of the prompt's lines, so the needle's token
-    position is exact; with the byte tokenizer they equal `tokenizer.encode(text)`.
-    """
-    if haystack not in HAYSTACKS:
-        raise ValueError(f"haystack={haystack!r} is not one of {', '.join(HAYSTACKS)}")
-    rng = random.Random(seed)
-    key = str(rng.randint(*key_range))
-    depth = rng.random() if depth is None else depth
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth={depth} is not in [0, 1]")
-    words, start = _haystack_words(haystack, rng, books_dir)
-    head = tokenizer.encode(DESCRIPTION + "\n")
-    # Encoded in two pieces, so that the position where the key's second copy ends is exact.
-    split = NEEDLE.rindex("{key}") + len("{key}")
-    needle_keys = tokenizer.encode(NEEDLE[:split].format(key=key))
-    needle = needle_keys + tokenizer.encode(NEEDLE[split:] + "\n")
-    question = tokenizer.encode(QUESTION)
-    budget = length - len(head) - len(needle) - len(question)
-    if budget < 0:
-        raise ValueError(f"length={length} is shorter than the prompt without filler ({length - budget} tokens)")
-
-    enc = _Encoder(tokenizer)
-    n_pre = enc.take(words, start, round(depth * budget))
-    pre_text = _line(words, start, n_pre)
-    pre = tokenizer.encode(pre_text)
-    # The paper's second filler block starts over; the books' continues the text.
-    start2 = 0 if haystack == "repeat" else start + n_pre
-    post_text = _line(words, start2, enc.take(words, start2, budget - len(pre)))
-    post = tokenizer.encode(post_text)
-
-    answer = tokenizer.encode(f" {key}.")
-    return PasskeySample(
-        text=DESCRIPTION + "\n" + pre_text + NEEDLE.format(key=key) + "\n" + post_text + QUESTION,
-        input_ids=head + pre + needle + post + question,
-        passkey=key,
-        needle_start=len(head) + len(pre),
-        needle_end=len(head) + len(pre) + len(needle),
-        key_end=len(head) + len(pre) + len(needle_keys),
-        answer_ids=answer,
-        scored=[any(c.isdigit() for c in tokenizer.decode([t])) for t in answer],
-    )
-
-
-# ---- scoring ------------------------------------------------------------------------------------------------------
-
-
-def token_accuracy(logits: Tensor, answer_ids: Sequence[int], scored: Sequence[bool]) -> float:
-    """The paper's metric: the fraction of key tokens whose argmax is right under teacher forcing.
-
-    logits (L, V): row i is the prediction of answer_ids[i] given the prompt and answer_ids[:i].
-    """
-    pred = logits.argmax(dim=-1).tolist()
-    hits = [p == t for p, t, s in zip(pred, answer_ids, scored, strict=True) if s]
-    if not hits:
-        raise ValueError("no answer token is scored")
-    return sum(hits) / len(hits)
-
-
-def exact_match(generated: str, passkey: str) -> bool:
-    """Whether the generated text starts with the key and nothing but the key as its number."""
-    found = re.match(r"\s*(\d+)", generated)
-    return found is not None and found.group(1) == passkey
-
-
-def chance_accuracy(key_range: tuple[int, int] = KEY_RANGE) -> float:
-    """Token accuracy of the best guess that never saw the needle, with one token per digit (byte tokenizer).
-
-    Under teacher forcing, the guess for each digit is the commonest digit after the digits before it among
-    all keys of the range. A model without memory can learn this prior, so it is the floor to compare with.
-    """
-    keys = [str(k) for k in range(key_range[0], key_range[1] + 1)]
-    counts: dict[str, Counter] = {}
-    for key in keys:
-        for j, c in enumerate(key):
-            counts.setdefault(key[:j], Counter())[c] += 1
-    best = {prefix: c.most_common(1)[0][0] for prefix, c in counts.items()}
-    return sum(sum(best[k[:j]] == k[j] for j in range(len(k))) / len(k) for k in keys) / len(keys)
-
+from tasks.passkey_data import (
+    DEPTHS, HAYSTACKS, KEY_RANGE, LOSSES, Outcome, PasskeyBatches, PasskeySample, by_distance, chance_accuracy,
+    exact_match, make_sample, min_length, segments_back, summarise, token_accuracy,
+)
+from tasks.passkey_plots import distance_plot, grid_heatmap
 
 # ---- streaming evaluation -----------------------------------------------------------------------------------------
-
-
-class Outcome(NamedTuple):
-    """How one sample went, and where its needle sat relative to the question."""
-
-    token_acc: float
-    exact: bool
-    generated: str
-    segments_back: int  # segment of the prompt's last token minus that of the key's last token; 0 = same
-
-
-def segments_back(sample: PasskeySample, segment_len: int) -> int:
-    """How many segments before the question's last token the key's last token sits. 0: local attention can
-    see the key, so the sample tests local attention, not the memory (docs/PAPER_NOTES.md, pitfall 6)."""
-    return (len(sample.input_ids) - 1) // segment_len - (sample.key_end - 1) // segment_len
 
 
 @torch.inference_mode()
@@ -229,7 +41,8 @@ def evaluate_batch(model: SegmentTransformer, samples: Sequence[PasskeySample], 
                    ) -> list[Outcome]:
     """Samples of equal prompt and answer lengths as one batch: the prompt streamed through the model one
     segment at a time (constant memory), then the answer teacher-forced (token accuracy) and, from the same
-    state, decoded greedily for as many tokens as the answer has (exact match; a longer number is wrong)."""
+    state, decoded greedily by `generate_from` (a CUDA graph on a GPU) for as many tokens as the answer has (exact
+    match; a longer number is wrong)."""
     device = model.embed.weight.device
     prompt = torch.tensor([s.input_ids for s in samples])  # (B, P) on the host: feed moves one segment at a time
     answer = torch.tensor([s.answer_ids for s in samples], device=device)  # (B, L)
@@ -238,13 +51,7 @@ def evaluate_batch(model: SegmentTransformer, samples: Sequence[PasskeySample], 
     if answer.shape[1] > 1:
         forced.append(feed(model, answer[:, :-1], copy.deepcopy(state), last_only=False))  # (B, L - 1, V)
     forced_logits = torch.cat(forced, dim=1).float()  # (B, L, V)
-    logits, generated = first, []
-    for i in range(answer.shape[1]):
-        token = logits.argmax(dim=-1)  # (B,)
-        generated.append(token)
-        if i + 1 < answer.shape[1]:
-            logits = decode_step(model, token, state)
-    generated_ids = torch.stack(generated, dim=1).tolist()  # (B, L)
+    generated_ids = generate_from(model, first, state, answer.shape[1], greedy=True).tokens  # (B, L)
     outcomes = []
     for s, row_logits, gen in zip(samples, forced_logits, generated_ids):
         text = tokenizer.decode(gen)
@@ -268,24 +75,6 @@ def evaluate_samples(model: SegmentTransformer, samples: Sequence[PasskeySample]
     return outcomes
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarise(outcomes: Sequence[Outcome]) -> dict:
-    """Token accuracy and exact match over all outcomes, and split by where the needle sat."""
-    earlier = [o for o in outcomes if o.segments_back > 0]
-    same = [o for o in outcomes if o.segments_back == 0]
-    return {
-        "n": len(outcomes), "acc": _mean([o.token_acc for o in outcomes]), "exact": _mean([o.exact for o in outcomes]),
-        "n_earlier": len(earlier), "acc_earlier": _mean([o.token_acc for o in earlier]),
-        "exact_earlier": _mean([o.exact for o in earlier]),
-        "n_same": len(same), "acc_same": _mean([o.token_acc for o in same]),
-        "exact_same": _mean([o.exact for o in same]),
-        "segments_back": _mean([o.segments_back for o in outcomes]),
-    }
-
-
 def evaluate_grid(model: SegmentTransformer, tokenizer: Tokenizer, lengths: Sequence[int], depths: dict[str, float],
                   samples: int, seed: int, haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
                   batch_size: int = 16, progress: bool = True) -> tuple[list[dict], list[Outcome]]:
@@ -300,132 +89,6 @@ def evaluate_grid(model: SegmentTransformer, tokenizer: Tokenizer, lengths: Sequ
         rows.append({"length": length, "length_label": length_label(length), "depth": name, "depth_value": depth,
                      **summarise(outcomes)})
     return rows, everything
-
-
-def grid_heatmap(rows: Sequence[dict], path: Path, title: str) -> Path:
-    """Token accuracy per cell: lengths across, depths down (the needle-in-a-haystack picture)."""
-    lengths = list(dict.fromkeys(r["length"] for r in rows))
-    depths = list(dict.fromkeys(r["depth"] for r in rows))
-    acc = {(r["length"], r["depth"]): r["acc"] for r in rows}
-    grid = [[100 * acc[(length, d)] for length in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
-    im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), depths)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="token accuracy (%)")
-    return save_figure(fig, path)
-
-
-def by_distance(outcomes: Sequence[Outcome]) -> list[dict]:
-    """Token accuracy and exact match by how many segments separate the key from the question, in bins 0, 1,
-    2-3, 4-7, ... (powers of two); empty bins are left out."""
-    bins: dict[int, list[Outcome]] = {}
-    for o in outcomes:
-        bins.setdefault(o.segments_back.bit_length(), []).append(o)  # 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ...
-    rows = []
-    for b in sorted(bins):
-        group = bins[b]
-        rows.append({"segments_back_min": 0 if b == 0 else 2 ** (b - 1), "segments_back_max": 2 ** b - 1 if b else 0,
-                     "n": len(group), "acc": _mean([o.token_acc for o in group]),
-                     "exact": _mean([o.exact for o in group])})
-    return rows
-
-
-def distance_figure(rows: Sequence[dict], title: str, chance: float | None = None) -> matplotlib.figure.Figure:
-    """Accuracy against the number of segments between the key and the question: does the memory hold up? Token
-    accuracy and exact match often coincide (both 0 or 100), so they differ in every way but colour can't show:
-    a thick translucent line with dots under a thin dashed one with hollow squares, both visible where they meet."""
-    labels = [str(r["segments_back_min"]) if r["segments_back_min"] == r["segments_back_max"]
-              else f"{r['segments_back_min']}-{r['segments_back_max']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4), layout="constrained")
-    x = range(len(rows))
-    ax.plot(x, [100 * r["acc"] for r in rows], marker="o", markersize=7, linewidth=3, alpha=0.6,
-            label="token accuracy")
-    ax.plot(x, [100 * r["exact"] for r in rows], marker="s", markersize=9, markerfacecolor="none",
-            markeredgewidth=1.5, linewidth=1.5, linestyle="--", label="exact match")
-    if chance is not None:
-        ax.axhline(100 * chance, color="gray", linestyle=":", label="chance (token accuracy)")
-    for i, r in enumerate(rows):
-        ax.annotate(f"n={r['n']}", (i, 100 * r["acc"]), textcoords="offset points", xytext=(0, 8), ha="center",
-                    fontsize=7)
-    ax.set_xticks(list(x), labels, rotation=45 if len(rows) > 8 else 0)
-    ax.set_ylim(-5, 110)
-    ax.set_xlabel("segments between the key and the question\n(0: the same segment, local attention)")
-    ax.set_ylabel("%")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def distance_plot(rows: Sequence[dict], path: Path, title: str, chance: float | None = None) -> Path:
-    """`distance_figure`, saved as a PNG."""
-    return save_figure(distance_figure(rows, title, chance), path)
-
-
-# ---- fine-tuning data ---------------------------------------------------------------------------------------------
-
-
-def ramp(i: int, span: int) -> float:
-    """How far micro-batch i is through a curriculum of `span` micro-batches: 0 at the start, 1 from `span` on."""
-    return 1.0 if span <= 0 else min(1.0, i / span)
-
-
-class PasskeyBatches:
-    """The trainer's batch_fn: micro-batch i holds `batch_size` samples of one length, a pure function of (seed, i).
-
-    The length is drawn from `lengths` (min, max), the depth uniformly from [0, 1]. Labels cover the answer
-    " {key}." only (`loss_on='answer'`), or every next token of prompt and answer (`'all'`).
-
-    Two curricula, both counted in micro-batches: over the first `key_ramp`, the largest key grows log-uniformly
-    from 9 (one digit) to `key_range`'s maximum; over the `length_ramp` after the first `length_start`, the
-    length range moves linearly from `lengths` to `lengths_end` (the retrieval is learned on short prompts first).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, lengths: tuple[int, int], batch_size: int, seed: int,
-                 loss_on: str = "answer", haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
-                 key_ramp: int = 0, lengths_end: tuple[int, int] | None = None, length_ramp: int = 0,
-                 length_start: int = 0):
-        self.tokenizer, self.lengths, self.batch_size, self.seed = tokenizer, lengths, batch_size, seed
-        self.loss_on, self.haystack, self.key_range = loss_on, haystack, key_range
-        self.key_ramp, self.lengths_end, self.length_ramp = key_ramp, lengths_end or lengths, length_ramp
-        self.length_start = length_start
-        self.pad_id = getattr(tokenizer, "pad_id", tokenizer.eos_id)
-
-    def keys(self, i: int) -> tuple[int, int]:
-        """The key range of micro-batch i."""
-        low, high = self.key_range
-        start = min(max(9, low), high)
-        return low, round(start * (high / start) ** ramp(i, self.key_ramp))
-
-    def length_range(self, i: int) -> tuple[int, int]:
-        """The prompt length range of micro-batch i."""
-        f = ramp(i - self.length_start, self.length_ramp) if i >= self.length_start else 0.0
-        return tuple(round(a + f * (b - a)) for a, b in zip(self.lengths, self.lengths_end))
-
-    def __call__(self, i: int) -> dict[str, Tensor]:
-        rng = random.Random(f"passkey-train:{self.seed}:{i}")  # str seeds hash with SHA-512: stable across runs
-        length, keys = rng.randint(*self.length_range(i)), self.keys(i)
-        rows, labels = [], []
-        for _ in range(self.batch_size):
-            s = make_sample(length, None, rng.getrandbits(62), self.tokenizer, self.haystack, keys)
-            ids = s.input_ids + s.answer_ids
-            p = len(s.input_ids)
-            if self.loss_on == "all":
-                target = ids[1:] + [-100]
-            else:  # position p - 1 + j predicts answer token j
-                target = [-100] * (p - 1) + s.answer_ids + [-100]
-            rows.append(ids)
-            labels.append(target)
-        width = max(map(len, rows))  # other tokenizers may miss `length` by a few tokens: pad on the right
-        return {"input_ids": torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows]),
-                "labels": torch.tensor([t + [-100] * (width - len(t)) for t in labels])}
 
 
 # ---- the task -----------------------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def decoding_checks(out: Path, info: DistInfo) -> None:
     they run inside gathered(); afterwards the model is sharded again and trains on."""
     from infini_bench.distributed import gathered
     from infini_bench.generate import generate
-    from tasks.passkey import evaluate_samples, make_sample
+    from tasks.passkey import evaluate_samples
+    from tasks.passkey_data import make_sample
 
     model = shard_model(tiny_model(), param_dtype=None, activation_checkpointing=False)
     optimizer = make_optimizer(model)
@@ -239,7 +240,8 @@ def test_weights_exported_from_two_ranks_load_into_one_process(two_ranks):
 @pytest.mark.slow
 def test_decoding_under_fsdp_equals_one_process(two_ranks):
     from infini_bench.generate import generate
-    from tasks.passkey import evaluate_samples, make_sample
+    from tasks.passkey import evaluate_samples
+    from tasks.passkey_data import make_sample
 
     out, _ = two_ranks
     model = tiny_model().eval()

@@ -1,11 +1,13 @@
-"""Streaming perplexity against a parallel forward over the same document, and the embedded corpus split."""
+"""Streaming perplexity and the streamed NLL against a parallel forward over the same tokens, and the embedded
+corpus split."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from infini_bench.data import Document, embedded_documents
-from infini_bench.evaluate import evaluate_lm
+from infini_bench.evaluate import evaluate_lm, streamed_nll
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 
@@ -24,6 +26,25 @@ def test_streaming_perplexity_equals_parallel_forward():
     assert math.isclose(res["bpb"], nll.sum().item() / math.log(2) / (len(ids) - 1), rel_tol=1e-5)
     per_segment = [nll[i: i + 16].mean().item() for i in range(0, len(nll), 16)]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(res["loss_by_segment"], per_segment))
+
+
+
+def test_streamed_nll_equals_one_full_sequence_forward_in_float64():
+    """memory=full streamed segment by segment sees what one causal pass over the whole sequence sees."""
+    torch.manual_seed(0)
+    model = build_model("tiny", segment_len=16, memory="full").eval()
+    ids = torch.randint(0, 256, (2, 75))  # the last segment is partial
+    labels = torch.randint(0, 256, (2, 75))
+    labels[0, 5:30] = -100  # not scored: a prompt, say
+    labels[:, 48:64] = -100  # a segment with nothing scored
+    got = list(streamed_nll(model, ids, labels, "fp32"))
+    with torch.no_grad():
+        logp = model(ids).logits.double().log_softmax(-1)  # one forward: a single causal attention over 75 tokens
+    scored = labels != -100
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored
+    expected = [(nll[:, i: i + 16].sum().item(), int(scored[:, i: i + 16].sum())) for i in range(0, 75, 16)]
+    assert [c for _, c in got] == [c for _, c in expected] and got[3][1] == 0
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], rel=1e-5, abs=1e-6)
 
 
 def test_embedded_splits_are_disjoint_by_book():

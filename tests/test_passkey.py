@@ -12,10 +12,10 @@ from infini_bench.errors import ConfigError
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
-from tasks import passkey
-from tasks.passkey import (DESCRIPTION, FILLER, NEEDLE, QUESTION, Outcome, PasskeyBatches, PasskeySample,
-                           chance_accuracy, evaluate_batch, evaluate_samples, exact_match, make_sample, segments_back,
-                           summarise, token_accuracy)
+from tasks import passkey, passkey_plots
+from tasks.passkey import evaluate_batch, evaluate_samples
+from tasks.passkey_data import (DESCRIPTION, FILLER, NEEDLE, QUESTION, Outcome, PasskeyBatches, PasskeySample,
+                                chance_accuracy, exact_match, make_sample, segments_back, summarise, token_accuracy)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TOK = ByteTokenizer()
@@ -175,6 +175,27 @@ def test_streaming_evaluation_equals_a_full_forward(rule):
     assert own.token_acc == 1.0
 
 
+
+@pytest.mark.parametrize("rule", ["linear", "txl", "full"])
+def test_decoding_through_generate_equals_a_plain_greedy_loop(rule):
+    """The answer decoded by generate's fixed-shape step (the CUDA graph's, eager on a CPU; full attention decodes
+    eagerly) against an argmax loop that reruns the whole sequence per token. The prompts end three tokens
+    before a segment boundary, so the five-digit answer crosses it."""
+    model = tiny_model(rule, segment_len=16)
+    samples = [make_sample(300, d, seed=9 + i, tokenizer=TOK, key_range=(10000, 99999)) for i, d in enumerate((0, 1))]
+    cut = min(len(s.input_ids) for s in samples) // 16 * 16 - 3
+    samples = [s._replace(input_ids=s.input_ids[:cut - 1] + s.input_ids[-1:]) for s in samples]
+    answers = []
+    with torch.no_grad():
+        for s in samples:
+            ids = list(s.input_ids)
+            for _ in s.answer_ids:
+                ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+            answers.append(TOK.decode(ids[len(s.input_ids):]))
+    assert len(samples[0].answer_ids) == 7 and len(samples[0].input_ids) % 16 == 13
+    assert [o.generated for o in evaluate_batch(model, samples, TOK)] == answers
+
+
 def test_batched_evaluation_equals_one_by_one():
     model = tiny_model()
     samples = [make_sample(400, d, seed=i, tokenizer=TOK) for i, d in enumerate([0.0, 0.5, 0.5, 1.0, 0.2])]
@@ -307,11 +328,11 @@ def test_the_distance_plot_keeps_its_labels_inside_and_shows_both_lines_where_th
 
     rows = [{"segments_back_min": 2 ** (b - 1) if b else 0, "segments_back_max": 2 ** b - 1 if b else 0, "n": 4,
              "acc": 1.0, "exact": 1.0} for b in range(bins)]  # token accuracy and exact match the same everywhere
-    fig = passkey.distance_figure(rows, "passkey by distance, memory=linear, 400 training steps", chance=0.1)
+    fig = passkey_plots.distance_figure(rows, "passkey by distance, memory=linear, 400 training steps", chance=0.1)
     assert_labels_inside(fig)
     acc, exact = fig.axes[0].get_lines()[:2]
     assert (acc.get_label(), exact.get_label()) == ("token accuracy", "exact match")
     assert acc.get_linestyle() != exact.get_linestyle() and acc.get_marker() != exact.get_marker()
     assert exact.get_markerfacecolor() == "none" and acc.get_linewidth() > exact.get_linewidth()  # the top one
     plt.close(fig)  # is hollow and thin, the one beneath thick: both show
-    assert passkey.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000
+    assert passkey_plots.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000

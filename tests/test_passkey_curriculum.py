@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from infini_bench.errors import ConfigError
 from infini_bench.tokenizer import ByteTokenizer
-from tasks.passkey import Outcome, PasskeyBatches, by_distance, check_config
+from tasks.passkey import check_config
+from tasks.passkey_data import Outcome, PasskeyBatches, by_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
