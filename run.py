@@ -413,7 +413,8 @@ def main(cfg: DictConfig) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         OmegaConf.resolve(cfg)
-        from infini_bench.distributed import init_distributed, is_main_process, recover_checkpoint
+        from infini_bench.checkpoint import has_checkpoint, recover_run
+        from infini_bench.distributed import init_distributed, is_main_process
 
         if os.environ.get("RANK", "0") == "0":
             lock_run_folder(out_dir)
@@ -426,8 +427,7 @@ def main(cfg: DictConfig) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         config["hydra"] = hydra_info()
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
-        for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
-            recover_checkpoint(last)  # a swap a crash interrupted
+        recover_run(out_dir)  # a swap a crash interrupted
         stored, finished = stored_config(out_dir)
         steps_done = None  # when a larger trainer.steps extends the run: the trainer.steps it had
         if cfg.trainer.resume and stored is not None:
@@ -455,7 +455,7 @@ def main(cfg: DictConfig) -> None:
         if steps_done is not None and is_main_process():
             extend(out_dir, steps_done, tcfg, finished)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
-        if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
+        if not has_checkpoint(out_dir):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)
         results = task.run_task(cfg, run)
         run.finish(results)
