@@ -322,3 +322,54 @@ def recover_run(out_dir: str | Path) -> None:
 def has_checkpoint(out_dir: str | Path) -> bool:
     """Whether a run folder holds a checkpoint of any phase, mid-swap ones included."""
     return any(Path(out_dir).glob(f"{FOLDER}/**/{EXTRA}"))
+
+
+# Keys that may change between a run and its resume: they do not change what is trained.
+_MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "cache_dir", "hydra")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stored_config(out_dir: Path) -> tuple[dict | None, bool]:
+    """The config an earlier run in this folder used (from results.json, else a checkpoint), and whether that
+    run finished."""
+    checkpoints = sorted(out_dir.glob(f"{FOLDER}/**/{EXTRA}"))
+    sources = [(out_dir / "results.json", True)] + [(p, False) for p in checkpoints]
+    for path, finished in sources:
+        if path.exists():
+            try:
+                config = json.loads(path.read_text()).get("config")
+            except ValueError:
+                raise ConfigError("trainer.resume", f"{path} is corrupt; trainer.resume=false starts over") from None
+            if config is not None:
+                return config, finished
+    return None, False
+
+
+def check_same_config(config: dict, stored: dict, out_dir: Path) -> int | None:
+    """Resuming a folder with another config would mix two runs: refuse, naming what differs. A larger
+    trainer.steps alone is an extension: the steps the run had are returned, and it trains on to the new count
+    (not when task.train_segments or trainer.time_budget_s decides the length instead)."""
+    now, then = _flat(config), _flat(stored)
+    differ = sorted(k for k in set(now) | set(then)
+                    if now.get(k) != then.get(k) and not k.startswith(_MAY_CHANGE))
+    length_set_elsewhere = now.get("task.train_segments") is not None or now.get("trainer.time_budget_s") is not None
+    counts = (now.get("trainer.steps"), then.get("trainer.steps"))
+    if differ == ["trainer.steps"] and not length_set_elsewhere and all(type(n) is int for n in counts):
+        if now["trainer.steps"] > then["trainer.steps"]:
+            return then["trainer.steps"]
+        raise ConfigError("trainer.steps", f"{now['trainer.steps']} is fewer than the {then['trainer.steps']} steps "
+                          f"of the run in {out_dir}: a run can be extended (a larger trainer.steps), not shortened; "
+                          "trainer.resume=false starts it over, or pick another hydra.run.dir")
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise ConfigError(differ[0], f"{now.get(differ[0])!r} differs from {then.get(differ[0])!r}, which the run in "
+                          f"{out_dir} used{more}; trainer.resume=false starts it over, or pick another hydra.run.dir")
