@@ -72,3 +72,27 @@ def test_the_graph_sees_imports_inside_functions():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+CHECKPOINT_FILES = ("extra.json", "checksums.json", "checkpoints/", "last.tmp", "last.old")
+
+
+def touches_checkpoint_files(path: Path) -> list[str]:
+    """What in a file reads or writes checkpoints directly: DCP's save and load, or a checkpoint file's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found += [n for n in names if n.startswith("torch.distributed.checkpoint")
+                  and not n.startswith("torch.distributed.checkpoint.state_dict")]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [name for name in CHECKPOINT_FILES if name in node.value or node.value == name.strip("/")]
+    return found
+
+
+def test_only_the_checkpointer_touches_checkpoint_files():
+    """infini_bench.checkpoint owns the checkpoint files: run.py, the trainer and the tasks go through it."""
+    assert touches_checkpoint_files(ROOT / "infini_bench" / "checkpoint.py")  # the scan sees what it looks for
+    files = [p for p in modules().values() if p.name != "checkpoint.py"] + [ROOT / "run.py"]
+    offenders = {str(p.relative_to(ROOT)): found for p in files if (found := touches_checkpoint_files(p))}
+    assert not offenders, offenders
