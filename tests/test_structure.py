@@ -1,5 +1,6 @@
 """The package's shape: no import cycle among its modules, counting imports made inside functions too (a lazy
-import that dodges a cycle at load time still ties the two modules together)."""
+import that dodges a cycle at load time still ties the two modules together), and one owner of the checkpoint
+files, infini_bench.checkpoint, which run.py, the trainer and the tasks call."""
 import ast
 from pathlib import Path
 
