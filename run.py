@@ -261,42 +261,6 @@ def lock_run_folder(out_dir: Path) -> None:
     _LOCK.append(handle)
 
 
-# Keys that may change between a run and its resume: they do not change what is trained.
-_MAY_CHANGE = ("trainer.resume", "trainer.progress", "logger", "device", "cache_dir", "hydra")
-# Names of the scale choice, not values (a run stored with task.setting and presets resumes under scale).
-_MAY_CHANGE += ("scale", "model.scale", "task.setting", "task.presets", "trainer.setting", "trainer.presets")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def stored_config(out_dir: Path) -> tuple[dict | None, bool]:
-    """The config an earlier run in this folder used (from results.json, else a checkpoint), and whether that
-    run finished."""
-    import json
-
-    from infini_bench.errors import ConfigError
-
-    checkpoints = sorted(out_dir.glob("checkpoints/**/extra.json"))
-    sources = [(out_dir / "results.json", True)] + [(p, False) for p in checkpoints]
-    for path, finished in sources:
-        if path.exists():
-            try:
-                config = json.loads(path.read_text()).get("config")
-            except ValueError:
-                raise ConfigError("trainer.resume", f"{path} is corrupt; trainer.resume=false starts over") from None
-            if config is not None:
-                return config, finished
-    return None, False
-
-
 def code_change(out_dir: Path) -> str:
     """', with the code at <commit>; the checkout is now at <commit>' when the finished run's results were made
     by another commit than the checkout's (its numbers may be stale), else ''."""
@@ -310,29 +274,6 @@ def code_change(out_dir: Path) -> str:
     if then and now and then != now:
         return f", with the code at {then[:10]}; the checkout is now at {now[:10]}"
     return ""
-
-
-def check_same_config(config: dict, stored: dict, out_dir: Path) -> int | None:
-    """Resuming a folder with another config would mix two runs: refuse, naming what differs. A larger
-    trainer.steps alone is an extension: the steps the run had are returned, and it trains on to the new count
-    (not when task.train_segments or trainer.time_budget_s decides the length instead)."""
-    from infini_bench.errors import ConfigError
-
-    now, then = _flat(config), _flat(stored)
-    differ = sorted(k for k in set(now) | set(then)
-                    if now.get(k) != then.get(k) and not k.startswith(_MAY_CHANGE))
-    length_set_elsewhere = now.get("task.train_segments") is not None or now.get("trainer.time_budget_s") is not None
-    counts = (now.get("trainer.steps"), then.get("trainer.steps"))
-    if differ == ["trainer.steps"] and not length_set_elsewhere and all(type(n) is int for n in counts):
-        if now["trainer.steps"] > then["trainer.steps"]:
-            return then["trainer.steps"]
-        raise ConfigError("trainer.steps", f"{now['trainer.steps']} is fewer than the {then['trainer.steps']} steps "
-                          f"of the run in {out_dir}: a run can be extended (a larger trainer.steps), not shortened; "
-                          "trainer.resume=false starts it over, or pick another hydra.run.dir")
-    if differ:
-        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
-        raise ConfigError(differ[0], f"{now.get(differ[0])!r} differs from {then.get(differ[0])!r}, which the run in "
-                          f"{out_dir} used{more}; trainer.resume=false starts it over, or pick another hydra.run.dir")
 
 
 def extend(out_dir: Path, steps_done: int, tcfg, finished: bool) -> None:
@@ -415,7 +356,8 @@ def main(cfg: DictConfig) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         OmegaConf.resolve(cfg)
-        from infini_bench.distributed import init_distributed, is_main_process, recover_checkpoint
+        from infini_bench.checkpoint import check_same_config, has_checkpoint, recover_run, stored_config
+        from infini_bench.distributed import init_distributed, is_main_process
 
         if os.environ.get("RANK", "0") == "0":
             lock_run_folder(out_dir)
@@ -428,8 +370,7 @@ def main(cfg: DictConfig) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         config["hydra"] = hydra_info()
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
-        for last in sorted({p.with_name("last") for p in out_dir.glob("checkpoints/**/last*")}):
-            recover_checkpoint(last)  # a swap a crash interrupted
+        recover_run(out_dir)  # a swap a crash interrupted
         stored, finished = stored_config(out_dir)
         steps_done = None  # when a larger trainer.steps extends the run: the trainer.steps it had
         if cfg.trainer.resume and stored is not None:
@@ -457,7 +398,7 @@ def main(cfg: DictConfig) -> None:
         if steps_done is not None and is_main_process():
             extend(out_dir, steps_done, tcfg, finished)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
-        if not any(out_dir.glob("checkpoints/**/extra.json")):  # nothing to resume: every row is redone
+        if not has_checkpoint(out_dir):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)
         results = task.run_task(cfg, run)
         run.finish(results)

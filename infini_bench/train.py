@@ -6,7 +6,6 @@ from the checkpoint, the losses after a resume are identical to an uninterrupted
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from infini_bench import distributed
+from infini_bench.checkpoint import Checkpointer
 from infini_bench.errors import ConfigError, check_choice, check_int, check_positive, check_range
 from infini_bench.tracking import Run
 
@@ -166,34 +166,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def checkpoint_path(ckpt_dir: Path) -> Path:
-    return Path(ckpt_dir) / "last"
-
-
-def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
-    kept = checkpoint_path(ckpt_dir)
-    where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written yet"
+def _diverged(what: str, ckpt: Checkpointer) -> TrainingDiverged:
+    where = f"the last good checkpoint is {ckpt.path}" if ckpt.exists() else "no checkpoint was written yet"
     return TrainingDiverged(f"{what}; stopped, {where}")
 
 
-def load_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore model (and optimizer) from the DCP folder ckpt_dir/last, saved on any number of GPUs; returns
-    the number of steps already done."""
-    return int(distributed.load_checkpoint(checkpoint_path(ckpt_dir), model, optimizer)["step"])
-
-
-def save_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    cfg: TrainConfig, run: Run | None = None, summary: dict[str, float] | None = None) -> None:
-    """Every rank writes its shards (a collective: all ranks call it); step, trainer, the summary so far, the
-    run's config and how many metric rows it had logged go to extra.json. A NaN or Inf weight is never saved."""
+def _save(ckpt: Checkpointer, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+          run: Run, summary: dict[str, float]) -> None:
+    """A checkpoint of `step` (a collective: all ranks call it); a NaN or Inf weight is never saved."""
     named = list(model.named_parameters())
     bad = [name for (name, _), ok in zip(named, distributed.all_finite([p for _, p in named])) if not ok]
     if bad:
-        raise _diverged(f"{bad[0]} is not finite after step {step}", ckpt_dir)
-    extra = {"step": step, "trainer": asdict(cfg), "summary": summary or {}}
-    if run is not None:
-        extra.update(config=run.config, metrics_rows=run.metrics_rows())
-    distributed.save_checkpoint(checkpoint_path(ckpt_dir), model, optimizer, extra=extra)
+        raise _diverged(f"{bad[0]} is not finite after step {step}", ckpt)
+    ckpt.save(model, optimizer, step, asdict(cfg), summary, run)
 
 
 @contextmanager
@@ -233,14 +218,13 @@ def _say(text: str) -> None:
         pass
 
 
-def stopped_at_once(ckpt_dir: Path) -> Interrupted:
+def stopped_at_once(ckpt: Checkpointer) -> Interrupted:
     """What a second Ctrl-C leaves: the last complete checkpoint, and its step."""
-    found = distributed.complete_checkpoint(checkpoint_path(ckpt_dir))
-    if found is None:
+    step = ckpt.complete_step()
+    if step is None:
         return Interrupted("interrupted again: stopped at once, before any checkpoint was written; rerun the same "
                            "command to start over")
-    step = json.loads((found / "extra.json").read_text())["step"]
-    return Interrupted(f"interrupted again: stopped at once; the last complete checkpoint, {checkpoint_path(ckpt_dir)} "
+    return Interrupted(f"interrupted again: stopped at once; the last complete checkpoint, {ckpt.path} "
                        f"at step {step}, is intact: rerun the same command to resume from it")
 
 
@@ -258,9 +242,13 @@ def heartbeat(step: int, cfg: TrainConfig, loss: float, tokens_per_step: int, st
 
 
 def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
-          ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None) -> dict[str, float]:
-    """Train for cfg.steps optimizer steps (or until cfg.time_budget_s), resuming from ckpt_dir if a checkpoint
-    is there. The summary has the last train/loss, the steps done (train/steps) and the seconds they took."""
+          ckpt: Checkpointer | str | Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None
+          ) -> dict[str, float]:
+    """Train for cfg.steps optimizer steps (or until cfg.time_budget_s), resuming from `ckpt` (a Checkpointer, or
+    the folder of one) if a checkpoint is there. The summary has the last train/loss, the steps done (train/steps)
+    and the seconds they took."""
+    if not isinstance(ckpt, Checkpointer):
+        ckpt = Checkpointer(ckpt)
     device = run.device
     model.to(device)
     world = dist.get_world_size() if distributed.is_distributed() else 1
@@ -277,21 +265,21 @@ def train(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
                                                 (dist.get_rank() + 1) * cfg.batch_size // world)
     optimizer = make_optimizer(model, cfg)
     step, kept_rows, summary = 0, None, {}
-    distributed.recover_checkpoint(checkpoint_path(ckpt_dir))
-    if cfg.resume and checkpoint_path(ckpt_dir).exists():
-        extra = distributed.load_checkpoint(checkpoint_path(ckpt_dir), model, optimizer)
+    ckpt.recover()
+    if cfg.resume and ckpt.exists():
+        extra = ckpt.load(model, optimizer)
         step, kept_rows, summary = int(extra["step"]), extra.get("metrics_rows"), extra.get("summary", {})
-        tqdm.write(f"resumed from {checkpoint_path(ckpt_dir)} at step {step}")
+        tqdm.write(f"resumed from {ckpt.path} at step {step}")
     run.truncate_metrics(step, rows=kept_rows)  # a step logged twice, by a rerun after a kill, appears once
     with stop_signals() as stop:
         try:
-            return _loop(model, cfg, batch_fn, run, ckpt_dir, eval_fn, optimizer, step, rows, world, summary, stop)
+            return _loop(model, cfg, batch_fn, run, ckpt, eval_fn, optimizer, step, rows, world, summary, stop)
         except KeyboardInterrupt:  # a second Ctrl-C
-            raise stopped_at_once(ckpt_dir) from None
+            raise stopped_at_once(ckpt) from None
 
 
 def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str, Tensor]], run: Run,
-          ckpt_dir: Path, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None,
+          ckpt: Checkpointer, eval_fn: Callable[[nn.Module, int], dict[str, float]] | None,
           optimizer: torch.optim.Optimizer, step: int, rows: slice, world: int, summary: dict[str, float],
           stop: list[int]) -> dict[str, float]:
     """The steps from `step` to cfg.steps; `stop` gets a signal's number when one arrives."""
@@ -322,11 +310,11 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             tokens_per_step = ids.numel() * cfg.grad_accum * world
         if not math.isfinite(loss_sum):
             bar.close()
-            raise _diverged(f"train/loss is {loss_sum} at step {step + 1}", ckpt_dir)
+            raise _diverged(f"train/loss is {loss_sum} at step {step + 1}", ckpt)
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)).item()
         if not math.isfinite(grad_norm):  # a finite loss can still have an Inf gradient: never step on it
             bar.close()
-            raise _diverged(f"train/grad_norm is {grad_norm} at step {step + 1}", ckpt_dir)
+            raise _diverged(f"train/grad_norm is {grad_norm} at step {step + 1}", ckpt)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -354,10 +342,10 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             summary.update(metrics)
         stopping = distributed.all_reduce_max(torch.tensor(float(bool(stop)), device=device)).item() > 0
         if step % cfg.ckpt_every == 0 or last or stopping:
-            save_checkpoint(ckpt_dir, model, optimizer, step, cfg, run, summary)
+            _save(ckpt, model, optimizer, step, cfg, run, summary)
         if stopping:
             bar.close()
-            raise Interrupted(f"interrupted at step {step}; the checkpoint {checkpoint_path(ckpt_dir)} holds it: "
+            raise Interrupted(f"interrupted at step {step}; the checkpoint {ckpt.path} holds it: "
                               "rerun the same command to resume")
     bar.close()
     return summary

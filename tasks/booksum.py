@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from infini_bench.checkpoint import Checkpointer
 from infini_bench.data import load_documents
 from infini_bench.distributed import gathered
 from infini_bench.errors import ConfigError, check_choice, check_positive
@@ -39,8 +40,8 @@ from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import autocast, train
-from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          eval_count, log_setting, no_batches, train_config)
+from tasks.common import (build_model_and_tokenizer, export_weights, footprint_results, log_gates, eval_count,
+                          log_setting, no_batches, train_config)
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -282,7 +283,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         return {"val/summary_loss": summary_loss(m, val_examples, tokens, run.device, tcfg.precision)}
 
     batches = BatchFn(train_examples, tcfg.batch_size, tcfg.seed, **tokens) if tcfg.steps else no_batches
-    summary = train(model, tcfg, batches, run, checkpoint_dir(run), eval_fn=evaluate)
+    summary = train(model, tcfg, batches, run, Checkpointer.of_run(run.out_dir), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from
     with gathered(model) as whole:  # under FSDP, decoding needs the whole model on every rank

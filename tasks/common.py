@@ -176,10 +176,6 @@ def footprint_results(model_cfg: ModelConfig, seq_len: int) -> dict[str, int]:
             "footprint/state_bytes": fp.state_bytes, "footprint/seq_len": seq_len}
 
 
-def checkpoint_dir(run) -> Path:
-    return Path(run.out_dir) / "checkpoints"
-
-
 def log_gates(model: SegmentTransformer, run, step: int | None) -> dict[str, float]:
     """sigmoid(beta) per layer and head (paper Figure 3): one number per head in metrics.jsonl (`gates/L0/H3`, which
     the report reads), and in W&B one table of (layer, head, gate) and a heatmap image per evaluation, not a panel

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
+from infini_bench.checkpoint import Checkpointer
 from infini_bench.code_corpus import code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
@@ -21,8 +22,8 @@ from infini_bench.token_cache import Entry, TokenCache, state_digest
 from infini_bench.tokenizer import Tokenizer
 from infini_bench.tracking import Run, write_json
 from infini_bench.train import train
-from tasks.common import (build_model_and_tokenizer, checkpoint_dir, export_weights, footprint_results, log_gates,
-                          eval_count, log_setting, no_batches, train_config)
+from tasks.common import (build_model_and_tokenizer, export_weights, footprint_results, log_gates, eval_count,
+                          log_setting, no_batches, train_config)
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -261,7 +262,7 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
         log_gates(m, run, step)
         return {"val/loss": r["loss"], "val/ppl": r["ppl"], "val/bpb": r["bpb"]}
 
-    summary = train(model, tcfg, stream, run, checkpoint_dir(run), eval_fn=evaluate)
+    summary = train(model, tcfg, stream, run, Checkpointer.of_run(run.out_dir), eval_fn=evaluate)
     if tcfg.steps:
         export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
     fault("final_evaluation")

@@ -14,17 +14,18 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from tqdm.auto import tqdm
 
-from infini_bench.distributed import gathered, is_distributed, recover_checkpoint
+from infini_bench.checkpoint import Checkpointer
+from infini_bench.distributed import gathered, is_distributed
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.generate import feed, generate_from, prefill
 from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.tokenizer import Tokenizer
 from infini_bench.tracking import Run
-from infini_bench.train import checkpoint_path, autocast, train
+from infini_bench.train import autocast, train
 from tasks import RENAMED
 from tasks.common import (
-    build_model_and_tokenizer, checkpoint_dir, eval_count, export_weights, footprint_results, log_gates,
+    build_model_and_tokenizer, eval_count, export_weights, footprint_results, log_gates,
     log_setting, train_config,
 )
 from tasks.passkey_data import (
@@ -227,8 +228,9 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     if warmup and is_distributed():
         raise ConfigError("task.local_warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under "
                           "torchrun")
-    recover_checkpoint(checkpoint_path(checkpoint_dir(run)))  # a swap a crash interrupted: before looking for it
-    if warmup and not (tcfg.resume and checkpoint_path(checkpoint_dir(run)).exists()):  # else the main phase has it
+    main = Checkpointer.of_run(run.out_dir)
+    main.recover()  # a swap a crash interrupted: before looking for it
+    if warmup and not (tcfg.resume and main.exists()):  # else the main phase has it
         local_cfg = dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)
         local = SegmentTransformer(local_cfg).to(run.device)
         local.load_state_dict(model.state_dict())
@@ -236,12 +238,12 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
                                  t.train_haystack, key_range, key_ramp)
         # A constant learning rate after the ramp: the copy must be learned by the end of the warm-up.
         train(local, dataclasses.replace(tcfg, steps=warmup, schedule="constant", eval_every=warmup + 1), batches,
-              run, checkpoint_dir(run) / "warmup")
+              run, Checkpointer.of_run(run.out_dir, "warmup"))
         model.load_state_dict(local.state_dict())
     if steps:
         batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on, t.train_haystack,
                                  key_range, key_ramp, lengths_end, length_ramp, length_start)
-        summary = train(model, tcfg, batches, logged, checkpoint_dir(run), eval_fn=validate)
+        summary = train(model, tcfg, batches, logged, main, eval_fn=validate)
     if warmup or steps:
         export_weights(model, run)  # for model.init_from
 

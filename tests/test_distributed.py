@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from infini_bench.data import TokenStream, embedded_documents
+from infini_bench.checkpoint import load_checkpoint, save_checkpoint
 from infini_bench.distributed import (
-    DistInfo, all_reduce_mean, cleanup, full_tensor, init_distributed, load_checkpoint, main_first,
-    save_checkpoint, shard_model,
+    DistInfo, all_reduce_mean, cleanup, full_tensor, init_distributed, main_first, shard_model,
 )
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from infini_bench.checkpoint import Checkpointer
 from infini_bench.data import TokenStream, embedded_documents
 from infini_bench.errors import ConfigError
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run, read_metrics, write_json
-from infini_bench.train import TrainConfig, TrainingDiverged, load_checkpoint, train
+from infini_bench.train import TrainConfig, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -134,7 +135,7 @@ def test_a_half_deleted_old_checkpoint_does_not_block_the_next(tmp_path):
     (tmp_path / "ckpt" / "last.old" / "__0_0.distcp").write_bytes(b"left over")
     model, stream, run, cfg = setup(tmp_path)
     train(model, cfg, stream, run, tmp_path / "ckpt")
-    assert load_checkpoint(tmp_path / "ckpt", build_model("tiny", segment_len=16, n_layers=1)) == 4
+    assert Checkpointer(tmp_path / "ckpt").load(build_model("tiny", segment_len=16, n_layers=1))["step"] == 4
     assert not (tmp_path / "ckpt" / "last.old").exists()
 
 
@@ -152,7 +153,7 @@ def test_nonfinite_gradient_stops_before_the_step_and_the_checkpoint_stays_good(
     with pytest.raises(TrainingDiverged, match=r"train/grad_norm is (nan|inf) at step 4; .*last good checkpoint"):
         train(model, cfg, batch, run, tmp_path / "ckpt")
     fresh = build_model("tiny", segment_len=16, n_layers=1)
-    assert load_checkpoint(tmp_path / "ckpt", fresh) == 2
+    assert Checkpointer(tmp_path / "ckpt").load(fresh)["step"] == 2
     assert all(torch.isfinite(v).all() for v in fresh.state_dict().values())
 
 
@@ -274,7 +275,7 @@ def test_crafted_optimizer_state_in_the_shards_is_refused_and_runs_nothing(tmp_p
     a callable, re-saved with dcp.save and every checksum rewritten, is refused with one line on resume."""
     import torch.distributed.checkpoint as dcp
 
-    from infini_bench.distributed import MANIFEST, _single_process_ok, _state
+    from infini_bench.checkpoint import MANIFEST, _single_process_ok, _state
     from infini_bench.train import make_optimizer
 
     model, stream, run, cfg = setup(tmp_path, steps=2)
@@ -307,7 +308,7 @@ def test_sigint_saves_a_checkpoint_then_stops(tmp_path):
 
     with pytest.raises(Interrupted, match=r"^interrupted at step 3; .*rerun the same command to resume$"):
         train(model, cfg, interrupted_at_3, run, tmp_path / "ckpt")
-    assert load_checkpoint(tmp_path / "ckpt", build_model("tiny", segment_len=16, n_layers=1)) == 3
+    assert Checkpointer(tmp_path / "ckpt").load(build_model("tiny", segment_len=16, n_layers=1))["step"] == 3
 
 
 def test_a_second_sigint_stops_at_once_and_keeps_the_last_complete_checkpoint(tmp_path, capfd):

@@ -242,7 +242,7 @@ def test_each_task_has_both_scales_and_their_trainers():
 
 def test_a_run_stored_with_presets_resumes_under_scale(tmp_path):
     from infini_bench.errors import ConfigError
-    from run import check_same_config
+    from infini_bench.checkpoint import check_same_config
 
     now = OmegaConf.to_container(_compose("task=lm", "model=1b"), resolve=True)
     old = json.loads(json.dumps(now))

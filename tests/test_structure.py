@@ -1,6 +1,10 @@
 """The package's shape: no import cycle among its modules, counting imports made inside functions too (a lazy
-import that dodges a cycle at load time still ties the two modules together); the walk's figures."""
-from bench.structure import Walk, find_cycle, import_graph
+import that dodges a cycle at load time still ties the two modules together), one owner of the checkpoint
+files, infini_bench.checkpoint, which run.py, the trainer and the tasks call, and the walk's figures."""
+import ast
+from pathlib import Path
+
+from bench.structure import ROOT, Walk, find_cycle, import_graph, modules
 
 
 def test_the_graph_sees_imports_inside_functions():
@@ -22,3 +26,27 @@ def test_the_walks_figures_count_returns_to_a_file_and_calls_back_up_the_layers(
     figures = walk.figures(import_graph())
     # tasks.lm imports infini_bench.train, so the trainer calling back into the task climbs; run -> task does not.
     assert figures == {"stays": 6, "files": 3, "returns": 3, "climbs": 1}
+
+
+CHECKPOINT_FILES = ("extra.json", "checksums.json", "checkpoints/", "last.tmp", "last.old")
+
+
+def touches_checkpoint_files(path: Path) -> list[str]:
+    """What in a file reads or writes checkpoints directly: DCP's save and load, or a checkpoint file's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found += [n for n in names if n.startswith("torch.distributed.checkpoint")
+                  and not n.startswith("torch.distributed.checkpoint.state_dict")]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [name for name in CHECKPOINT_FILES if name in node.value or node.value == name.strip("/")]
+    return found
+
+
+def test_only_the_checkpointer_touches_checkpoint_files():
+    """infini_bench.checkpoint owns the checkpoint files: run.py, the trainer and the tasks go through it."""
+    assert touches_checkpoint_files(ROOT / "infini_bench" / "checkpoint.py")  # the scan sees what it looks for
+    files = [p for p in modules().values() if p.name != "checkpoint.py"] + [ROOT / "run.py"]
+    offenders = {str(p.relative_to(ROOT)): found for p in files if (found := touches_checkpoint_files(p))}
+    assert not offenders, offenders

@@ -64,10 +64,10 @@ def test_nan_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"train/loss is nan at step 5; .*last good checkpoint"):
         train(model, cfg, poisoned, run, tmp_path / "nan" / "ckpt")
-    from infini_bench.train import load_checkpoint
+    from infini_bench.checkpoint import Checkpointer
 
     fresh = build_model("tiny", segment_len=16, n_layers=1)
-    assert load_checkpoint(tmp_path / "nan" / "ckpt", fresh) == 3
+    assert Checkpointer(tmp_path / "nan" / "ckpt").load(fresh)["step"] == 3
     assert all(torch.isfinite(v).all() for v in fresh.state_dict().values())
 
 
