@@ -101,7 +101,8 @@ def hub_documents(name: str, split: str, max_docs: int, min_bytes: int = 0,
     streaming: a token covers at least one byte, so a document under n bytes can't reach n tokens."""
     docs = []
     try:
-        with tqdm(desc=f"{name} {split}", unit=" docs", leave=False, dynamic_ncols=True, delay=2) as bar:
+        with tqdm(desc=f"{name} {split}", unit=" docs", leave=False, dynamic_ncols=True, delay=2,
+                  disable=None) as bar:  # a terminal only: a pipe or a log gets no transient bar
             for i, row in enumerate(hub_rows(name, split, data_files)):
                 bar.update(1)
                 if len(docs) >= max_docs:
@@ -154,7 +155,8 @@ class TokenStream:
         within_docs = min_doc_tokens > 0
         shortest = max(min_doc_tokens, seq_len + 1) if within_docs else 0
         pieces = []
-        with tqdm(total=len(docs), desc="tokenize", unit=" docs", leave=False, dynamic_ncols=True, delay=2) as bar:
+        with tqdm(total=len(docs), desc="tokenize", unit=" docs", leave=False, dynamic_ncols=True, delay=2,
+                  disable=None) as bar:  # a terminal only, as above
             for start in range(0, len(docs), 64):  # batches: a Hugging Face tokenizer encodes them in parallel
                 batch = [d.text for d in docs[start: start + 64]]
                 for ids in tokenizer.encode_batch(batch):

@@ -236,3 +236,16 @@ def test_windows_start_at_document_starts_when_asked():
         TokenStream(docs, TOK, seq_len=8, batch_size=2, seed=0, window_start="document")
     with pytest.raises(ConfigError, match=r"^task\.window_start: 'start' is not one of any, document"):
         TokenStream(docs, TOK, seq_len=8, batch_size=2, seed=0, min_doc_tokens=1, window_start="start")
+
+
+def test_tokenizing_writes_no_progress_bar_into_a_pipe_or_log(capsys):
+    """A slow tokenizer shows a bar on a terminal only: a bad input's one-line error must stay one line."""
+    import time
+
+    class Slow(ByteTokenizer):
+        def encode_batch(self, texts):
+            time.sleep(2.3)  # past the bar's 2 s delay
+            return super().encode_batch(texts)
+
+    TokenStream([lettered("x", 200)], Slow(), seq_len=16, batch_size=1, seed=0)
+    assert "tokenize" not in capsys.readouterr().err  # pytest's capture is not a terminal
