@@ -4,10 +4,11 @@ following the composed config through one run.
     python -m bench.structure cycles                                   # an import cycle, or none
     python -m bench.structure walk task=passkey model=tiny trainer.steps=2 hydra.run.dir=/tmp/walk
 
-The walk runs `run.py` with the given overrides under a profiler and follows the config object Hydra composed:
-it is the sequence of files holding the innermost function that received that object as an argument, each call
-site followed once (a call already followed, and everything under it, is not walked again), so it is what a
-reader sees who opens every function the config is handed to, in the order the run calls them. It reports
+The walk runs `run.py` with the given overrides under a profiler and follows the config Hydra composed: it is
+the sequence of files holding the innermost function that received that config, or a part of it (`cfg.task`),
+as an argument, each call site followed once (a call already followed, and everything under it, is not walked
+again), so it is what a reader sees who opens every function the config is handed to, in the order the run
+calls them. It reports
 - stays: stretches of the walk in one file;
 - returns: stays in a file the walk had already left;
 - climbs: calls from a module into one that imports it, directly or not (an arrow running back up the layers).
@@ -105,8 +106,8 @@ def _module_of(filename: str) -> str | None:
 
 
 class Walk:
-    """A profiler hook that records the walk (see the module's docstring) of the first DictConfig that `run.py`'s
-    `main` receives."""
+    """A profiler hook that records the walk (see the module's docstring) of the DictConfig that `run.py`'s `main`
+    receives."""
 
     def __init__(self) -> None:
         self.root = None  # the composed config
@@ -114,6 +115,12 @@ class Walk:
         self.edges: set[tuple[object, object]] = set()  # call sites already followed: (caller code, callee code)
         self.stays: list[str] = []
         self.calls: list[tuple[str, str]] = []  # (caller module, callee module) of every walked call between files
+
+    def _of_config(self, value) -> bool:
+        """The composed config or a part of it (`cfg.task`, `cfg.trainer`, ...)."""
+        from omegaconf import Container
+
+        return value is self.root or (isinstance(value, Container) and value._get_root() is self.root)
 
     def _visit(self, module: str) -> None:
         if not self.stays or self.stays[-1] != module:
@@ -132,8 +139,8 @@ class Walk:
                 if self.root is None:
                     return
             code = frame.f_code
-            received = any(v is self.root for v in list(frame.f_locals.values())[: code.co_argcount
-                                                                                + code.co_kwonlyargcount])
+            args = list(frame.f_locals.values())[: code.co_argcount + code.co_kwonlyargcount]
+            received = any(self._of_config(v) for v in args)
             if not received:
                 return
             caller = self.stack[-1] if self.stack else None

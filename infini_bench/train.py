@@ -166,6 +166,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def gate_metrics(model: nn.Module) -> dict[str, float]:
+    """sigmoid(beta) per gated layer and head as `gates/L<layer>/H<head>` (paper Figure 3), {} for a model
+    without gates. Logged with every checkpoint between evaluations, so a run that evaluates once still shows how
+    its gates moved."""
+    layers = model.gate_layers() if hasattr(model, "gate_layers") else []
+    if not layers:
+        return {}
+    gates = distributed.full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
+    return {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
+
+
 def _diverged(what: str, ckpt: Checkpointer) -> TrainingDiverged:
     where = f"the last good checkpoint is {ckpt.path}" if ckpt.exists() else "no checkpoint was written yet"
     return TrainingDiverged(f"{what}; stopped, {where}")
@@ -341,6 +352,9 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             run.log(metrics, step=step)
             summary.update(metrics)
         stopping = distributed.all_reduce_max(torch.tensor(float(bool(stop)), device=device)).item() > 0
+        evaluated = eval_fn is not None and step % cfg.eval_every == 0  # the evaluation logs the gates there
+        if step % cfg.ckpt_every == 0 and not (last or evaluated):  # as does the task after the last step
+            run.log(gate_metrics(model), step=step, to_wandb=False)
         if step % cfg.ckpt_every == 0 or last or stopping:
             _save(ckpt, model, optimizer, step, cfg, run, summary)
         if stopping:

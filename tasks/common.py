@@ -15,7 +15,7 @@ from infini_bench.faults import fault
 from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.files import follow_umask
-from infini_bench.train import TrainConfig
+from infini_bench.train import TrainConfig, gate_metrics
 
 log = logging.getLogger(__name__)
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
@@ -180,14 +180,13 @@ def log_gates(model: SegmentTransformer, run, step: int | None) -> dict[str, flo
     """sigmoid(beta) per layer and head (paper Figure 3): one number per head in metrics.jsonl (`gates/L0/H3`, which
     the report reads), and in W&B one table of (layer, head, gate) and a heatmap image per evaluation, not a panel
     per head (1,024 for the 8B)."""
-    from infini_bench.distributed import full_tensor
     from infini_bench.plots import gate_heatmap
 
-    layers = model.gate_layers()
-    if not layers:  # no memory mixed in by a gate (none, full, txl, rmt)
+    metrics = gate_metrics(model)
+    if not metrics:  # no memory mixed in by a gate (none, full, txl, rmt)
         return {}
-    gates = full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
-    metrics = {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
+    layers = model.gate_layers()
+    gates = torch.tensor(list(metrics.values())).view(len(layers), -1)
     run.log(metrics, step=step, to_wandb=False)
     run.log_table("gates/values", ["layer", "head", "gate"],
                   [[i, j, float(g)] for i, row in zip(layers, gates) for j, g in enumerate(row)], step=step, save=False)

@@ -189,3 +189,23 @@ def test_extending_a_run_equals_a_straight_run_only_while_their_learning_rates_a
     assert rates[4:] == straight_rates[4:]
     assert (rates == straight_rates) == same and (extended == straight) == same
     assert extended[:2] == straight[:2]
+
+
+def test_gates_are_logged_with_each_checkpoint_between_evaluations(tmp_path):
+    """A recipe that evaluates once still records how its gates moved: one row per checkpoint, the values the
+    model had then; evaluated steps and the last are left to the task, which logs them itself."""
+    model, stream, run, cfg = setup(tmp_path, "gates")
+    cfg.eval_every = 6
+    seen = {}
+
+    def evaluate(m, step):
+        seen[step] = m.gates()[0].tolist()
+        return {"val/loss": 1.0}
+
+    train(model, cfg, stream, run, tmp_path / "gates" / "ckpt", eval_fn=evaluate)
+    rows = {r["step"]: r for r in read_metrics(run.metrics_path) if "gates/L0/H0" in r}
+    assert sorted(rows) == [3]  # checkpoints at 3 and 6 (evaluated) and 8 (the last)
+    heads = model.cfg.n_heads
+    assert len([k for k in rows[3] if k.startswith("gates/")]) == heads
+    assert all(0 < rows[3][f"gates/L0/H{j}"] < 1 for j in range(heads))
+    assert [rows[3][f"gates/L0/H{j}"] for j in range(heads)] != seen[6]  # logged at step 3, not later values
