@@ -115,12 +115,13 @@ class Run:
     def _wandb_log(self, row: dict, step: int | None) -> None:
         self._wandb.log(row if step is None else {**row, STEP: step})
 
-    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True) -> None:
+    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True,
+            file_only: dict[str, float] | None = None) -> None:
         """A row of metrics.jsonl, and of W&B unless `to_wandb` is false (values too many for a panel each, which
-        W&B gets as a table instead)."""
+        W&B gets as a table instead); `file_only` joins the file's row and never W&B."""
         if not self.is_main:
             return
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: float(v) for k, v in {**metrics, **(file_only or {})}.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
         if self._wandb is not None and to_wandb:

@@ -168,8 +168,8 @@ def autocast(device: torch.device, precision: str):
 
 def gate_metrics(model: nn.Module) -> dict[str, float]:
     """sigmoid(beta) per gated layer and head as `gates/L<layer>/H<head>` (paper Figure 3), {} for a model
-    without gates. Logged with every checkpoint between evaluations, so a run that evaluates once still shows how
-    its gates moved."""
+    without gates. The trainer logs them with every checkpoint between evaluations (in the training row of a step
+    that logs one), so a run that evaluates once still shows how its gates moved."""
     layers = model.gate_layers() if hasattr(model, "gate_layers") else []
     if not layers:
         return {}
@@ -334,6 +334,7 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
         window_tokens += tokens_per_step
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
+        evaluated = eval_fn is not None and step % cfg.eval_every == 0 and not last  # the task evaluates the end
         if step % cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t0
             metrics = {"train/loss": loss_sum, "train/lr": optimizer.param_groups[0]["lr"],
@@ -341,20 +342,20 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
             if device.type == "cuda":  # the highest of any rank, so a near-OOM on one GPU is visible
                 peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
                 metrics["train/peak_memory_gib"] = distributed.all_reduce_max(peak).item()
-            run.log(metrics, step=step)
+            # The gates join the training row of a checkpoint step; an evaluation logs them itself, and so does
+            # the task after the last step.
+            gates = gate_metrics(model) if step % cfg.ckpt_every == 0 and not (last or evaluated) else {}
+            run.log(metrics, step=step, file_only=gates)
             t0, window_tokens = time.perf_counter(), 0
         summary.update({"train/loss": loss_sum, "train/steps": step, "train/seconds": seconds})
         if not cfg.progress and run.is_main and (seconds - beat[1] >= HEARTBEAT_S or last):
             heartbeat(step, cfg, loss_sum, tokens_per_step, step - beat[0], seconds - beat[1], seconds)
             beat = (step, seconds)
-        if eval_fn is not None and step % cfg.eval_every == 0 and not last:  # the task evaluates the end
+        if evaluated:
             metrics = eval_fn(model, step)
             run.log(metrics, step=step)
             summary.update(metrics)
         stopping = distributed.all_reduce_max(torch.tensor(float(bool(stop)), device=device)).item() > 0
-        evaluated = eval_fn is not None and step % cfg.eval_every == 0  # the evaluation logs the gates there
-        if step % cfg.ckpt_every == 0 and not (last or evaluated):  # as does the task after the last step
-            run.log(gate_metrics(model), step=step, to_wandb=False)
         if step % cfg.ckpt_every == 0 or last or stopping:
             _save(ckpt, model, optimizer, step, cfg, run, summary)
         if stopping:
