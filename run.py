@@ -350,6 +350,7 @@ def main(cfg: DictConfig) -> None:
     from infini_bench.errors import ConfigError, check_int
     from infini_bench.tracking import Run
     from tasks import get_task
+    from tasks.runner import run_task
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if threading.current_thread() is threading.main_thread():  # training installs its own, graceful handler
@@ -393,14 +394,13 @@ def main(cfg: DictConfig) -> None:
 
         check_limit(cfg.task)
         tcfg = train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
-        if hasattr(task, "check_values"):
-            task.check_values(cfg)
+        task.check_values(cfg)
         if steps_done is not None and is_main_process():
             extend(out_dir, steps_done, tcfg, finished)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)
         if not has_checkpoint(out_dir):  # nothing to resume: every row is redone
             run.truncate_metrics(0, rows=0)
-        results = task.run_task(cfg, run)
+        results = run_task(cfg, run)
         run.finish(results)
         if run.is_main:
             print_results(out_dir, config)

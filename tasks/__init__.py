@@ -1,5 +1,5 @@
-"""Benchmarks behind one contract: a module with `run_task(cfg, run) -> dict` of `split/metric` results, and
-optionally `check_values(cfg)`, which names a bad task value before the run starts (before W&B)."""
+"""Benchmarks behind one contract: a module whose `TASK` subclasses `tasks.runner.Task` (its checks, data, training
+phases, evaluation and artefacts); `tasks.runner.run_task` runs any of them."""
 from importlib import import_module
 
 TASKS = ("lm", "passkey", "booksum")
@@ -13,8 +13,9 @@ RENAMED = {
 }
 
 
-def get_task(name: str):
+def get_task(name: str) -> type:
+    """The Task class of a registered task (a `tasks.runner.Task`), its module imported now."""
     from infini_bench.errors import check_choice
 
     check_choice("task", name, TASKS)
-    return import_module(f"tasks.{name}")
+    return import_module(f"tasks.{name}").TASK

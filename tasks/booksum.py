@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from infini_bench.checkpoint import Checkpointer
 from infini_bench.data import load_documents
 from infini_bench.distributed import gathered
 from infini_bench.errors import ConfigError, check_choice, check_positive
@@ -38,10 +37,10 @@ from infini_bench.metrics import rouge
 from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
-from infini_bench.tracking import Run, write_json
-from infini_bench.train import autocast, train
-from tasks.common import (build_model_and_tokenizer, export_weights, footprint_results, log_gates, eval_count,
-                          log_setting, no_batches, train_config)
+from infini_bench.tracking import write_json
+from infini_bench.train import TrainConfig, autocast
+from tasks.common import eval_count, footprint_results, no_batches, train_config
+from tasks.runner import Task
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")
@@ -266,63 +265,73 @@ def summarise_books(model: SegmentTransformer, tokenizer, books, lengths: list[i
     return per_length, used
 
 
-def run_task(cfg: DictConfig, run: Run) -> dict:
-    t = cfg.task
-    lengths = _check(t)
-    log_setting(cfg)
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    tcfg = train_config(cfg)
-    train_pairs, eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # trainer.steps=0: evaluation only
-    tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt), "eos_id": tokenizer.eos_id,
-              "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
-    train_examples = _examples(train_pairs, tokenizer, t)
-    val_examples = _examples([(b.text, b.references[0]) for b in eval_books], tokenizer, t)
+class BookSum(Task):
+    """Fine-tune on truncated book + summary; summarise each evaluation book at every input length."""
 
-    def evaluate(m, step):
-        log_gates(m, run, step)
-        return {"val/summary_loss": summary_loss(m, val_examples, tokens, run.device, tcfg.precision)}
+    def check(self) -> None:
+        self.lengths = _check(self.t)
 
-    batches = BatchFn(train_examples, tcfg.batch_size, tcfg.seed, **tokens) if tcfg.steps else no_batches
-    summary = train(model, tcfg, batches, run, Checkpointer.of_run(run.out_dir), eval_fn=evaluate)
-    if tcfg.steps:
-        export_weights(model, run)  # for model.init_from
-    with gathered(model) as whole:  # under FSDP, decoding needs the whole model on every rank
-        whole.eval()
-        per_length, used = summarise_books(whole, tokenizer, eval_books, lengths, tokens, t, run.device, tcfg)
-        val_loss = summary_loss(whole, val_examples, tokens, run.device, tcfg.precision)
+    def setup(self) -> TrainConfig:
+        t, tokenizer = self.t, self.tokenizer
+        tcfg = train_config(self.cfg)
+        train_pairs, self.eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # steps=0: evaluation only
+        self.tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt),
+                       "eos_id": tokenizer.eos_id, "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
+        self.train_examples = _examples(train_pairs, tokenizer, t)
+        self.val_examples = _examples([(b.text, b.references[0]) for b in self.eval_books], tokenizer, t)
+        return tcfg
 
-    refs = [list(b.references) for b in eval_books]
-    scores = {n: rouge(per_length[n], refs) for n in lengths}
-    main = lengths[-1]  # the paper's Table 4 is scored at its longest input, 500K
-    results: dict = {f"booksum/{k}": v for k, v in scores[main].items()}
-    results["booksum/input_len"] = main
-    results.update(footprint_results(model.cfg, main))
-    for n in lengths:
-        results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
-        results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])
-    results.update({"val/summary_loss": val_loss,
-                    "train/loss": summary.get("train/loss"), "train/steps": tcfg.steps, "data/source": t.source,
-                    "booksum/books": len(eval_books)})
-    run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=tcfg.steps)
+    def batches(self) -> Callable[[int], dict]:
+        tcfg = self.tcfg
+        return BatchFn(self.train_examples, tcfg.batch_size, tcfg.seed, **self.tokens) if tcfg.steps else no_batches
 
-    out_dir = Path(run.out_dir)
-    write_json(out_dir / "booksum_predictions.json", {
-        "metrics": results,
-        "length_sweep": [{"input_len": n, **scores[n]} for n in lengths],
-        "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
-                   "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(eval_books)],
-    })
-    plot = line_plot({cfg.memory.name: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
-                     "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
-                     "Summary quality against input length (paper Figure 4)", x=lengths, logx=True,
-                     ymin=0, memories={cfg.memory.name: cfg.memory.name})
-    run.log_image("booksum/length_sweep", plot, step=tcfg.steps)
-    log_gates(model, run, tcfg.steps)
-    # Tables last: W&B steps them past tcfg.steps, and it drops anything logged at an earlier step afterwards.
-    run.log_table("booksum/samples", ["bid", "title", "input_len", "prediction", "reference"],
-                  [[b.bid, b.title, n, per_length[n][i], b.references[0]]
-                   for i, b in enumerate(eval_books[: t.sample_rows]) for n in lengths])
-    run.log_table("booksum/length_sweep_table", ["input_len", "rouge1", "rouge2", "rougeL", "overall"],
-                  [[n, scores[n]["rouge1"], scores[n]["rouge2"], scores[n]["rougeL"], scores[n]["overall"]]
-                   for n in lengths])
-    return results
+    def validate(self, model: SegmentTransformer) -> dict[str, float]:
+        return {"val/summary_loss": summary_loss(model, self.val_examples, self.tokens, self.run.device,
+                                                 self.tcfg.precision)}
+
+    def evaluate(self, model: SegmentTransformer, summary: dict) -> dict:
+        t, tcfg, lengths, books = self.t, self.tcfg, self.lengths, self.eval_books
+        with gathered(model) as whole:  # under FSDP, decoding needs the whole model on every rank
+            whole.eval()
+            self.per_length, used = summarise_books(whole, self.tokenizer, books, lengths, self.tokens, t,
+                                                    self.run.device, tcfg)
+            val_loss = summary_loss(whole, self.val_examples, self.tokens, self.run.device, tcfg.precision)
+        refs = [list(b.references) for b in books]
+        self.scores = scores = {n: rouge(self.per_length[n], refs) for n in lengths}
+        main = lengths[-1]  # the paper's Table 4 is scored at its longest input, 500K
+        results: dict = {f"booksum/{k}": v for k, v in scores[main].items()}
+        results["booksum/input_len"] = main
+        results.update(footprint_results(model.cfg, main))
+        for n in lengths:
+            results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
+            results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])
+        results.update({"val/summary_loss": val_loss,
+                        "train/loss": summary.get("train/loss"), "train/steps": tcfg.steps, "data/source": t.source,
+                        "booksum/books": len(books)})
+        return results
+
+    def artefacts(self, results: dict) -> None:
+        """The predictions beside their references, the length sweep as a plot, and both as W&B tables."""
+        run, lengths, scores, per_length, books = self.run, self.lengths, self.scores, self.per_length, self.eval_books
+        memory, out_dir = self.cfg.memory.name, Path(run.out_dir)
+        write_json(out_dir / "booksum_predictions.json", {
+            "metrics": results,
+            "length_sweep": [{"input_len": n, **scores[n]} for n in lengths],
+            "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
+                       "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(books)],
+        })
+        plot = line_plot({memory: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
+                         "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
+                         "Summary quality against input length (paper Figure 4)", x=lengths, logx=True,
+                         ymin=0, memories={memory: memory})
+        run.log_image("booksum/length_sweep", plot, step=self.final_step)
+        # Tables last: W&B steps them past the final step, and it drops anything logged at an earlier step afterwards.
+        run.log_table("booksum/samples", ["bid", "title", "input_len", "prediction", "reference"],
+                      [[b.bid, b.title, n, per_length[n][i], b.references[0]]
+                       for i, b in enumerate(books[: self.t.sample_rows]) for n in lengths])
+        run.log_table("booksum/length_sweep_table", ["input_len", "rouge1", "rouge2", "rougeL", "overall"],
+                      [[n, scores[n]["rouge1"], scores[n]["rouge2"], scores[n]["rougeL"], scores[n]["overall"]]
+                       for n in lengths])
+
+
+TASK = BookSum

@@ -9,21 +9,19 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from infini_bench.checkpoint import Checkpointer
 from infini_bench.code_corpus import code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
 from infini_bench.documents import Document, documents_digest
 from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import evaluate_lm
-from infini_bench.faults import fault
 from infini_bench.plots import line_plot
 from infini_bench.token_cache import Entry, TokenCache, state_digest
 from infini_bench.tokenizer import Tokenizer
-from infini_bench.tracking import Run, write_json
-from infini_bench.train import train
-from tasks.common import (build_model_and_tokenizer, export_weights, footprint_results, log_gates, eval_count,
-                          log_setting, no_batches, train_config)
+from infini_bench.tracking import write_json
+from infini_bench.train import TrainConfig
+from tasks.common import eval_count, footprint_results, no_batches, train_config
+from tasks.runner import Task
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded
@@ -219,75 +217,90 @@ def prepared_stream(t: DictConfig, mix: dict[str, float], min_tokens: int, token
     return MixtureStream(streams, plan["weights"], batch_size, seed), plan["sources"]
 
 
-def check_values(cfg: DictConfig) -> None:
-    """The task values that need no data to judge."""
-    check_choice("task.dataset", cfg.task.dataset, EMBEDDED + CODE + tuple(HUB))
-    check_choice("task.eval_split", cfg.task.eval_split, ("validation", "test"))
+class LanguageModelling(Task):
+    """Train on a token stream (or a mix of them), evaluate perplexity and bits per byte on whole documents."""
 
+    @staticmethod
+    def check_values(cfg: DictConfig) -> None:
+        check_choice("task.dataset", cfg.task.dataset, EMBEDDED + CODE + tuple(HUB))
+        check_choice("task.eval_split", cfg.task.eval_split, ("validation", "test"))
 
-def run_task(cfg: DictConfig, run: Run) -> dict:
-    t = cfg.task
-    check_values(cfg)
-    check_positive("task.seq_len", t.seq_len)
-    check_positive("task.eval_max_docs", t.eval_max_docs)
-    mix, min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
-    if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
-        raise ConfigError("task.min_doc_tokens", f"{min_tokens!r} must be an integer >= 0")
-    log_setting(cfg)
-    # The data before the model: without the hub, a paper recipe stops here with one line naming
-    # task.fallback_offline, before a tokenizer or checkpoint is looked for.
-    unreachable: set[str] = set()
-    eval_docs, eval_source = _documents(t, t.dataset, t.eval_split, unreachable=unreachable)
-    eval_docs = eval_docs[: eval_count(t)]
-    if not eval_docs:
-        raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
-                          "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    overrides = {}
-    if t.train_segments is not None:  # training length counted in segments
-        check_positive("task.train_segments", t.train_segments)
-        per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * max(1, t.seq_len // model.cfg.segment_len)
-        overrides["steps"] = -(-t.train_segments // per_step)
-    tcfg = train_config(cfg, **overrides)
-    if tcfg.steps:
-        stream, sources = prepared_stream(t, mix, min_tokens, tokenizer, tcfg.batch_size, tcfg.seed,
-                                          TokenCache(Path(cfg.cache_dir) / "tokens"),
-                                          Path(run.out_dir) / "train_tokens.json", fresh=not tcfg.resume,
-                                          unreachable=unreachable)
-    else:  # evaluation only: no training data is read, and the data used is the evaluation's
-        stream, sources = no_batches, {t.dataset: eval_source}
+    def check(self) -> None:
+        t = self.t
+        self.check_values(self.cfg)
+        check_positive("task.seq_len", t.seq_len)
+        check_positive("task.eval_max_docs", t.eval_max_docs)
+        self.mix, self.min_tokens = _mixture(t), t.get("min_doc_tokens", 0)
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise ConfigError("task.min_doc_tokens", f"{self.min_tokens!r} must be an integer >= 0")
 
-    def evaluate(m, step):
-        r = evaluate_lm(m, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
-        log_gates(m, run, step)
+    def load(self) -> None:
+        t = self.t
+        self.unreachable: set[str] = set()
+        eval_docs, self.eval_source = _documents(t, t.dataset, t.eval_split, unreachable=self.unreachable)
+        self.eval_docs = eval_docs[: eval_count(t)]
+        if not self.eval_docs:
+            raise ConfigError("task.dataset", f"{t.dataset!r} could not be reached for evaluation and has no "
+                              "embedded stand-in; pick embedded_pg19, embedded_math, pg19 or arxiv_math")
+
+    def setup(self) -> TrainConfig:
+        t, cfg = self.t, self.cfg
+        overrides = {}
+        if t.train_segments is not None:  # training length counted in segments
+            check_positive("task.train_segments", t.train_segments)
+            per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * max(1, t.seq_len // self.model.cfg.segment_len)
+            overrides["steps"] = -(-t.train_segments // per_step)
+        tcfg = train_config(cfg, **overrides)
+        if tcfg.steps:
+            self.stream, self.sources = prepared_stream(
+                t, self.mix, self.min_tokens, self.tokenizer, tcfg.batch_size, tcfg.seed,
+                TokenCache(Path(cfg.cache_dir) / "tokens"), Path(self.run.out_dir) / "train_tokens.json",
+                fresh=not tcfg.resume, unreachable=self.unreachable)
+        else:  # evaluation only: no training data is read, and the data used is the evaluation's
+            self.stream, self.sources = no_batches, {t.dataset: self.eval_source}
+        return tcfg
+
+    def batches(self) -> Callable[[int], dict]:
+        return self.stream
+
+    def _evaluate_lm(self, model) -> dict:
+        return evaluate_lm(model, self.eval_docs, self.tokenizer, self.run.device, self.t.eval_max_tokens,
+                           self.tcfg.precision, self.tcfg.progress)
+
+    def validate(self, model) -> dict[str, float]:
+        r = self._evaluate_lm(model)
         return {"val/loss": r["loss"], "val/ppl": r["ppl"], "val/bpb": r["bpb"]}
 
-    summary = train(model, tcfg, stream, run, Checkpointer.of_run(run.out_dir), eval_fn=evaluate)
-    if tcfg.steps:
-        export_weights(model, run)  # for model.init_from: e.g. continual pre-training, then passkey fine-tuning
-    fault("final_evaluation")
-    final = evaluate_lm(model, eval_docs, tokenizer, run.device, t.eval_max_tokens, tcfg.precision, tcfg.progress)
-    split = "val" if t.eval_split == "validation" else "test"
-    results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
-               f"{split}/tokens": final["tokens"], f"{split}/docs": len(eval_docs),
-               "train/loss": summary.get("train/loss"),
-               "train/steps": summary.get("train/steps", tcfg.steps), "train/seconds": summary.get("train/seconds"),
-               "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
-               "data/eval_source": eval_source,
-               "data/fallback": ", ".join(f"{k}={v}" for k, v in {**sources, t.dataset: eval_source}.items()
-                                          if k != v) or None,
-               "model/params": sum(p.numel() for p in model.parameters()),
-               **footprint_results(model.cfg, t.seq_len),  # paper Table 1
-               f"{split}/loss_by_segment": final["loss_by_segment"]}
-    if set(CODE) & {t.dataset, *mix}:  # environments differ: say exactly which source code was read
-        results["data/manifest"] = code_manifest(**_code_options(t))
-    run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=tcfg.steps)
-    # Does the loss fall later in a book, as the memory fills? A table W&B can plot, and a PNG.
-    run.log_table(f"{split}/loss_by_segment", ["segment", "loss"],
-                  [[k, v] for k, v in enumerate(final["loss_by_segment"])], step=tcfg.steps)
-    curve = line_plot({cfg.memory.name: final["loss_by_segment"]}, Path(run.out_dir) / "loss_by_segment.png",
-                      "segment index in document", "mean token loss (nats)", "Loss by segment position",
-                      memories={cfg.memory.name: cfg.memory.name})
-    run.log_image(f"{split}/loss_by_segment_plot", curve, step=tcfg.steps)  # the table keeps its own key
-    log_gates(model, run, tcfg.steps)
-    return results
+    def evaluate(self, model, summary: dict) -> dict:
+        t, sources = self.t, self.sources
+        final = self._evaluate_lm(model)
+        self.split = split = "val" if t.eval_split == "validation" else "test"
+        results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
+                   f"{split}/tokens": final["tokens"], f"{split}/docs": len(self.eval_docs),
+                   "train/loss": summary.get("train/loss"),
+                   "train/steps": summary.get("train/steps", self.tcfg.steps),
+                   "train/seconds": summary.get("train/seconds"),
+                   "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
+                   "data/eval_source": self.eval_source,
+                   "data/fallback": ", ".join(f"{k}={v}" for k, v in {**sources, t.dataset: self.eval_source}.items()
+                                              if k != v) or None,
+                   "model/params": sum(p.numel() for p in model.parameters()),
+                   **footprint_results(model.cfg, t.seq_len),  # paper Table 1
+                   f"{split}/loss_by_segment": final["loss_by_segment"]}
+        if set(CODE) & {t.dataset, *self.mix}:  # environments differ: say exactly which source code was read
+            results["data/manifest"] = code_manifest(**_code_options(t))
+        return results
+
+    def artefacts(self, results: dict) -> None:
+        """Does the loss fall later in a book, as the memory fills? A table W&B can plot, and a PNG."""
+        run, split, step, memory = self.run, self.split, self.final_step, self.cfg.memory.name
+        by_segment = results[f"{split}/loss_by_segment"]
+        run.log_table(f"{split}/loss_by_segment", ["segment", "loss"], [[k, v] for k, v in enumerate(by_segment)],
+                      step=step)
+        curve = line_plot({memory: by_segment}, Path(run.out_dir) / "loss_by_segment.png",
+                          "segment index in document", "mean token loss (nats)", "Loss by segment position",
+                          memories={memory: memory})
+        run.log_image(f"{split}/loss_by_segment_plot", curve, step=step)  # the table keeps its own key
+
+
+TASK = LanguageModelling

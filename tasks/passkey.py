@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -22,17 +22,15 @@ from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.tokenizer import Tokenizer
 from infini_bench.tracking import Run
-from infini_bench.train import autocast, train
+from infini_bench.train import TrainConfig, autocast
 from tasks import RENAMED
-from tasks.common import (
-    build_model_and_tokenizer, eval_count, export_weights, footprint_results, log_gates,
-    log_setting, train_config,
-)
+from tasks.common import eval_count, footprint_results, train_config
 from tasks.passkey_data import (
     DEPTHS, HAYSTACKS, KEY_RANGE, LOSSES, Outcome, PasskeyBatches, PasskeySample, by_distance, chance_accuracy,
     exact_match, make_sample, min_length, segments_back, summarise, token_accuracy,
 )
 from tasks.passkey_plots import distance_plot, grid_heatmap
+from tasks.runner import Phase, Task
 
 # ---- streaming evaluation -----------------------------------------------------------------------------------------
 
@@ -191,89 +189,101 @@ class _StepOffset:
         self._run.truncate_metrics(self._shift(after_step), rows)
 
 
-def run_task(cfg: DictConfig, run: Run) -> dict:
-    t = cfg.task
-    log_setting(cfg)
-    model, tokenizer = build_model_and_tokenizer(cfg)
-    check_config(t, tokenizer)
-    tcfg = train_config(cfg)
-    depths = depth_grid(t)
-    key_range = _int_pair(t, "key_range", 1, 99999)
-    model.to(run.device)
-    if tcfg.compile and not is_distributed():  # the streamed evaluation runs compiled too (2x at 1M tokens)
-        model.compile_blocks()
+class Passkey(Task):
+    """Optionally a warm-up on local attention, then training on passkey prompts; evaluated on the grid of
+    lengths and depths."""
 
-    def grid(m: SegmentTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
-        with gathered(m) as whole, autocast(run.device, tcfg.precision):  # under FSDP: a whole replica
+    def setup(self) -> TrainConfig:
+        t, run, model = self.t, self.run, self.model
+        check_config(t, self.tokenizer)
+        tcfg = train_config(self.cfg)
+        self.depths = depth_grid(t)
+        self.key_range = _int_pair(t, "key_range", 1, 99999)
+        model.to(run.device)
+        if tcfg.compile and not is_distributed():  # the streamed evaluation runs compiled too (2x at 1M tokens)
+            model.compile_blocks()
+        self.steps = 0 if t.zero_shot else tcfg.steps
+        self.warmup = t.local_warmup_steps if self.steps else 0  # steps=0 or zero_shot: evaluation only, no warm-up
+        return tcfg
+
+    def _grid(self, m: SegmentTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
+        with gathered(m) as whole, autocast(self.run.device, self.tcfg.precision):  # under FSDP: a whole replica
             whole.eval()
-            return evaluate_grid(whole, tokenizer, lengths, names, n, t.seed, t.haystack, key_range,
-                                 t.eval_batch, progress)
+            return evaluate_grid(whole, self.tokenizer, lengths, names, n, self.t.seed, self.t.haystack,
+                                 self.key_range, self.t.eval_batch, progress)
 
-    steps = 0 if t.zero_shot else tcfg.steps
-    warmup = t.local_warmup_steps if steps else 0  # trainer.steps=0 or zero_shot: evaluation only, no warm-up
-    logged = _StepOffset(run, warmup)  # the main phase logs its steps after the warm-up's
-
-    def validate(m: SegmentTransformer, step: int) -> dict[str, float]:
+    def validate(self, model: SegmentTransformer) -> dict[str, float]:
         """A quick look during training: the needle at the start of the shortest evaluation length."""
-        rows, _ = grid(m, [min(t.lengths)], {"start": 0.0}, t.val_samples, progress=False)
-        log_gates(m, logged, step)
+        rows, _ = self._grid(model, [min(self.t.lengths)], {"start": 0.0}, self.t.val_samples, progress=False)
         return {f"passkey/val_acc@{rows[0]['length_label']}/start": rows[0]["acc"]}
 
-    summary: dict[str, float] = {}
-    lengths = _int_pair(t, "train_lengths", 1)
-    lengths_end = _int_pair(t, "train_lengths_end", 1) if t.get("train_lengths_end") is not None else None
-    # The curricula count steps; the batches count micro-batches. Each phase ramps the keys from its own start.
-    key_ramp, length_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum, t.get("length_ramp_steps", 0) * tcfg.grad_accum
-    length_start = t.get("length_ramp_start", 0) * tcfg.grad_accum
-    if warmup and is_distributed():
-        raise ConfigError("task.local_warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 under "
-                          "torchrun")
-    main = Checkpointer.of_run(run.out_dir)
-    main.recover()  # a swap a crash interrupted: before looking for it
-    if warmup and not (tcfg.resume and main.exists()):  # else the main phase has it
-        local_cfg = dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len)
-        local = SegmentTransformer(local_cfg).to(run.device)
-        local.load_state_dict(model.state_dict())
-        batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
-                                 t.train_haystack, key_range, key_ramp)
-        # A constant learning rate after the ramp: the copy must be learned by the end of the warm-up.
-        train(local, dataclasses.replace(tcfg, steps=warmup, schedule="constant", eval_every=warmup + 1), batches,
-              run, Checkpointer.of_run(run.out_dir, "warmup"))
-        model.load_state_dict(local.state_dict())
-    if steps:
-        batches = PasskeyBatches(tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on, t.train_haystack,
-                                 key_range, key_ramp, lengths_end, length_ramp, length_start)
-        summary = train(model, tcfg, batches, logged, main, eval_fn=validate)
-    if warmup or steps:
-        export_weights(model, run)  # for model.init_from
+    def phases(self) -> Iterator[Phase]:
+        """The warm-up on local attention (a copy of the model with short segments, its own checkpoints), then
+        the main phase, which logs its steps after the warm-up's."""
+        t, tcfg, run, model, warmup = self.t, self.tcfg, self.run, self.model, self.warmup
+        lengths = _int_pair(t, "train_lengths", 1)
+        lengths_end = _int_pair(t, "train_lengths_end", 1) if t.get("train_lengths_end") is not None else None
+        # The curricula count steps; the batches count micro-batches. Each phase ramps the keys from its own start.
+        key_ramp = t.get("key_ramp_steps", 0) * tcfg.grad_accum
+        length_ramp = t.get("length_ramp_steps", 0) * tcfg.grad_accum
+        length_start = t.get("length_ramp_start", 0) * tcfg.grad_accum
+        if warmup and is_distributed():
+            raise ConfigError("task.local_warmup_steps", f"{warmup}: the warm-up runs in a single process; set 0 "
+                              "under torchrun")
+        main = Checkpointer.of_run(run.out_dir)
+        main.recover()  # a swap a crash interrupted: before looking for it
+        if warmup and not (tcfg.resume and main.exists()):  # else the main phase has it
+            local = SegmentTransformer(dataclasses.replace(model.cfg, segment_len=t.local_warmup_segment_len))
+            local.to(run.device).load_state_dict(model.state_dict())
+            batches = PasskeyBatches(self.tokenizer, lengths, tcfg.batch_size, tcfg.seed + 1_000_003, t.loss_on,
+                                     t.train_haystack, self.key_range, key_ramp)
+            # A constant learning rate after the ramp: the copy must be learned by the end of the warm-up.
+            yield Phase(local, dataclasses.replace(tcfg, steps=warmup, schedule="constant", eval_every=warmup + 1),
+                        batches, run, Checkpointer.of_run(run.out_dir, "warmup"), validate=False)
+            model.load_state_dict(local.state_dict())
+        if self.steps:
+            batches = PasskeyBatches(self.tokenizer, lengths, tcfg.batch_size, tcfg.seed, t.loss_on,
+                                     t.train_haystack, self.key_range, key_ramp, lengths_end, length_ramp,
+                                     length_start)
+            yield Phase(model, tcfg, batches, _StepOffset(run, warmup), main)
 
-    rows, outcomes = grid(model, list(t.lengths), depths, eval_count(t), progress=tcfg.progress)
-    overall = summarise(outcomes)
-    results: dict = {**_flat(rows, overall), "passkey/acc": overall["acc"], "passkey/exact": overall["exact"]}
-    outcome_lengths = _cell_lengths(rows)
-    for length in dict.fromkeys(outcome_lengths):  # what the memory carried, length by length
-        at = summarise([o for o, n in zip(outcomes, outcome_lengths) if n == length])
-        if at["n_earlier"]:
-            results[f"passkey/acc_earlier@{length_label(length)}"] = at["acc_earlier"]
-            results[f"passkey/exact_earlier@{length_label(length)}"] = at["exact_earlier"]
-    if len(tokenizer.encode("0123456789")) == 10:  # one token per digit: the blind guess is well defined
-        results["passkey/chance"] = chance_accuracy(key_range)
-    distance = by_distance(outcomes)
-    results["passkey/by_segments_back"] = distance
-    steps += warmup
-    results.update({"train/steps": steps, "train/loss": summary.get("train/loss"), "passkey/grid": rows,
-                    **footprint_results(model.cfg, max(t.lengths))})
-    run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=steps)
+    @property
+    def final_step(self) -> int:
+        return self.steps + self.warmup
 
-    columns = ["length", "depth", "depth_value", "n", "acc", "exact", "segments_back", "n_earlier", "acc_earlier",
-               "n_same", "acc_same"]
-    run.log_table("passkey/grid", columns, [[r[c] for c in columns] for r in rows])
-    mode = "zero-shot" if not steps else f"{steps} training steps"
-    title = f"passkey token accuracy, memory={cfg.memory.name}, {mode}"
-    run.log_image("passkey/heatmap", grid_heatmap(rows, Path(run.out_dir) / "passkey_heatmap.png", title), step=steps)
-    if run.is_main:
-        plot = distance_plot(distance, Path(run.out_dir) / "passkey_by_distance.png",
-                             f"passkey by distance, memory={cfg.memory.name}, {mode}", results.get("passkey/chance"))
-        run.log_image("passkey/by_distance", plot, step=steps)
-    log_gates(model, run, steps)
-    return results
+    def evaluate(self, model: SegmentTransformer, summary: dict) -> dict:
+        t = self.t
+        rows, outcomes = self._grid(model, list(t.lengths), self.depths, eval_count(t), progress=self.tcfg.progress)
+        overall = summarise(outcomes)
+        results: dict = {**_flat(rows, overall), "passkey/acc": overall["acc"], "passkey/exact": overall["exact"]}
+        outcome_lengths = _cell_lengths(rows)
+        for length in dict.fromkeys(outcome_lengths):  # what the memory carried, length by length
+            at = summarise([o for o, n in zip(outcomes, outcome_lengths) if n == length])
+            if at["n_earlier"]:
+                results[f"passkey/acc_earlier@{length_label(length)}"] = at["acc_earlier"]
+                results[f"passkey/exact_earlier@{length_label(length)}"] = at["exact_earlier"]
+        if len(self.tokenizer.encode("0123456789")) == 10:  # one token per digit: the blind guess is well defined
+            results["passkey/chance"] = chance_accuracy(self.key_range)
+        results["passkey/by_segments_back"] = by_distance(outcomes)
+        results.update({"train/steps": self.final_step, "train/loss": summary.get("train/loss"), "passkey/grid": rows,
+                        **footprint_results(model.cfg, max(t.lengths))})
+        return results
+
+    def artefacts(self, results: dict) -> None:
+        """The grid as a table and a heatmap, and accuracy by how many segments back the key was."""
+        run, steps, rows = self.run, self.final_step, results["passkey/grid"]
+        columns = ["length", "depth", "depth_value", "n", "acc", "exact", "segments_back", "n_earlier",
+                   "acc_earlier", "n_same", "acc_same"]
+        run.log_table("passkey/grid", columns, [[r[c] for c in columns] for r in rows])
+        mode = "zero-shot" if not steps else f"{steps} training steps"
+        title = f"passkey token accuracy, memory={self.cfg.memory.name}, {mode}"
+        run.log_image("passkey/heatmap", grid_heatmap(rows, Path(run.out_dir) / "passkey_heatmap.png", title),
+                      step=steps)
+        if run.is_main:
+            plot = distance_plot(results["passkey/by_segments_back"], Path(run.out_dir) / "passkey_by_distance.png",
+                                 f"passkey by distance, memory={self.cfg.memory.name}, {mode}",
+                                 results.get("passkey/chance"))
+            run.log_image("passkey/by_distance", plot, step=steps)
+
+
+TASK = Passkey

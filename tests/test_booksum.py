@@ -13,8 +13,8 @@ from infini_bench.metrics import rouge
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
-from tasks import booksum
 from tasks.booksum import BatchFn, Example, group_by_book, make_batch, summary_loss, synthetic_books, truncate
+from tasks.runner import run_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -118,7 +118,7 @@ def test_references_are_grouped_per_book_and_scored_by_max():
                                            ("task.top_p=1.5", "task.top_p")])
 def test_bad_config_names_the_key(override, key, tmp_path):
     with pytest.raises(ConfigError) as err:
-        booksum.run_task(config(override), Run(tmp_path, {}, device="cpu"))
+        run_task(config(override), Run(tmp_path, {}, device="cpu"))
     assert err.value.key == key
 
 
@@ -127,7 +127,7 @@ def test_tiny_end_to_end(tmp_path):
                  "task.train_input_len=192", "task.eval_books=2", "task.eval_input_lens=[128,512]",
                  "task.max_new_tokens=12", "task.sample_rows=1", "task.synthetic.train_books=8",
                  "task.synthetic.book_chars=400", "task.synthetic.n_events=2")
-    results = booksum.run_task(cfg, Run(tmp_path, {}, device="cpu"))
+    results = run_task(cfg, Run(tmp_path, {}, device="cpu"))
     saved = json.loads((tmp_path / "booksum_predictions.json").read_text())
     refs = [b["references"] for b in saved["books"]]
     for n, label in [(128, "128"), (512, "512")]:  # the reported scores are ROUGE of the saved predictions

@@ -144,17 +144,17 @@ def lm_config(*overrides):
 def test_a_paper_recipe_without_the_hub_stops_on_its_data_before_its_tokenizer(monkeypatch):
     """As the README says: task.fallback_offline is named, before the model or its hub tokenizer is looked for."""
     import infini_bench.data as data
-    import tasks.lm as lm
+    import tasks.runner as runner
 
     def offline(name, split, max_docs, min_bytes=0):
         raise ConfigError("task.dataset", f"{name!r} is unavailable (offline); task.fallback_offline=true falls back")
 
     monkeypatch.setattr(data, "hub_documents", offline)
-    monkeypatch.setattr(lm, "build_model_and_tokenizer", lambda cfg: pytest.fail("the model came before the data"))
+    monkeypatch.setattr(runner, "build_model_and_tokenizer", lambda cfg: pytest.fail("the model came before the data"))
     cfg = lm_config("experiment=table2_pg19")
     assert cfg.model.tokenizer == "hf-internal-testing/llama-tokenizer" and not cfg.task.fallback_offline
     with pytest.raises(ConfigError, match=r"^task\.dataset: 'pg19' is unavailable .*task\.fallback_offline"):
-        lm.run_task(cfg, run=None)
+        runner.run_task(cfg, run=None)
 
 
 def test_a_fallback_is_tried_and_reported_once_per_run(monkeypatch, caplog):

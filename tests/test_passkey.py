@@ -12,10 +12,11 @@ from infini_bench.errors import ConfigError
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
-from tasks import passkey, passkey_plots
+from tasks import passkey_plots
 from tasks.passkey import evaluate_batch, evaluate_samples
 from tasks.passkey_data import (DESCRIPTION, FILLER, NEEDLE, QUESTION, Outcome, PasskeyBatches, PasskeySample,
                                 chance_accuracy, exact_match, make_sample, segments_back, summarise, token_accuracy)
+from tasks.runner import run_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TOK = ByteTokenizer()
@@ -281,7 +282,7 @@ def test_batches_are_deterministic_and_label_the_answer():
 def test_config_errors_name_the_key(override, key, tmp_path):
     cfg = config(override, "trainer.steps=1")
     with pytest.raises(ConfigError) as err:
-        passkey.run_task(cfg, Run(tmp_path, {}, device="cpu"))
+        run_task(cfg, Run(tmp_path, {}, device="cpu"))
     assert err.value.key == key
 
 
@@ -295,7 +296,7 @@ def test_end_to_end_smoke(tmp_path):
     cfg = config(*small, "trainer.steps=2", "task.local_warmup_steps=1", "task.local_warmup_segment_len=128",
                  "task.train_lengths=[300,320]", "task.depth_sweep=3")
     run = Run(tmp_path / "train", {}, device="cpu")
-    results = passkey.run_task(cfg, run)
+    results = run_task(cfg, run)
     run.finish(results)
     assert set(results) >= {f"passkey/acc@{n}/{d}" for n in (400, 700) for d in ("0.00", "0.50", "1.00")}
     assert results["train/steps"] == 1 + 2 and len(results["passkey/grid"]) == 6
@@ -314,11 +315,11 @@ def test_end_to_end_smoke(tmp_path):
     weights = run.out_dir / "model.safetensors"
     cfg = config(*small, "task.zero_shot=true", f"model.init_from={weights}")
     again = Run(tmp_path / "zero_shot", {}, device="cpu")
-    zero_shot = passkey.run_task(cfg, again)
+    zero_shot = run_task(cfg, again)
     assert zero_shot["train/steps"] == 0 and not (again.out_dir / "model.safetensors").exists()
     assert last_gates(again.out_dir) == pytest.approx(trained, abs=1e-6)
     with pytest.raises(ConfigError, match="model.init_from"):
-        passkey.run_task(config(*small, f"model.init_from={tmp_path / 'missing.safetensors'}"), again)
+        run_task(config(*small, f"model.init_from={tmp_path / 'missing.safetensors'}"), again)
 
 
 @pytest.mark.parametrize("bins", [3, 12])
