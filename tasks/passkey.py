@@ -175,8 +175,9 @@ class _StepOffset:
     def _shift(self, step: int | None) -> int | None:
         return None if step is None else step + self._offset
 
-    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True) -> None:
-        self._run.log(metrics, self._shift(step), to_wandb)
+    def log(self, metrics: dict[str, float], step: int | None = None, to_wandb: bool = True,
+            file_only: dict[str, float] | None = None) -> None:
+        self._run.log(metrics, self._shift(step), to_wandb, file_only)
 
     def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         self._run.log_image(key, path, self._shift(step))

@@ -337,3 +337,18 @@ def test_the_distance_plot_keeps_its_labels_inside_and_shows_both_lines_where_th
     assert exact.get_markerfacecolor() == "none" and acc.get_linewidth() > exact.get_linewidth()  # the top one
     plt.close(fig)  # is hollow and thin, the one beneath thick: both show
     assert passkey_plots.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000
+
+
+def test_the_main_phases_run_takes_every_argument_the_run_does(tmp_path):
+    """The trainer logs the main phase through _StepOffset: a Run parameter it lacks fails only mid-training."""
+    import inspect
+
+    from infini_bench.tracking import Run, read_metrics
+    from tasks.passkey import _StepOffset
+
+    for name in ("log", "log_image", "log_table", "truncate_metrics"):
+        assert inspect.signature(getattr(_StepOffset, name)).parameters.keys() == \
+            inspect.signature(getattr(Run, name)).parameters.keys(), name
+    run = Run(tmp_path, {}, device="cpu")
+    _StepOffset(run, 10).log({"train/loss": 1.0}, step=3, file_only={"gates/L0/H0": 0.5})
+    assert read_metrics(run.metrics_path) == [{"step": 13, "train/loss": 1.0, "gates/L0/H0": 0.5}]
