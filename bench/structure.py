@@ -160,10 +160,9 @@ class Walk:
                 self._visit(self.stack[-1][1])
 
     def figures(self, graph: dict[str, set[str]]) -> dict[str, int]:
-        up = {m: reaches(graph, m) for m in graph}
         files = set(self.stays)
         returns = len(self.stays) - len(files)
-        climbs = sum(1 for a, b in self.calls if a in up.get(b, set()))
+        climbs = sum(1 for a, b in self.calls if a in reaches(graph, b))
         return {"stays": len(self.stays), "files": len(files), "returns": returns, "climbs": climbs}
 
 

@@ -166,14 +166,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def gate_metrics(model: nn.Module) -> dict[str, float]:
-    """sigmoid(beta) per gated layer and head as `gates/L<layer>/H<head>` (paper Figure 3), {} for a model
-    without gates. The trainer logs them with every checkpoint between evaluations (in the training row of a step
-    that logs one), so a run that evaluates once still shows how its gates moved."""
+def gate_values(model: nn.Module) -> tuple[list[int], Tensor]:
+    """The gated layers and sigmoid(beta) per head of each, (len(layers), H): the paper's Figure 3. No layers
+    for a model without gates."""
     layers = model.gate_layers() if hasattr(model, "gate_layers") else []
-    if not layers:
-        return {}
-    gates = distributed.full_tensor(model.gates())  # under FSDP each rank holds a slice of every gate
+    # Under FSDP each rank holds a slice of every gate: every rank gathers, the main one logs.
+    return layers, distributed.full_tensor(model.gates()) if layers else torch.zeros(0, 0)
+
+
+def gate_metrics(layers: list[int], gates: Tensor) -> dict[str, float]:
+    """`gate_values` as metrics, `gates/L<layer>/H<head>`. The trainer logs them with every checkpoint between
+    evaluations (in the training row of a step that logs one), so a run that evaluates once still shows how its
+    gates moved."""
     return {f"gates/L{i}/H{j}": float(g) for i, row in zip(layers, gates) for j, g in enumerate(row)}
 
 
@@ -344,7 +348,7 @@ def _loop(model: nn.Module, cfg: TrainConfig, batch_fn: Callable[[int], dict[str
                 metrics["train/peak_memory_gib"] = distributed.all_reduce_max(peak).item()
             # The gates join the training row of a checkpoint step; an evaluation logs them itself, and so does
             # the task after the last step.
-            gates = gate_metrics(model) if step % cfg.ckpt_every == 0 and not (last or evaluated) else {}
+            gates = gate_metrics(*gate_values(model)) if step % cfg.ckpt_every == 0 and not (last or evaluated) else {}
             run.log(metrics, step=step, file_only=gates)
             t0, window_tokens = time.perf_counter(), 0
         summary.update({"train/loss": loss_sum, "train/steps": step, "train/seconds": seconds})

@@ -15,7 +15,7 @@ from infini_bench.faults import fault
 from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.files import follow_umask
-from infini_bench.train import TrainConfig, gate_metrics
+from infini_bench.train import TrainConfig, gate_metrics, gate_values
 
 log = logging.getLogger(__name__)
 _MODEL_KNOBS = ("segment_len", "gate_init", "activation_checkpointing")
@@ -182,11 +182,10 @@ def log_gates(model: SegmentTransformer, run, step: int | None) -> dict[str, flo
     per head (1,024 for the 8B)."""
     from infini_bench.plots import gate_heatmap
 
-    metrics = gate_metrics(model)
-    if not metrics:  # no memory mixed in by a gate (none, full, txl, rmt)
+    layers, gates = gate_values(model)
+    if not layers:  # no memory mixed in by a gate (none, full, txl, rmt)
         return {}
-    layers = model.gate_layers()
-    gates = torch.tensor(list(metrics.values())).view(len(layers), -1)
+    metrics = gate_metrics(layers, gates)
     run.log(metrics, step=step, to_wandb=False)
     run.log_table("gates/values", ["layer", "head", "gate"],
                   [[i, j, float(g)] for i, row in zip(layers, gates) for j, g in enumerate(row)], step=step, save=False)

@@ -50,3 +50,25 @@ def test_only_the_checkpointer_touches_checkpoint_files():
     files = [p for p in modules().values() if p.name != "checkpoint.py"] + [ROOT / "run.py"]
     offenders = {str(p.relative_to(ROOT)): found for p in files if (found := touches_checkpoint_files(p))}
     assert not offenders, offenders
+
+
+def test_the_walk_follows_the_config_and_its_parts_into_project_code_and_nothing_else():
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from tasks.common import eval_count
+    from tasks.passkey import depth_grid
+
+    task = {"name": "passkey", "limit": None, "samples": 3, "depth_sweep": None, "depths": ["start"]}
+    cfg, other = OmegaConf.create({"task": task}), OmegaConf.create({"task": task})  # the run's, and another
+    walk = Walk()
+    walk.root = cfg
+    sys.setprofile(walk)
+    try:
+        found = (eval_count(cfg.task), depth_grid(other.task), depth_grid(OmegaConf.create(cfg.task)), str(cfg))
+    finally:
+        sys.setprofile(None)
+    assert found[:3] == (3, {"start": 0.0}, {"start": 0.0})
+    # A part of the config enters tasks.common; another config, a copy and code outside the project are not walked.
+    assert walk.stays == ["tasks.common"] and walk.calls == [] and walk.stack == []
