@@ -84,7 +84,11 @@ ABLATIONS ?= linear-empty_local:memory=linear,memory.empty_read=local \
 	linear-read_norm:memory=linear,memory.read_norm=rms \
 	delta-read_norm:memory=delta,memory.read_norm=rms \
 	linear-fp32:memory=linear,memory.products=fp32 \
-	linear-detached:memory=linear,memory.backprop=detached
+	linear-detached:memory=linear,memory.backprop=detached \
+	delta-gate_init_-2:memory=delta,model.gate_init=-2 \
+	delta-gate_init_-4:memory=delta,model.gate_init=-4 \
+	delta-fp32:memory=delta,memory.products=fp32 \
+	delta-detached:memory=delta,memory.backprop=detached
 ARM_NAME = $(word 1,$(subst :, ,$(1)))
 ARM_OVERRIDES = $(subst $(comma), ,$(word 2,$(subst :, ,$(1))))
 EACH_ABLATION_SEED = $(foreach a,$(ABLATIONS),$(foreach s,0 1,--variant "$(call ARM_NAME,$(a))-s$(s)=$(call ARM_OVERRIDES,$(a)) seed=$(s)"))
