@@ -336,7 +336,7 @@ def print_results(out_dir: Path, config: dict) -> None:
     """The results table a run ends with, and a line to the log file."""
     import logging
 
-    from infini_bench.report import results_table
+    from infini_bench.report.tables import results_table
 
     text = results_table(json.loads((out_dir / "results.json").read_text()), out_dir)
     print(text)
@@ -431,7 +431,7 @@ def sweep_outcome(out_dir: Path, error: str | None = None, earlier: bool = False
     error, or the main number of its results.json (`earlier`: a run that had finished before this sweep)."""
     if not in_sweep():
         return
-    from infini_bench.report import headline
+    from infini_bench.report.tables import headline
     from tasks.sweep import record_outcome
 
     detail = error

@@ -23,7 +23,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from infini_bench.report import csv_table, read_run
+from infini_bench.report.runs import csv_table, read_run
 from infini_bench.files import atomic_write_text
 
 OUTCOMES = "INFINI_BENCH_SWEEP_OUTCOMES"  # the folder of this sweep's job outcomes

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from infini_bench.paper import TABLE2, TABLE3_LENGTHS
-from infini_bench.report import build_report, find_results, results_table
+from infini_bench.report import build_report
+from infini_bench.report.runs import find_results
+from infini_bench.report.tables import results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -178,7 +180,7 @@ def test_the_seed_table_gives_mean_and_range_and_calls_a_difference_only_beyond_
 
 
 def test_the_seed_table_draws_each_gated_memorys_final_gates_averaged_over_seeds(tmp_path):
-    from infini_bench.report import final_gates, seed_groups
+    from infini_bench.report.seeds import final_gates, seed_groups
 
     curve = [1.0] * 16
     early, late = {"gates/L0/H0": 0.5, "gates/L0/H1": 0.5}, {"gates/L0/H0": 0.2, "gates/L0/H1": 0.9}
@@ -215,7 +217,7 @@ def _arm(root: Path, memory: str, seed: int, bpb: float, curve: list[float], kno
 
 
 def test_ablation_arms_are_rows_of_their_recipes_seed_table_beside_their_memory(tmp_path):
-    from infini_bench.report import arm, seed_groups
+    from infini_bench.report.seeds import arm, seed_groups
 
     flat, falling = [1.0] * 16 + [0.9] * 8, [1.0] * 16 + [0.7] * 8  # 16+ minus first: -0.1 and -0.3
     for seed, (a, b) in enumerate(((1.30, 1.28), (1.29, 1.31))):

@@ -1,0 +1,205 @@
+"""The report's figures, written in report_img/ beside it: for each seed table its loss by segment, the same minus
+none's, training loss and gates (the paper's Figure 3); across runs, the loss by segment per data set and model,
+ROUGE by input length (Figure 4) and each task's training loss; and links to each run's own figures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from infini_bench.paper import length_label
+from infini_bench.report.runs import _by_task, _split, overrides, sources
+from infini_bench.report.seeds import arms_in_order, final_gates, seed_groups
+from infini_bench.tracking import read_metrics
+
+
+# ---- each seed table's figures ---------------------------------------------------------------------------------------
+
+
+SEGMENTS_SHOWN = 48  # three training lengths of 16 segments: enough to see what happens past the trained length
+
+
+def _memory_of(by_arm: dict[str, list[dict]]) -> dict[str, str]:
+    return {label: runs[0]["config"]["memory"]["name"] for label, runs in by_arm.items()}
+
+
+def _mean_curve(runs: list[dict], length: int | None = None) -> list[float]:
+    """The per-segment-index loss, mean over seeds, as long as the shortest run's (at most `length`)."""
+    curves = [r["results"].get(f"{_split(r['results'])}/loss_by_segment") or [] for r in runs]
+    n = min(min((len(cv) for cv in curves), default=0), length or SEGMENTS_SHOWN)
+    return [sum(cv[k] for cv in curves) / len(curves) for k in range(n)]
+
+
+def seed_curves(by_arm: dict[str, list[dict]], path: Path) -> Path:
+    """Loss by segment position, mean over seeds, one line per memory or arm; the y axis stops at 1.5x the
+    highest first-segment loss, so a memory that fails past its training length does not flatten the others."""
+    from infini_bench.plots import line_plot
+
+    memory = _memory_of(by_arm)
+    series, memories = {}, {}
+    for label in arms_in_order(by_arm):
+        if curve := _mean_curve(by_arm[label]):
+            name = f"{label} ({len(by_arm[label])} seeds)"
+            series[name], memories[name] = curve, memory[label]
+    top = 1.5 * max(ys[0] for ys in series.values())
+    return line_plot(series, path, "segment index in document", "mean token loss (nats)",
+                     "Loss by segment position (16 segments trained)", ymax=top, memories=memories)
+
+
+def seed_differences(by_arm: dict[str, list[dict]], path: Path) -> Path | None:
+    """Each memory's and arm's loss by segment minus none's (means over seeds): below zero, better than local
+    attention at that position. None when the table has no none row."""
+    from infini_bench.plots import line_plot
+
+    if "none" not in by_arm:
+        return None
+    base, memory = _mean_curve(by_arm["none"]), _memory_of(by_arm)
+    series, memories = {}, {}
+    for label in arms_in_order(by_arm):
+        curve = _mean_curve(by_arm[label], len(base))
+        if label != "none" and curve and max(curve) < 1.5 * base[0]:  # a memory that fails off the trained length
+            series[label], memories[label] = [y - b for y, b in zip(curve, base)], memory[label]
+    return line_plot(series, path, "segment index in document", "loss minus none's (nats)",
+                     "Loss by segment position, relative to local attention", memories=memories) if series else None
+
+
+def seed_training(by_arm: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss against step, one line per run."""
+    from infini_bench.plots import line_plot
+
+    memory = _memory_of(by_arm)
+    series, xs, memories = {}, {}, {}
+    for label in arms_in_order(by_arm):
+        for r in by_arm[label]:
+            metrics = Path(r["path"]) / "metrics.jsonl"
+            rows = {row["step"]: row["train/loss"] for row in read_metrics(metrics) if "train/loss" in row} \
+                if metrics.exists() else {}
+            if rows:
+                name = f"{label} s{r['config'].get('seed', 0)}"
+                series[name], xs[name], memories[name] = list(rows.values()), list(rows), memory[label]
+    return line_plot(series, path, "step", "training loss (nats)", "Training loss", x=xs, memories=memories)
+
+
+def file_stem(label: str) -> str:
+    """An arm's label as a file name: `linear memory.read_norm=rms` -> `linear_memory.read_norm-rms`."""
+    return label.replace(" ", "_").replace("=", "-").replace("/", "-")
+
+
+def seed_gates(by_arm: dict[str, list[dict]], folder: Path, stem: str) -> list[tuple[str, Path]]:
+    """The paper's Figure 3 for each gated memory or arm of a seed table: the final sigmoid(beta) per layer and
+    head, the mean over the seeds that logged gates."""
+    import torch
+
+    from infini_bench.plots import gate_heatmap
+
+    figures = []
+    for label in arms_in_order(by_arm):
+        per_run = [g for g in map(final_gates, by_arm[label]) if g]
+        if not per_run:
+            continue
+        cells = sorted(set().union(*per_run))
+        layers, heads = sorted({i for i, _ in cells}), max(j for _, j in cells) + 1
+        mean = torch.tensor([[sum(g.get((i, j), float("nan")) for g in per_run) / len(per_run)
+                              for j in range(heads)] for i in layers])
+        title = f"{label}: sigmoid(beta), mean of {len(per_run)} seed{'s' * (len(per_run) > 1)}"
+        path = folder / f"{stem}_gates_{file_stem(label)}.png"
+        figures.append((label, gate_heatmap(mean, path, title, layers=layers)))
+    return figures
+
+
+# ---- figures across runs, and the report's Figures section -----------------------------------------------------------
+
+
+def _label(r: dict) -> str:
+    c = r["config"]
+    return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
+
+
+def _memories(runs: list[dict]) -> dict[str, str]:
+    """{a run's `_label`: its memory}, which picks its colour in a figure."""
+    return {_label(r): r["config"]["memory"]["name"] for r in runs}
+
+
+def segment_group(r: dict) -> str:
+    """The panel of an LM run's loss-by-segment curve: its evaluation data and split, model, size and segment
+    length. Curves compare only within one: other data or another model moves the whole curve, and at another
+    segment length segment k covers other tokens. The size has two significant figures, so that a memory's own
+    few parameters (RMT's memory tokens, the gates) leave its run beside the others."""
+    c, res = r["config"], r["results"]
+    dataset = c["task"].get("dataset")
+    params = res.get("model/params")
+    size = f" ({float(f'{params:.2g}') / 1e6:g}M params)" if params else ""
+    return (f"{sources(res).get(dataset, dataset)} ({_split(res)}): {c['model']['name']}{size}, "
+            f"N={c['model'].get('segment_len')}")
+
+
+def segment_panels(results: list[dict]) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+    """The LM runs' loss by segment as {panel (`segment_group`): {line: curve}}, and each line's memory. A line is
+    named by its memory and the overrides that set its run apart from the others in its panel."""
+    groups: dict[str, list[dict]] = {}
+    for r in _by_task(results, "lm"):
+        if f"{_split(r['results'])}/loss_by_segment" in r["results"]:
+            groups.setdefault(segment_group(r), []).append(r)
+    panels, memories = {}, {}
+    for name in sorted(groups):
+        shared = set.intersection(*(set(overrides(r)) for r in groups[name]))
+        series = {}
+        for r in groups[name]:
+            memory = r["config"]["memory"]["name"]
+            label = " ".join([memory, *(a for a in overrides(r) if a not in shared and not a.startswith("memory="))])
+            if label in series:  # same overrides, another folder
+                label += f" ({Path(r['path']).name})"
+            series[label], memories[label] = r["results"][f"{_split(r['results'])}/loss_by_segment"], memory
+        panels[name] = series
+    return panels, memories
+
+
+def figures(results: list[dict], out: Path) -> list[str]:
+    """Plots across runs (written next to the report, in report_img/) and links to each run's own."""
+    from infini_bench.plots import line_plot, panels_plot
+
+    img = out.parent / "report_img"
+    lines = ["## Figures", ""]
+
+    def add(title: str, path: Path) -> None:
+        lines.extend([f"![{title}]({os.path.relpath(path, out.parent)})", ""])
+
+    panels, memories = segment_panels(results)
+    if panels:
+        add("loss by segment", panels_plot(panels, img / "loss_by_segment.png", "segment index in document",
+                                           "mean token loss (nats)", "Loss by segment position: one panel per data "
+                                           "set, model and segment length", memories))
+    for i, by_arm in enumerate(seed_groups(results).values()):
+        add(f"seed table {i + 1}: loss by segment", seed_curves(by_arm, img / f"table2_seeds_{i + 1}_segments.png"))
+        if path := seed_differences(by_arm, img / f"table2_seeds_{i + 1}_vs_none.png"):
+            add(f"seed table {i + 1}: loss by segment minus none's", path)
+        add(f"seed table {i + 1}: training loss", seed_training(by_arm, img / f"table2_seeds_{i + 1}_train.png"))
+        for label, path in seed_gates(by_arm, img, f"table2_seeds_{i + 1}"):
+            add(f"seed table {i + 1}: gates of {label}", path)
+    books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
+    if books:
+        xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
+        series = {_label(r): [r["results"].get(f"booksum/overall@{length_label(n)}") for n in xs[_label(r)]]
+                  for r in books}
+        add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
+                                               "overall ROUGE", "Summary quality against input length (Figure 4)",
+                                               x=xs, logx=True, ymin=0, memories=_memories(books)))
+    for task in ("lm", "passkey", "booksum"):
+        curves, runs = {}, _by_task(results, task)
+        for r in runs:
+            metrics = Path(r["path"]) / "metrics.jsonl"
+            rows = [row for row in read_metrics(metrics) if "train/loss" in row] if metrics.exists() else []
+            if rows:
+                curves[_label(r)] = {row["step"]: row["train/loss"] for row in rows}  # a resumed step: the latest
+        if curves:
+            add(f"{task} loss curves", line_plot({k: list(v.values()) for k, v in curves.items()},
+                                                 img / f"{task}_loss_curves.png", "step", "training loss (nats)",
+                                                 f"{task}: training loss", x={k: list(v) for k, v in curves.items()},
+                                                 memories=_memories(runs)))
+    lines += ["Each run's own figures:", "", "| run | figures |", "|---|---|"]
+    for r in results:
+        own = [p for p in ("gates.png", "passkey_heatmap.png", "booksum_length_sweep.png", "loss_by_segment.png",
+                           "loss_curves.png") if (Path(r["path"]) / p).exists()]
+        if own:
+            links = ", ".join(f"[{p[:-4]}]({os.path.relpath(Path(r['path']) / p, out.parent)})" for p in own)
+            lines.append(f"| {r['config']['task']['name']}: {_label(r)} | {links} |")
+    return lines
