@@ -107,14 +107,14 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
 
 
 def panels_plot(panels: dict[str, dict[str, list[float | None]]], path: Path, xlabel: str, ylabel: str, title: str,
-                memories: dict[str, str] | None = None) -> Path:
-    """One panel per entry of `panels`, titled by its key, with one line per series against 0, 1, ...
-    (`draw_lines`) and its legend beside it; two panels to a row."""
+                memories: dict[str, str] | None = None, x: dict[str, list[float]] | None = None) -> Path:
+    """One panel per entry of `panels`, titled by its key, with one line per series against `x` (one list per
+    series) or 0, 1, ... (`draw_lines`) and its legend beside it; two panels to a row."""
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 4 * rows), squeeze=False, layout="constrained")
     for ax, (name, series) in zip(axes.flat, panels.items()):
-        draw_lines(ax, series, memories=memories)
+        draw_lines(ax, series, x, memories)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

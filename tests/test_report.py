@@ -197,6 +197,29 @@ def test_the_seed_table_draws_each_gated_memorys_final_gates_averaged_over_seeds
     assert "gates of none" not in text  # no gate, no figure
 
 
+def test_gates_over_training_average_the_seeds_at_the_steps_all_logged_and_skip_runs_logged_once(tmp_path):
+    from infini_bench.report.seeds import gate_trajectory, seed_groups
+
+    curve = [1.0] * 16
+    _seed_run(tmp_path, "linear", 0, 1.3, curve, gates=[{"gates/L0/H0": 0.5, "gates/L0/H1": 0.3},
+                                                          {"gates/L0/H0": 0.2, "gates/L0/H1": 0.9},
+                                                          {"gates/L0/H0": 0.1, "gates/L0/H1": 0.8}])
+    _seed_run(tmp_path, "linear", 1, 1.3, curve, gates=[{"gates/L0/H0": 0.5, "gates/L0/H1": 0.5},
+                                                          {"gates/L0/H0": 0.4, "gates/L0/H1": 0.6}])
+    _seed_run(tmp_path, "delta", 0, 1.3, curve, gates=[{"gates/L0/H0": 0.5, "gates/L0/H1": 0.5}])  # at the end only
+    _seed_run(tmp_path, "none", 0, 1.3, curve)
+    runs = find_results([tmp_path])
+    by_arm = next(iter(seed_groups(runs).values()))
+    steps, mean, widest, seeds = gate_trajectory(by_arm["linear"])
+    assert steps == [10, 20] and seeds == 2  # step 30: one seed only
+    assert mean == pytest.approx([(0.4 + 0.5) / 2, (0.55 + 0.5) / 2]) and widest == pytest.approx([0.5, 0.75])
+    assert gate_trajectory(by_arm["delta"]) is None and gate_trajectory(by_arm["none"]) is None
+    text = build_report(runs, tmp_path / "docs" / "REPORT.md")
+    figure = "report_img/table2_seeds_1_gates_over_training.png"
+    assert f"![seed table 1: gates over training]({figure})" in text
+    assert (tmp_path / "docs" / figure).stat().st_size > 1000
+
+
 def _arm(root: Path, memory: str, seed: int, bpb: float, curve: list[float], knobs: list[str],
          gates: list[dict[str, float]] = ()) -> None:
     """A seed run of one recipe with some of a memory's knobs turned on the command line, as Hydra records them."""

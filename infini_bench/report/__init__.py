@@ -40,7 +40,7 @@ def build_report(results: list[dict], out: Path | None = None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m infini_bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="folders to search for results.json")
     parser.add_argument("--out", type=Path, help="markdown file to write, with its figures in report_img/ beside "
                                                  "it (default: print it, unless --csv is given)")

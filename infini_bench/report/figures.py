@@ -8,7 +8,7 @@ from pathlib import Path
 
 from infini_bench.paper import length_label
 from infini_bench.report.runs import _by_task, _split, overrides, sources
-from infini_bench.report.seeds import arms_in_order, final_gates, seed_groups
+from infini_bench.report.seeds import arms_in_order, final_gates, gate_trajectory, seed_groups
 from infini_bench.tracking import read_metrics
 
 
@@ -106,6 +106,23 @@ def seed_gates(by_arm: dict[str, list[dict]], folder: Path, stem: str) -> list[t
     return figures
 
 
+def seed_gate_history(by_arm: dict[str, list[dict]], path: Path) -> Path | None:
+    """The gates over training (`gate_trajectory`) of each arm whose runs logged them at two steps or more: one
+    panel for the mean over heads, one for the widest head. None if no arm did."""
+    from infini_bench.plots import panels_plot
+
+    memory = _memory_of(by_arm)
+    panels: dict[str, dict[str, list[float]]] = {"mean over heads": {}, "widest head": {}}
+    xs, memories = {}, {}
+    for label in arms_in_order(by_arm):
+        if trajectory := gate_trajectory(by_arm[label]):
+            name = f"{label} ({trajectory.seeds} seed{'s' * (trajectory.seeds > 1)})"
+            panels["mean over heads"][name], panels["widest head"][name] = trajectory.mean, trajectory.widest
+            xs[name], memories[name] = trajectory.steps, memory[label]
+    return panels_plot(panels, path, "step", "sigmoid(beta): 0 reads local attention only", "Gates over training",
+                       memories, x=xs) if xs else None
+
+
 # ---- figures across runs, and the report's Figures section -----------------------------------------------------------
 
 
@@ -173,6 +190,8 @@ def figures(results: list[dict], out: Path) -> list[str]:
         if path := seed_differences(by_arm, img / f"table2_seeds_{i + 1}_vs_none.png"):
             add(f"seed table {i + 1}: loss by segment minus none's", path)
         add(f"seed table {i + 1}: training loss", seed_training(by_arm, img / f"table2_seeds_{i + 1}_train.png"))
+        if path := seed_gate_history(by_arm, img / f"table2_seeds_{i + 1}_gates_over_training.png"):
+            add(f"seed table {i + 1}: gates over training", path)
         for label, path in seed_gates(by_arm, img, f"table2_seeds_{i + 1}"):
             add(f"seed table {i + 1}: gates of {label}", path)
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]

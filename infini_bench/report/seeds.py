@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from infini_bench.memories import memory_names
 from infini_bench.paper import TABLE2, TABLE2_MEMORY
@@ -192,13 +193,37 @@ def table2_seeds(results: list[dict], out: Path | None = None) -> list[str]:
     return lines
 
 
-def final_gates(run: dict) -> dict[tuple[int, int], float]:
-    """{(layer, head): sigmoid(beta)} at the last step a run logged its gates (metrics.jsonl), else {}."""
+def gate_history(run: dict) -> dict[int, dict[tuple[int, int], float]]:
+    """{step: {(layer, head): sigmoid(beta)}} for every step a run logged its gates (metrics.jsonl), in step order;
+    a step logged twice (a resumed run) keeps its latest row."""
     metrics = Path(run["path"]) / "metrics.jsonl"
     rows = [row for row in read_metrics(metrics) if any(k.startswith("gates/L") for k in row)] \
         if metrics.exists() else []
-    if not rows:
-        return {}
-    last = max(rows, key=lambda row: row["step"])
-    return {(int(k.split("/")[1][1:]), int(k.split("/")[2][1:])): v for k, v in last.items()
-            if k.startswith("gates/L")}
+    history = {row["step"]: {(int(k.split("/")[1][1:]), int(k.split("/")[2][1:])): v for k, v in row.items()
+                             if k.startswith("gates/L")} for row in rows}
+    return dict(sorted(history.items()))
+
+
+def final_gates(run: dict) -> dict[tuple[int, int], float]:
+    """{(layer, head): sigmoid(beta)} at the last step a run logged its gates, else {}."""
+    history = gate_history(run)
+    return history[max(history)] if history else {}
+
+
+class GateTrajectory(NamedTuple):
+    steps: list[int]
+    mean: list[float]    # over heads, then over seeds
+    widest: list[float]  # the widest head's gate, averaged over seeds
+    seeds: int
+
+
+def gate_trajectory(runs: list[dict]) -> GateTrajectory | None:
+    """The gates at each step that every run logging gates at two steps or more logged, averaged over those runs;
+    None if none did (runs that log the gates only at the end have no trajectory)."""
+    histories = [h for h in map(gate_history, runs) if len(h) > 1]
+    if not histories:
+        return None
+    steps = sorted(set.intersection(*(set(h) for h in histories)))
+    mean = [sum(sum(h[s].values()) / len(h[s]) for h in histories) / len(histories) for s in steps]
+    widest = [sum(max(h[s].values()) for h in histories) / len(histories) for s in steps]
+    return GateTrajectory(steps, mean, widest, len(histories))
