@@ -88,7 +88,11 @@ ABLATIONS ?= linear-empty_local:memory=linear,memory.empty_read=local \
 	delta-gate_init_-2:memory=delta,model.gate_init=-2 \
 	delta-gate_init_-4:memory=delta,model.gate_init=-4 \
 	delta-fp32:memory=delta,memory.products=fp32 \
-	delta-detached:memory=delta,memory.backprop=detached
+	delta-detached:memory=delta,memory.backprop=detached \
+	none-files:memory=none,task.train_documents=file \
+	linear-files:memory=linear,task.train_documents=file \
+	none-doc_start:memory=none,task.train_documents=file,task.window_start=document,task.min_doc_tokens=1 \
+	linear-doc_start:memory=linear,task.train_documents=file,task.window_start=document,task.min_doc_tokens=1
 ARM_NAME = $(word 1,$(subst :, ,$(1)))
 ARM_OVERRIDES = $(subst $(comma), ,$(word 2,$(subst :, ,$(1))))
 EACH_ABLATION_SEED = $(foreach a,$(ABLATIONS),$(foreach s,0 1,--variant "$(call ARM_NAME,$(a))-s$(s)=$(call ARM_OVERRIDES,$(a)) seed=$(s)"))

@@ -11,6 +11,10 @@ SHA-256 of the corpus): the same environment gives the same bytes and the same d
 corpus: each held-out split gets `held_out * max_bytes` of it and training the rest, filled with whole packages
 taken in hash order (the last one cut at a file, or a line, boundary), so a small cap is a fixed sample of
 packages rather than the first letters of the alphabet.
+
+`train_documents="file"` makes every file of a training package its own document (its `# path:` line first),
+for training windows that start at a document's start: a package gives one such window, a file one each. The
+held-out splits stay one document per package, so evaluation is the same either way.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from infini_bench.errors import ConfigError
 
 DATASET = "python_code"
 HEADER = "# path: {path}\n"
+TRAIN_DOCUMENTS = ("package", "file")
 
 
 def default_roots() -> tuple[str, ...]:
@@ -142,6 +147,7 @@ class CodeCorpus:
     """Documents per split and the manifest that says what they are."""
 
     documents: dict[str, tuple[Document, ...]]
+    file_lengths: dict[str, tuple[tuple[int, ...], ...]]  # per split, per document: its files' lengths in characters
     manifest: dict
     available_bytes: int  # .py bytes on disk in every discovered package: what an uncapped build could use
 
@@ -178,7 +184,7 @@ def build(roots: tuple[str, ...] | None = None, max_bytes: int | None = None, he
         if package.parts:
             chosen[split].append(package)
 
-    digest, by_split, documents = hashlib.sha256(), {}, {}
+    digest, by_split, documents, file_lengths = hashlib.sha256(), {}, {}, {}
     for split in SPLITS:
         split_digest = hashlib.sha256()
         for p in chosen[split]:
@@ -189,6 +195,7 @@ def build(roots: tuple[str, ...] | None = None, max_bytes: int | None = None, he
                 h.update(b"\0")
         by_split[split] = split_digest.hexdigest()
         documents[split] = tuple(Document(p.name, b"".join(p.parts).decode("utf-8")) for p in chosen[split])
+        file_lengths[split] = tuple(tuple(len(part.decode("utf-8")) for part in p.parts) for p in chosen[split])
     manifest = {
         "dataset": DATASET, "python": python, "roots": list(roots), "held_out": held_out, "max_bytes": max_bytes,
         "sha256": digest.hexdigest(), "sha256_by_split": by_split,
@@ -196,14 +203,20 @@ def build(roots: tuple[str, ...] | None = None, max_bytes: int | None = None, he
         "packages": [{"name": p.name, "split": p.split, "version": p.version, "bytes": p.size, "files": p.files}
                      for s in SPLITS for p in chosen[s]],
     }
-    return CodeCorpus(documents, manifest, available)
+    return CodeCorpus(documents, file_lengths, manifest, available)
 
 
 def code_documents(split: str, roots: tuple[str, ...] | None = None, max_bytes: int | None = None,
-                   held_out: float = 0.05, min_bytes: int = 1) -> tuple[Document, ...]:
-    """One split of the corpus; a clear error when it holds fewer than `min_bytes` bytes."""
+                   held_out: float = 0.05, min_bytes: int = 1, train_documents: str = "package"
+                   ) -> tuple[Document, ...]:
+    """One split of the corpus, its training split as packages or files (`train_documents`); a clear error when
+    it holds fewer than `min_bytes` bytes."""
+    if train_documents not in TRAIN_DOCUMENTS:
+        raise ConfigError("task.train_documents", f"{train_documents!r} is not one of {', '.join(TRAIN_DOCUMENTS)}")
     corpus = build(roots, max_bytes, held_out)
     docs = corpus.documents[split]
+    if split == "train" and train_documents == "file":
+        docs = tuple(_files(docs, corpus.file_lengths[split]))
     have = corpus.manifest["bytes"][split]
     if have < min_bytes:
         capped = max_bytes is not None and corpus.available_bytes > max_bytes
@@ -213,6 +226,15 @@ def code_documents(split: str, roots: tuple[str, ...] | None = None, max_bytes: 
         raise ConfigError(key, f"the {split} split of python_code has {have} bytes in {len(docs)} packages "
                                f"(from {where}), fewer than the {min_bytes} it needs; {fix}")
     return docs
+
+
+def _files(packages: tuple[Document, ...], lengths: tuple[tuple[int, ...], ...]):
+    """Each package's files as documents of their own, named `<package>/<file index>`."""
+    for package, sizes in zip(packages, lengths):
+        start = 0
+        for i, size in enumerate(sizes):
+            yield Document(f"{package.name}/{i}", package.text[start: start + size])
+            start += size
 
 
 def code_manifest(roots: tuple[str, ...] | None = None, max_bytes: int | None = None,

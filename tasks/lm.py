@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from infini_bench.code_corpus import code_manifest
+from infini_bench.code_corpus import TRAIN_DOCUMENTS, code_manifest
 from infini_bench.data import CODE, EMBEDDED, HUB, MixtureStream, TokenStream, load_documents
 from infini_bench.distributed import is_main_process, main_first
 from infini_bench.documents import Document, documents_digest
@@ -36,10 +36,16 @@ def _code_options(t: DictConfig) -> dict:
             "held_out": t.get("held_out", 0.05)}
 
 
+def _train_documents(t: DictConfig) -> dict:
+    """What a training document of python_code is (a package or a file); the held-out splits are packages."""
+    return {"train_documents": t.get("train_documents", "package")}
+
+
 def _load(t: DictConfig, dataset: str, split: str, min_bytes: int = 0):
     """Documents of a split of one data set, as task.* says to read them."""
     # python_code: training needs one window of seq_len + 1 tokens, at least as many bytes
-    code = {**_code_options(t), "min_bytes": t.seq_len + 2 if split == "train" else 2} if dataset in CODE else None
+    code = {**_code_options(t), **_train_documents(t), "min_bytes": t.seq_len + 2 if split == "train" else 2} \
+        if dataset in CODE else None
     return load_documents(dataset, split, t.max_train_docs, min_bytes, code)
 
 
@@ -224,6 +230,7 @@ class LanguageModelling(Task):
     def check_values(cfg: DictConfig) -> None:
         check_choice("task.dataset", cfg.task.dataset, EMBEDDED + CODE + tuple(HUB))
         check_choice("task.eval_split", cfg.task.eval_split, ("validation", "test"))
+        check_choice("task.train_documents", cfg.task.get("train_documents", "package"), TRAIN_DOCUMENTS)
 
     def check(self) -> None:
         t = self.t

@@ -34,6 +34,7 @@ def cli(*args, tmp_path):
     (["task=lm", "model.arch={dimm:64}"], "model.arch.dimm: is not a model field"),
     (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
     (["task=lm", "task.min_doc_tokens=-1"], "task.min_doc_tokens: -1 must be an integer >= 0"),
+    (["task=lm", "task.train_documents=files"], "task.train_documents: 'files' is not one of package, file"),
     (["task=lm", "model.init_from=nowhere.safetensors"], "model.init_from: 'nowhere.safetensors' is not a file"),
     (["task=lm", "model.init_from=README.md"], "model.init_from: 'README.md' does not fit this model"),
     (["task=lm", "seed=abc"], "seed: 'abc' must be an integer >= 0"),

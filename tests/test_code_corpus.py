@@ -120,6 +120,24 @@ def test_a_source_too_small_for_the_split_is_one_clear_error(tmp_path):
         load_documents("python_code", "train", code={"roots": (str(tmp_path / "nowhere"),)})
 
 
+def test_train_documents_file_makes_each_training_file_a_document_and_leaves_the_held_out_packages(tmp_path):
+    make_source(tmp_path, 24)
+    roots = (str(tmp_path),)
+    code = {"roots": roots, "held_out": 0.2, "max_bytes": 12_000}  # the last training package cut inside a file
+    packages = load_documents("python_code", "train", code=code)
+    files = load_documents("python_code", "train", code={**code, "train_documents": "file"})
+    assert len(files) > len(packages)
+    for package in packages:
+        own = [d for d in files if d.name.rpartition("/")[0] == package.name]
+        assert "".join(d.text for d in own) == package.text  # the same text, cut at the files
+        assert all(d.text.startswith("# path: ") and d.text.count("# path: ") == 1 for d in own)
+    for split in ("validation", "test"):
+        assert load_documents("python_code", split, code={**code, "train_documents": "file"}) == \
+            load_documents("python_code", split, code=code)
+    with pytest.raises(ConfigError, match="^task.train_documents: 'files' is not one of package, file"):
+        load_documents("python_code", "train", code={**code, "train_documents": "files"})
+
+
 def test_the_environment_itself_builds_the_same_slice_twice():
     roots = code_corpus.default_roots()
     assert any(Path(r).name in ("site-packages", "dist-packages") for r in roots)

@@ -229,7 +229,8 @@ def _arm(root: Path, memory: str, seed: int, bpb: float, curve: list[float], kno
     for knob in knobs:
         section, rest = knob.split(".", 1)
         key, value = rest.split("=")
-        data["config"][section][key] = float(value) if section != "memory" else value
+        data["config"][section][key] = value if section == "memory" or not value.lstrip("-").replace(".", "").isdigit() \
+            else float(value)
     data["config"]["hydra"] = {"overrides": ["experiment=table2_mini", f"memory={memory}", *knobs, f"seed={seed}"]}
     # Made after keys were added: one that moves only caches, two whose defaults do what older runs did, and the
     # tiny/paper choice named `scale` (where older runs have task.setting, model.scale and presets).
@@ -279,6 +280,24 @@ def test_ablation_arms_are_rows_of_their_recipes_seed_table_beside_their_memory(
     guide = next(line for line in section.splitlines() if "ABLATIONS.md" in line)
     link = guide.split("](")[1].rstrip(").")
     assert (tmp_path / "docs" / link).resolve().read_text().startswith("# Ablations")  # the link leads to the guide
+
+
+def test_training_window_arms_join_their_recipes_seed_table_and_runs_without_the_key_read_as_packages(tmp_path):
+    from infini_bench.report.seeds import arm, seed_groups
+
+    curve = [1.0] * 16
+    knobs = ["task.train_documents=file", "task.window_start=document", "task.min_doc_tokens=1"]
+    for seed in (0, 1):
+        _arm(tmp_path, "none", seed, 1.30, curve, [])  # recorded before task.train_documents existed
+        _arm(tmp_path, "linear", seed, 1.35, curve, knobs)
+        _arm(tmp_path, "none", seed, 1.31, curve, ["task.train_documents=file"])
+    runs = find_results([tmp_path])
+    assert len(seed_groups(runs)) == 1
+    assert {arm(r) for r in runs} == {"none", "none task.train_documents=file", "linear task.min_doc_tokens=1 "
+                                      "task.train_documents=file task.window_start=document"}
+    for seed in (0, 1):  # not an arm's knob: another recipe
+        _arm(tmp_path / "other", "none", seed, 1.3, curve, ["trainer.lr=0.1"])
+    assert len(seed_groups(find_results([tmp_path]))) == 2
 
 
 def test_gates_figure_spans_zero_to_one_and_names_its_run(tmp_path, monkeypatch):

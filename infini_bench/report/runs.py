@@ -17,7 +17,7 @@ _NOT_IDENTITY = {"hydra", "logger", "device", "cache_dir"}
 _NOT_IDENTITY_TRAINER = {"progress", "resume"}
 # Keys added after some runs were recorded, each with the value that does what those runs did: a run recorded
 # without the key is the same run as one with this value.
-_ADDED_KEYS = {("task", "window_start"): "any", ("task", "limit"): None}
+_ADDED_KEYS = {("task", "window_start"): "any", ("task", "limit"): None, ("task", "train_documents"): "package"}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 

@@ -23,7 +23,10 @@ SEGMENT_BANDS = (("first segment", 0, 1), ("segments 8-15", 8, 16), ("segments 1
 
 # Overrides that turn one knob of a memory (its options, the gate's start and learning rate): runs of one recipe that
 # differ only there are arms of an ablation, rows of the recipe's seed table rather than tables of their own.
-ARM_OVERRIDES = ("memory.", "model.gate_init=", "trainer.gate_lr=")
+# The knobs an ablation arm turns: a memory's options, the gate's start and learning rate, and how training
+# windows are cut from the corpus (the evaluation is the same for all of them).
+ARM_TASK_KEYS = ("train_documents", "window_start", "min_doc_tokens")
+ARM_OVERRIDES = ("memory.", "model.gate_init=", "trainer.gate_lr=", *(f"task.{k}=" for k in ARM_TASK_KEYS))
 
 
 def _setting(config: dict) -> str:
@@ -32,6 +35,8 @@ def _setting(config: dict) -> str:
     for key in ("seed", "memory", "name"):  # the run's name is made of its model and memory
         kept.pop(key, None)
     kept.get("model", {}).pop("gate_init", None)
+    for key in ARM_TASK_KEYS:
+        kept.get("task", {}).pop(key, None)
     trainer = kept.get("trainer", {})
     for key in ("seed", "gate_lr"):
         trainer.pop(key, None)
