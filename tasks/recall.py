@@ -83,16 +83,17 @@ def make_batch(layout: Layout, pairs: int, gap: int, seeds: Sequence[int]) -> Re
 
 class RecallBatches:
     """The trainer's batch_fn: micro-batch i holds `batch_size` samples of one (pairs, gap), a pure function of
-    (seed, i), so a resumed run sees the same batches. Pairs are drawn log-uniformly from 1 to `pairs` (small
-    counts, where the lookup is learned first, are as common as large ones per octave), the gap uniformly from 0
-    to `gap` segments: every distance up to the evaluated ones, the short ones included."""
+    (seed, i), so a resumed run sees the same batches. Pairs are drawn log-uniformly from 1 to `pairs` (each octave
+    as often as the next: the few-pair samples, where the lookup is learned first, stay common at a maximum of
+    512), the gap uniformly from 0 to `gap` segments: every distance up to the evaluated ones, the short ones too.
+    """
 
     def __init__(self, layout: Layout, pairs: int, gap: int, batch_size: int, seed: int):
         self.layout, self.pairs, self.gap, self.batch_size, self.seed = layout, pairs, gap, batch_size, seed
 
     def __call__(self, i: int) -> dict[str, Tensor]:
         rng = random.Random(f"recall-train:{self.seed}:{i}")  # str seeds hash with SHA-512: stable across runs
-        pairs = round(math.exp(rng.uniform(0.0, math.log(self.pairs))))
+        pairs = min(self.pairs, int(math.exp(rng.uniform(0.0, math.log(self.pairs + 1)))))
         gap = rng.randint(0, self.gap)
         batch = make_batch(self.layout, pairs, gap, [rng.getrandbits(62) for _ in range(self.batch_size)])
         return {"input_ids": batch.input_ids, "labels": batch.labels}
