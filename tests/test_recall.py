@@ -138,3 +138,27 @@ def test_run_py_writes_the_grid_to_results_json(tmp_path):
     bins = {d["segments_back"] for d in r["recall/by_segments_back"]}
     assert {"1", "2-3"} <= bins and "recall/acc@segments_back=1" in r
     assert (out / "recall_grid.png").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits_its_model():
+    """`make recall-grid` as it would run, and its recipe checked as a run would check it, before GPU time."""
+    import shlex
+
+    from tasks.common import model_config
+    from tasks.recall import check_config
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "recall-grid"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x]
+    words = shlex.split(line)
+    assert words[words.index("--experiment") + 1] == "recall_gpu"
+    variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    assert variants == [f"{m}-s{s}=memory={m} seed={s}" for m in memories for s in (0, 1)]
+    cfg = config("experiment=recall_gpu")
+    t = cfg.task
+    assert (list(t.eval_pairs), list(t.eval_gaps)) == ([8, 32, 128, 512], [1, 4, 16])
+    check_config(t)
+    assert 2 * t.vocab + t.filler <= model_config(cfg).vocab_size
