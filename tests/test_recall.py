@@ -162,3 +162,19 @@ def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits
     assert (list(t.eval_pairs), list(t.eval_gaps)) == ([8, 32, 128, 512], [1, 4, 16])
     check_config(t)
     assert 2 * t.vocab + t.filler <= model_config(cfg).vocab_size
+
+
+def test_the_variants_summary_shows_recall_by_gap_and_pair_count_not_every_cell(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from passkey_gpu_variants import summary_row, write_summary
+
+    results = {"recall/acc": 0.5, "recall/chance": 0.001, "recall/acc@gap=1": 0.75, "recall/acc@pairs=8": 0.9,
+               "recall/acc@pairs=8,gap=1": 1.0, "recall/acc@segments_back=2-3": 0.6}
+    (tmp_path / "linear-s0").mkdir()
+    (tmp_path / "linear-s0" / "results.json").write_text(json.dumps({"results": results}))
+    row = summary_row("linear-s0", ["memory=linear"], "0", 12.0, 0, False, tmp_path)
+    assert row["status"] == "ok" and row["recall/acc"] == 0.5 and row["recall/acc@gap=1"] == 0.75
+    assert "recall/acc@pairs=8,gap=1" not in row and row["recall/acc@pairs=8"] == 0.9
+    write_summary([row], tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| recall/acc | recall/chance | recall/acc@gap=1 | recall/acc@pairs=8 |" in table
