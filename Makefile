@@ -101,6 +101,14 @@ ablations-mini: ## Infini-attention's ablations on the Table 2 recipe, two seeds
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/ablations --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_ABLATION_SEED) -- $(ARGS)
 	$(MAKE) report
 
+# Associative recall across segments (docs/RECALL.md), a diagnostic beyond the paper: every memory with seeds 0
+# and 1 on experiment=recall_gpu, four runs side by side per GPU; each evaluates pairs 8-512 by gaps 1-16 segments.
+RECALL_SEEDS ?= 0 1
+EACH_MEMORY_RECALL = $(foreach m,$(MEMORIES),$(foreach s,$(RECALL_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)"))
+
+recall-grid: ## associative recall (pairs x gap) for every memory, seeds 0 and 1, on one GPU's budget (docs/RECALL.md)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 4 --budget 900 $(EACH_MEMORY_RECALL) -- $(ARGS)
+
 reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (passkey_gpu) and the BookSum pipeline, offline, then the report
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2 --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_MEMORY_SEED) -- $(ARGS)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/passkey --experiment passkey_gpu --budget 900 $(EACH_MEMORY) -- $(ARGS)
@@ -123,4 +131,4 @@ table2-shape-scan: ## the memory=none shape scan behind table2_mini's model (one
 report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
 	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
-.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini ablations-mini table2-shape-scan report
+.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini ablations-mini recall-grid table2-shape-scan report

@@ -14,23 +14,39 @@ from infini_bench.train import autocast
 
 
 @torch.no_grad()
-def streamed_nll(model: nn.Module, input_ids: Tensor, labels: Tensor, precision: str = "auto"
-                 ) -> Iterator[tuple[float, int]]:
-    """Per segment, the summed negative log-likelihood of its labelled tokens and their count.
-
-    input_ids and labels (B, T), on the model's device; labels[:, t] is the target of position t, -100 where
-    nothing is scored. The sequence is streamed one segment at a time, so the model never holds more than one
-    segment of activations, and segment k is predicted from local attention plus the memory of segments < k.
-    """
+def streamed_logits(model: nn.Module, input_ids: Tensor, precision: str = "auto") -> Iterator[Tensor]:
+    """Per segment, its logits (B, n, V), the sequence streamed one segment at a time: the model never holds more
+    than one segment of activations, and segment k is predicted from local attention plus the memory of segments
+    < k. The one loop behind every teacher-forced score (`streamed_nll`, `streamed_hits`)."""
     n = model.cfg.segment_len
     states = None
     for start in range(0, input_ids.shape[1], n):
         with autocast(input_ids.device, precision):
             out = model(input_ids[:, start: start + n], states)
         states = out.states
-        target = labels[:, start: start + n]
-        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
+        yield out.logits
+
+
+@torch.no_grad()
+def streamed_nll(model: nn.Module, input_ids: Tensor, labels: Tensor, precision: str = "auto"
+                 ) -> Iterator[tuple[float, int]]:
+    """Per segment, the summed negative log-likelihood of its labelled tokens and their count.
+
+    input_ids and labels (B, T), on the model's device; labels[:, t] is the target of position t, -100 where
+    nothing is scored. Streamed by `streamed_logits`, in constant memory.
+    """
+    n = model.cfg.segment_len
+    for k, logits in enumerate(streamed_logits(model, input_ids, precision)):
+        target = labels[:, k * n: (k + 1) * n]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
         yield nll.item(), int((target != -100).sum())
+
+
+@torch.no_grad()
+def streamed_hits(model: nn.Module, input_ids: Tensor, labels: Tensor, precision: str = "auto") -> Tensor:
+    """(B, T) bool: whether the argmax at position t is labels[:, t] (never where labels is -100), streamed by
+    `streamed_logits`: exact-match accuracy per token, for tasks scored on a few answer tokens."""
+    return torch.cat([logits.argmax(-1) for logits in streamed_logits(model, input_ids, precision)], dim=1) == labels
 
 
 @torch.no_grad()

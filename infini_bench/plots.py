@@ -127,6 +127,24 @@ def panels_plot(panels: dict[str, dict[str, list[float | None]]], path: Path, xl
     return save_figure(fig, path)
 
 
+def percent_heatmap(grid: list[list[float]], rows: list[str], columns: list[str], path: Path, xlabel: str,
+                    ylabel: str, title: str, label: str = "accuracy (%)") -> Path:
+    """Fractions in [0, 1] shown as percentages, one cell per (row, column), each with its number: a grid of
+    accuracies (recall's pairs by gap) on one fixed red-to-green scale, so figures of different runs compare."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2.5, 0.5 * len(rows) + 2))
+    im = ax.imshow([[100 * v for v in row] for row in grid], vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    return save_figure(fig, path)
+
+
 def loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     """Training and validation loss against step, from metrics.jsonl rows; None when no row has a loss."""
     keys = sorted({k for r in rows for k in r if k.endswith("/loss") and r.get("step") is not None})

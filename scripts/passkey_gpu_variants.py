@@ -35,7 +35,9 @@ VARIANTS = {
 }
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",
             "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "test/bpb", "train/steps", "train/seconds",
-            "booksum/rougeL", "booksum/overall")
+            "booksum/rougeL", "booksum/overall", "recall/acc", "recall/chance")
+# Families of keys shown too, one column per key: passkey by length, recall by gap and by pair count.
+FAMILIES = ("passkey/acc_earlier@", "recall/acc@gap=", "recall/acc@pairs=")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -115,13 +117,18 @@ def summary_row(name: str, overrides: list[str], slot: str, elapsed: float, code
     return {"variant": name, "overrides": overrides, "device": "cpu" if slot == "cpu" else f"cuda:{slot}",
             "status": status, "wall_s": round(elapsed, 1),
             **{k: results[k] for k in HEADLINE if k in results},
-            **{k: v for k, v in results.items() if k.startswith("passkey/acc_earlier@")}}
+            **{k: v for k, v in results.items() if _family(k)}}
+
+
+def _family(key: str) -> bool:
+    """A key of a family (FAMILIES), not a single cell of recall's grid (`recall/acc@pairs=8,gap=1`)."""
+    return key.startswith(FAMILIES) and "," not in key
 
 
 def write_summary(rows: list[dict], out: Path) -> None:
     """summary.json and a markdown table, each written atomically."""
     columns = ["variant", "status", "wall_s", *(k for k in HEADLINE if any(k in r for r in rows)),
-               *dict.fromkeys(k for r in rows for k in r if k.startswith("passkey/acc_earlier@"))]
+               *dict.fromkeys(k for r in rows for k in r if _family(k))]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]

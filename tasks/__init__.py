@@ -2,7 +2,7 @@
 phases, evaluation and artefacts); `tasks.runner.run_task` runs any of them."""
 from importlib import import_module
 
-TASKS = ("lm", "passkey", "booksum")
+TASKS = ("lm", "passkey", "booksum", "recall")
 # Keys that were renamed: the old name stops a run with one line giving the new one.
 RENAMED = {
     "task.warmup_steps": "task.local_warmup_steps (passkey's warm-up on local attention; trainer.warmup_steps is "

@@ -147,7 +147,7 @@ def train_config(cfg: DictConfig, **overrides) -> TrainConfig:
 
 
 # Each task's own count of evaluation items, which task.limit caps.
-EVAL_COUNT = {"lm": "eval_max_docs", "passkey": "samples", "booksum": "eval_books"}
+EVAL_COUNT = {"lm": "eval_max_docs", "passkey": "samples", "booksum": "eval_books", "recall": "samples"}
 
 
 def check_limit(t: DictConfig) -> None:

@@ -108,7 +108,7 @@ def test_tiny_lm_run_writes_results_and_resumes(tmp_path):
         assert f"had finished, with the code at 0123456789; the checkout is now at {now[:10]}" in stale.stdout
 
 
-@pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
+@pytest.mark.parametrize("task", ["lm", "passkey", "booksum", "recall"])
 @pytest.mark.parametrize("model", ["tiny", "lm_paper"])
 @pytest.mark.parametrize("memory", memory_names())
 def test_every_task_model_memory_composes(task, model, memory):
@@ -150,7 +150,7 @@ def test_the_run_folder_names_the_experiment(tmp_path):
     assert "experiment=lm_cpu" in folder and "logger" not in folder
 
 
-@pytest.mark.parametrize("task", ["lm", "passkey", "booksum"])
+@pytest.mark.parametrize("task", ["lm", "passkey", "booksum", "recall"])
 def test_a_trainer_chosen_on_the_command_line_wins_over_the_tasks_default(task):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         default = compose("config", overrides=[f"task={task}"])
@@ -214,6 +214,7 @@ EVAL_ONLY = {  # a small evaluation per task, a metric it reports, and how many 
     "passkey": (["task.lengths=[300]"], "passkey/acc", lambda r: max(row["n"] for row in r["passkey/grid"])),
     "booksum": (["task.eval_input_lens=[128]", "task.max_new_tokens=4"], "booksum/overall",
                 lambda r: r["booksum/books"]),
+    "recall": (["task.eval_pairs=[1]", "task.eval_gaps=[1]"], "recall/acc", lambda r: r["recall/grid"][0]["n"]),
 }
 
 
@@ -327,7 +328,8 @@ def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_
     assert (out / "results.json").read_text() == before
 
 
-@pytest.mark.parametrize("task, own", [("lm", "eval_max_docs"), ("passkey", "samples"), ("booksum", "eval_books")])
+@pytest.mark.parametrize("task, own", [("lm", "eval_max_docs"), ("passkey", "samples"), ("booksum", "eval_books"),
+                                       ("recall", "samples")])
 def test_task_limit_caps_each_tasks_own_count_of_evaluation_items(task, own):
     from tasks.common import eval_count
 
@@ -368,7 +370,7 @@ def test_help_lists_the_groups_each_task_memory_and_model_and_the_readmes_exampl
     for group in ("experiment", "logger", "memory", "model", "task", "trainer"):
         assert any(line.startswith(f"{group}: ") for line in lines), group
     described = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ")}
-    expected = {"task": ["lm", "passkey", "booksum"], "memory": memory_names(),
+    expected = {"task": ["lm", "passkey", "booksum", "recall"], "memory": memory_names(),
                 "model": [p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")]}
     for group, names in expected.items():
         for name in names:

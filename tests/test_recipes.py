@@ -88,6 +88,9 @@ def test_each_tasks_trainer_follows_the_scale():
     assert (tiny["passkey"].steps, tiny["passkey"].lr, tiny["passkey"].batch_size) == (600, 3e-3, 16)
     assert (tiny["booksum"].steps, tiny["booksum"].lr, tiny["booksum"].batch_size) == (150, 3e-3, 4)
     assert (tiny["lm"].steps, tiny["lm"].optimizer, tiny["lm"].lr, tiny["lm"].batch_size) == (300, "adamw", 3e-3, 8)
+    recall = _trainer("task=recall")
+    assert (recall.steps, recall.lr, recall.batch_size) == (600, 3e-3, 16)
+    assert _trainer("task=recall", "model=1b") == _trainer("task=recall", "trainer=recall_paper")
     for model in PAPER_MODELS:
         passkey, booksum, lm = (_trainer(f"task={task}", f"model={model}") for task in ("passkey", "booksum", "lm"))
         assert (passkey.steps, passkey.lr, passkey.batch_size) == (400, 1e-4, 8), model
@@ -153,7 +156,7 @@ def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
         assert sum("at scale=tiny" in r.getMessage() for r in caplog.records) == expected
 
 
-TASK_NAMES = ("lm", "passkey", "booksum")
+TASK_NAMES = ("lm", "passkey", "booksum", "recall")
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 # The interpolations a composed config keeps: the run's seed, name and cache folder; every other value is literal.
 INTERPOLATED = {"cache_dir", "name", "task.seed", "trainer.seed"}

@@ -1,0 +1,180 @@
+"""Multi-query associative recall: the sample layout, the accuracy against a parallel forward, memory=none at chance
+and memory=full carrying a pair across segments, bad values, and a run of run.py end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from infini_bench.errors import ConfigError
+from infini_bench.evaluate import streamed_hits
+from infini_bench.model import build_model
+from infini_bench.tracking import Run
+from tasks.recall import Layout, RecallBatches, by_distance, make_batch, make_sample
+from tasks.runner import run_task
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = Layout(segment_len=8, vocab=10, filler=4)
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["task=recall", "logger=none", "trainer.progress=false", *overrides])
+
+
+@pytest.mark.parametrize("pairs, gap", [(1, 0), (3, 1), (5, 2), (4, 3), (9, 1)])
+def test_a_sample_is_pairs_on_a_boundary_then_whole_filler_segments_then_the_keys_again(pairs, gap):
+    n, vocab = LAYOUT.segment_len, LAYOUT.vocab
+    s = make_sample(LAYOUT, pairs, gap, seed=7)
+    tokens = torch.cat([s.input_ids[0], s.labels[0, -1:]]).tolist()  # the whole sequence: inputs and the last value
+    assert len(tokens) == LAYOUT.length(pairs, gap)
+    region = -(-2 * pairs // n) * n  # the pairs end on a segment boundary
+    pad, written, gap_tokens, asked = (tokens[: region - 2 * pairs], tokens[region - 2 * pairs: region],
+                                       tokens[region: region + gap * n], tokens[region + gap * n:])
+    keys, values = written[0::2], written[1::2]
+    filler = range(2 * vocab, 2 * vocab + LAYOUT.filler)
+    assert all(t in filler for t in pad + gap_tokens) and len(gap_tokens) == gap * n
+    assert len(set(keys)) == pairs and all(0 <= k < vocab for k in keys)  # distinct keys, ranges disjoint
+    assert all(vocab <= v < 2 * vocab for v in values)
+    pairs_written = dict(zip(keys, values))
+    assert sorted(asked[0::2]) == sorted(keys) and [pairs_written[k] for k in asked[0::2]] == asked[1::2]
+    # Labelled: the value after each query key, at the key's position; nothing else.
+    scored = (s.labels[0] != -100).nonzero().flatten().tolist()
+    assert scored == list(range(region + gap * n, len(tokens) - 1, 2))
+    assert s.labels[0, scored].tolist() == asked[1::2]
+    order = [keys.index(k) for k in asked[0::2]]
+    back = [(p // n) - (region - 2 * pairs + 2 * i + 1) // n for p, i in zip(scored, order)]
+    assert s.segments_back[0].tolist() == back and min(back) >= gap + 1  # never the query's own segment
+
+
+def test_samples_are_pure_functions_of_their_seed_and_differ_across_gaps_only_in_distance():
+    a, b = make_sample(LAYOUT, 4, 1, seed=3), make_sample(LAYOUT, 4, 1, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a.input_ids, make_sample(LAYOUT, 4, 1, seed=4).input_ids)
+    far = make_sample(LAYOUT, 4, 3, seed=3)  # the same pairs and queries, two more filler segments between
+    assert torch.equal(a.labels[a.labels != -100], far.labels[far.labels != -100])
+    assert torch.equal(far.segments_back, a.segments_back + 2)
+    batches = RecallBatches(LAYOUT, pairs=6, gap=2, batch_size=3, seed=0)
+    first, again = batches(5), RecallBatches(LAYOUT, pairs=6, gap=2, batch_size=3, seed=0)(5)
+    assert torch.equal(first["input_ids"], again["input_ids"]) and torch.equal(first["labels"], again["labels"])
+    drawn = [batches(i) for i in range(200)]
+    counts = {int((b["labels"][0] != -100).sum()) for b in drawn}
+    lengths = {b["input_ids"].shape[1] for b in drawn}
+    assert counts == set(range(1, 7))  # every count up to the maximum
+    assert {LAYOUT.length(p, g) - 1 for p in (1, 6) for g in (0, 2)} <= lengths  # every gap up to the maximum
+
+
+def test_streamed_hits_equal_the_argmax_of_one_parallel_forward():
+    """memory=full streamed one segment at a time sees what one causal pass over the whole sample sees."""
+    torch.manual_seed(0)
+    model = build_model("tiny", segment_len=LAYOUT.segment_len, memory="full").eval()
+    batch = make_batch(LAYOUT, 5, 2, range(3))
+    hits = streamed_hits(model, batch.input_ids, batch.labels, "fp32")
+    with torch.no_grad():
+        expected = model(batch.input_ids).logits.argmax(-1) == batch.labels
+    assert torch.equal(hits, expected) and not hits[batch.labels == -100].any()
+
+
+def test_accuracy_by_distance_bins_powers_of_two():
+    hits = torch.tensor([True, False, True, True, False, True])
+    back = torch.tensor([1, 2, 3, 5, 7, 8])
+    assert by_distance(hits, back) == [{"segments_back": "1", "n": 1, "acc": 1.0},
+                                       {"segments_back": "2-3", "n": 2, "acc": 0.5},
+                                       {"segments_back": "4-7", "n": 2, "acc": 0.5},
+                                       {"segments_back": "8-15", "n": 1, "acc": 1.0}]
+
+
+# One pair, carried across one or two filler segments: memory=full copies it after 100 steps (the lookup among
+# several pairs takes thousands of steps from scratch, too long here; docs/RECALL.md), memory=none cannot see it.
+SMALL = ["model.segment_len=16", "model.arch={dim:64,n_heads:4,n_kv_heads:4,head_dim:16,ffn_dim:128}",
+         "task.vocab=16", "task.pairs=1", "task.gap_segments=1", "task.eval_pairs=[1]", "task.eval_gaps=[1,2]",
+         "task.samples=64", "task.eval_batch=64", "trainer.steps=100", "trainer.warmup_steps=10",
+         "trainer.eval_every=1000", "trainer.ckpt_every=1000"]
+
+
+@pytest.mark.parametrize("memory, low, high", [("full", 0.95, 1.0), ("none", 0.0, 0.25)])
+def test_only_a_memory_reaches_the_pairs(memory, low, high, tmp_path):
+    results = run_task(config(f"memory={memory}", *SMALL), Run(tmp_path, {}, device="cpu"))
+    assert results["recall/chance"] == 1 / 16
+    for gap in (1, 2):
+        assert low <= results[f"recall/acc@pairs=1,gap={gap}"] <= high, results
+    assert (tmp_path / "recall_grid.png").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.vocab=200"], "task.vocab: 200: keys, values and filler take 2 x 200 + task.filler=16 = 416 token ids, "
+                         "more than the model's vocab_size 259"),
+    (["task.pairs=65"], "task.pairs: 65 pairs need as many distinct keys, more than task.vocab=64"),
+    (["task.eval_pairs=[8,100]"], "task.eval_pairs: 100 pairs need as many distinct keys, more than task.vocab=64"),
+    (["task.eval_gaps=[]"], "task.eval_gaps: [] must be a non-empty list of integers >= 0"),
+    (["task.gap_segments=-1"], "task.gap_segments: -1 must be an integer >= 0"),
+])
+def test_a_bad_value_is_one_line_naming_its_key(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        run_task(config("trainer.steps=1", *overrides), Run(tmp_path, {}, device="cpu"))
+    assert str(err.value) == message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_run_py_writes_the_grid_to_results_json(tmp_path):
+    out = tmp_path / "run"
+    args = ["task=recall", "model=tiny", "trainer.steps=2", "trainer.batch_size=2", "task.samples=2",
+            "task.eval_pairs=[2,20]", "task.eval_gaps=[0,1]", "logger=none", "trainer.progress=false",
+            f"hydra.run.dir={out}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())["results"]
+    cells = [f"recall/acc@pairs={p},gap={g}" for p in (2, 20) for g in (0, 1)]
+    assert all(0 <= r[k] <= 1 for k in cells + ["recall/acc", "recall/acc@pairs=20", "recall/acc@gap=0"])
+    assert r["recall/acc"] == pytest.approx(sum(r[k] for k in cells) / 4)
+    assert [row["n"] for row in r["recall/grid"]] == [4, 4, 40, 40] and r["train/steps"] == 2
+    assert r["footprint/seq_len"] == 64 + 64 + 40  # 20 pairs fill a whole segment of 64, a gap, the queries
+    bins = {d["segments_back"] for d in r["recall/by_segments_back"]}
+    assert {"1", "2-3"} <= bins and "recall/acc@segments_back=1" in r
+    assert (out / "recall_grid.png").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits_its_model():
+    """`make recall-grid` as it would run, and its recipe checked as a run would check it, before GPU time."""
+    import shlex
+
+    from tasks.common import model_config
+    from tasks.recall import check_config
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "recall-grid"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x]
+    words = shlex.split(line)
+    assert words[words.index("--experiment") + 1] == "recall_gpu"
+    variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    assert variants == [f"{m}-s{s}=memory={m} seed={s}" for m in memories for s in (0, 1)]
+    cfg = config("experiment=recall_gpu")
+    t = cfg.task
+    assert (list(t.eval_pairs), list(t.eval_gaps)) == ([8, 32, 128, 512], [1, 4, 16])
+    check_config(t)
+    assert 2 * t.vocab + t.filler <= model_config(cfg).vocab_size
+
+
+def test_the_variants_summary_shows_recall_by_gap_and_pair_count_not_every_cell(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from passkey_gpu_variants import summary_row, write_summary
+
+    results = {"recall/acc": 0.5, "recall/chance": 0.001, "recall/acc@gap=1": 0.75, "recall/acc@pairs=8": 0.9,
+               "recall/acc@pairs=8,gap=1": 1.0, "recall/acc@segments_back=2-3": 0.6}
+    (tmp_path / "linear-s0").mkdir()
+    (tmp_path / "linear-s0" / "results.json").write_text(json.dumps({"results": results}))
+    row = summary_row("linear-s0", ["memory=linear"], "0", 12.0, 0, False, tmp_path)
+    assert row["status"] == "ok" and row["recall/acc"] == 0.5 and row["recall/acc@gap=1"] == 0.75
+    assert "recall/acc@pairs=8,gap=1" not in row and row["recall/acc@pairs=8"] == 0.9
+    write_summary([row], tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| recall/acc | recall/chance | recall/acc@gap=1 | recall/acc@pairs=8 |" in table
