@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from infini_bench.memories import memory_class, memory_names, resolve_args
-from infini_bench.model import FLAVOURS, ModelConfig
+from infini_bench.model_config import FLAVOURS, ModelConfig
 
 SECTIONS = ("train", "prefill", "decode")
 PEER = "lucidrains"  # the public infini-transformer-pytorch: a training row, not a registered memory

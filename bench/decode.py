@@ -11,7 +11,8 @@ from torch import Tensor
 from bench.common import (Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms, free_memory, time_ms,
                           with_memory)
 from bench.flops import decode_cost, linear_params
-from infini_bench.model import FLAVOURS, build_model
+from infini_bench.model import build_model
+from infini_bench.model_config import FLAVOURS
 from infini_bench.paper import length_label
 
 def bench_decode(device: torch.device, sizes: Sizes, ceilings: dict) -> dict:

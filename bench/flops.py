@@ -15,7 +15,7 @@ from torch import nn
 
 from infini_bench.memories import memory_class, resolve_args
 from infini_bench.memories.base import Work
-from infini_bench.model import ModelConfig
+from infini_bench.model_config import ModelConfig
 
 
 def linear_params(model: nn.Module) -> int:

@@ -12,7 +12,8 @@ from torch import Tensor
 from bench.common import (Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms, free_memory,
                           memory_args_used, time_ms)
 from bench.flops import linear_params, prefill_bytes, prefill_flops
-from infini_bench.model import FLAVOURS, SegmentTransformer, build_model
+from infini_bench.model import SegmentTransformer, build_model
+from infini_bench.model_config import FLAVOURS
 from infini_bench.paper import length_label
 
 @torch.inference_mode()

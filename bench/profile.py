@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Sizes
-from infini_bench.model import FLAVOURS, SegmentTransformer
+from infini_bench.model import SegmentTransformer
+from infini_bench.model_config import FLAVOURS
 from infini_bench.train import autocast
 
 

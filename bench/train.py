@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from bench.common import (DATASHEET, PEER, Clock, PeakMemory, Sizes, compute_dtype, error_text, floor_ms,
                           free_memory, memory_args_used, with_memory)
 from bench.flops import linear_params, train_bytes, train_flops
-from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
+from infini_bench.model import SegmentTransformer
+from infini_bench.model_config import FLAVOURS, ModelConfig
 from infini_bench.train import autocast
 
 def lucidrains_model(cfg: ModelConfig, seq: int, n: int) -> tuple[nn.Module, Callable[[Tensor], Tensor], str]:

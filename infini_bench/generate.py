@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from infini_bench.model import LocalCache, SegmentTransformer
+from infini_bench.blocks import LocalCache
+from infini_bench.model import SegmentTransformer
 
 
 @dataclass

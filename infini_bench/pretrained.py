@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from infini_bench.errors import ConfigError
-from infini_bench.model import ModelConfig, SegmentTransformer, rope_inv_freq
+from infini_bench.blocks import rope_inv_freq
+from infini_bench.model import SegmentTransformer
+from infini_bench.model_config import ModelConfig
 from infini_bench.tokenizer import HFTokenizer
 
 KEY = "model.pretrained"

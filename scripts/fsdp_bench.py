@@ -30,7 +30,8 @@ from infini_bench.distributed import (  # noqa: E402
     DistInfo, all_reduce_mean, cleanup, init_distributed, shard_model,
 )
 from infini_bench.memories import memory_names  # noqa: E402
-from infini_bench.model import FLAVOURS, build_model  # noqa: E402
+from infini_bench.model import build_model  # noqa: E402
+from infini_bench.model_config import FLAVOURS  # noqa: E402
 from infini_bench.train import lm_loss  # noqa: E402
 
 GIB = 2**30

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from infini_bench.distributed import is_main_process
 from infini_bench.errors import ConfigError, check_choice, check_finite
 from infini_bench.faults import fault
-from infini_bench.model import FLAVOURS, ModelConfig, SegmentTransformer
+from infini_bench.model import SegmentTransformer
+from infini_bench.model_config import FLAVOURS, ModelConfig
 from infini_bench.tokenizer import load_tokenizer
 from infini_bench.files import follow_umask
 from infini_bench.train import TrainConfig, gate_metrics, gate_values

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from infini_bench.compressive import MemoryState, infini_attention
-from infini_bench.model import ModelConfig, Rotary
+from infini_bench.blocks import Rotary
+from infini_bench.model_config import ModelConfig
 
 
 def naive(q, k, v, beta, n, rule, rotary=None, empty_read="zero", read_scale=None):

@@ -21,7 +21,8 @@ from bench.common import PEER, Sizes, registered_memories, streaming_memories  #
 from bench.prefill import bench_prefill  # noqa: E402
 from bench.train import bench_train  # noqa: E402
 from infini_bench.memories import memorizing, memory_names, txl  # noqa: E402
-from infini_bench.model import FLAVOURS, build_model  # noqa: E402
+from infini_bench.model import build_model  # noqa: E402
+from infini_bench.model_config import FLAVOURS  # noqa: E402
 
 
 def positive(x) -> bool:

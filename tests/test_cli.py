@@ -265,8 +265,7 @@ def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task
 
 
 def test_the_run_folder_leaves_out_a_step_count_and_shortens_init_from():
-    sys.path.insert(0, str(ROOT))
-    from run import run_folder, short_name
+    from tasks.cli import run_folder, short_name
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         exclude = list(compose("config", return_hydra_config=True).hydra.job.config.override_dirname.exclude_keys)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from infini_bench.generate import StaticDecoder, decode_step, prefill
 from infini_bench.memories import MEMORIES, memory_class, memory_names
-from infini_bench.model import FLAVOURS, build_model
+from infini_bench.model import build_model
+from infini_bench.model_config import FLAVOURS
 
 N = 8
 # Small settings where a memory's defaults are sized for the paper's model.

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from infini_bench.errors import ConfigError
 from infini_bench.memories import Memory, memorizing, memory_class
 from infini_bench.memories.memorizing import KNNState, TopKAttention, no_rotary
-from infini_bench.model import FLAVOURS, build_model
+from infini_bench.model import build_model
+from infini_bench.model_config import FLAVOURS
 
 N, B, H, HK, D = 8, 2, 4, 2, 32
 

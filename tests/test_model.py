@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from infini_bench.memories import memory_names
-from infini_bench.model import FLAVOURS, build_model
+from infini_bench.model import build_model
+from infini_bench.model_config import FLAVOURS
 
 
 def tiny(rule="linear", **kw):

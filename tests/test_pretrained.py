@@ -7,7 +7,7 @@ import torch
 
 from infini_bench.errors import ConfigError
 from infini_bench.memories import memory_names
-from infini_bench.model import FLAVOURS
+from infini_bench.model_config import FLAVOURS
 from infini_bench.pretrained import config_from_hf, load_pretrained
 
 transformers = pytest.importorskip("transformers")
