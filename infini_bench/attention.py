@@ -29,7 +29,7 @@ class Context(NamedTuple):
 
 
 class Rotary(Protocol):
-    """RoPE's signature (`model.Rotary`): rotate x (..., L, D) as if at positions offset .. offset + L - 1."""
+    """RoPE's signature (`blocks.Rotary`): rotate x (..., L, D) as if at positions offset .. offset + L - 1."""
 
     def __call__(self, x: Tensor, offset: int | Tensor = 0) -> Tensor: ...
 

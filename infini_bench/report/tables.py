@@ -212,6 +212,12 @@ def _main_rows(config: dict, res: dict) -> list[tuple[str, str, str]]:
                 for k in ("rouge1", "rouge2", "rougeL", "overall")]
         rows += [(k, _fmt(v), "") for k, v in res.items() if k.startswith("booksum/overall@")]
         return rows
+    if task == "recall":  # a diagnostic beyond the paper: no cited value, chance beside the overall accuracy
+        chance = _pct(res.get("recall/chance"))
+        rows = [("recall/acc %", _fmt(_pct(res.get("recall/acc")), 1),
+                 f"{_fmt(chance, 1)} (chance)" if chance is not None else "")]
+        return rows + [(f"{k} %", _fmt(_pct(v), 1), "") for k, v in res.items()
+                       if k.startswith(("recall/acc@gap=", "recall/acc@pairs=")) and isinstance(v, (int, float))]
     return [(k, _fmt(v), "") for k, v in res.items() if isinstance(v, (int, float))]
 
 
