@@ -53,8 +53,7 @@ def main(cfg: DictConfig) -> None:
 
     from infini_bench.errors import ConfigError, check_int
     from infini_bench.tracking import Run
-    from tasks import get_task
-    from tasks.runner import run_task
+    from tasks.runner import check_run, run_task
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if threading.current_thread() is threading.main_thread():  # training installs its own, graceful handler
@@ -71,7 +70,6 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("device", f"{cfg.device!r} is not one of auto, cpu, cuda")
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device", "'cuda' but no GPU is visible to torch; use device=cpu or device=auto")
-        task = get_task(cfg.task.name)
         config = OmegaConf.to_container(cfg, resolve=True)
         config["hydra"] = hydra_info()
         info = init_distributed()  # torchrun: one process per GPU, each on its own device; else a no-op
@@ -94,11 +92,7 @@ def main(cfg: DictConfig) -> None:
         elif not cfg.trainer.resume and (out_dir / "results.json").exists() and is_main_process():
             os.replace(out_dir / "results.json", out_dir / "results.previous.json")  # kept until the new one
         device = str(info.device) if info.world_size > 1 else (None if cfg.device == "auto" else cfg.device)
-        from tasks.common import check_limit, train_config
-
-        check_limit(cfg.task)
-        tcfg = train_config(cfg)  # every trainer value, checked before W&B starts a run for a job that can't run
-        task.check_values(cfg)
+        tcfg = check_run(cfg)  # every value checked before W&B starts a run for a job that can't run
         if steps_done is not None and is_main_process():
             extend(out_dir, steps_done, tcfg, finished)
         run = Run(out_dir, config, dict(cfg.logger), device=device, is_main=info.is_main)

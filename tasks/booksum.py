@@ -39,8 +39,8 @@ from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
 from infini_bench.tracking import write_json
 from infini_bench.train import TrainConfig, autocast
-from tasks.common import eval_count, footprint_results, no_batches, train_config
-from tasks.runner import Task
+from tasks.common import footprint_results, no_batches
+from tasks.runner import Task, eval_count, train_config
 
 SOURCES = ("synthetic", "hub")
 TRUNCATIONS = ("head", "tail", "head_tail")

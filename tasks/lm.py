@@ -20,8 +20,8 @@ from infini_bench.token_cache import Entry, TokenCache, state_digest
 from infini_bench.tokenizer import Tokenizer
 from infini_bench.tracking import write_json
 from infini_bench.train import TrainConfig
-from tasks.common import eval_count, footprint_results, no_batches, train_config
-from tasks.runner import Task
+from tasks.common import footprint_results, no_batches
+from tasks.runner import Task, eval_count, train_config
 
 log = logging.getLogger(__name__)
 _STAND_IN = {"pg19": "embedded_pg19", "arxiv_math": "embedded_math", "c4": None}  # no web text is embedded

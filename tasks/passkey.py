@@ -24,13 +24,13 @@ from infini_bench.tokenizer import Tokenizer
 from infini_bench.tracking import Run
 from infini_bench.train import TrainConfig, autocast
 from tasks import RENAMED
-from tasks.common import eval_count, footprint_results, train_config
+from tasks.common import footprint_results
 from tasks.passkey_data import (
     DEPTHS, HAYSTACKS, KEY_RANGE, LOSSES, Outcome, PasskeyBatches, PasskeySample, by_distance, chance_accuracy,
     exact_match, make_sample, min_length, segments_back, summarise, token_accuracy,
 )
 from tasks.passkey_plots import distance_plot, grid_heatmap
-from tasks.runner import Phase, Task
+from tasks.runner import Phase, Task, eval_count, train_config
 
 # ---- streaming evaluation -----------------------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from infini_bench.evaluate import streamed_hits
 from infini_bench.model import SegmentTransformer
 from infini_bench.plots import percent_heatmap
 from infini_bench.train import TrainConfig
-from tasks.common import eval_count, footprint_results, no_batches, train_config
-from tasks.runner import Task
+from tasks.common import footprint_results, no_batches
+from tasks.runner import Task, eval_count, train_config
 
 
 class Layout(NamedTuple):

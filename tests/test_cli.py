@@ -120,7 +120,7 @@ def test_every_task_model_memory_composes(task, model, memory):
 
 
 def test_model_arch_overrides_any_flavour_field():
-    from tasks.common import model_config
+    from tasks.runner import model_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["model=lm_paper", "model.arch={dim:64,n_layers:3}"])
@@ -222,7 +222,8 @@ def gated_weights(task: str, folder: Path, raw_gate: float) -> Path:
     """A tiny model for `task` with every gate set to raw_gate, exported as a run exports it."""
     from types import SimpleNamespace
 
-    from tasks.common import build_model_and_tokenizer, export_weights
+    from tasks.common import export_weights
+    from tasks.runner import build_model_and_tokenizer
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         model, _ = build_model_and_tokenizer(compose("config", overrides=[f"task={task}"]))
@@ -239,7 +240,7 @@ def test_evaluating_a_checkpoint_trains_nothing_and_builds_no_training_data(task
     are the ones evaluated, no training data is built and no step is trained, the folder's name holds a short
     name for the checkpoint instead of its path, and the same command again finds the run finished. task.limit=1
     evaluates one document, sample per cell or book, where the task's own setting has more."""
-    from tasks.common import EVAL_COUNT
+    from tasks.runner import EVAL_COUNT
 
     weights = gated_weights(task, tmp_path / "exported" / "tiny-run", raw_gate=2.0)
     args, metric, count = EVAL_ONLY[task]
@@ -330,7 +331,7 @@ def test_a_finished_run_rerun_with_more_steps_trains_on_from_its_checkpoint(tmp_
 @pytest.mark.parametrize("task, own", [("lm", "eval_max_docs"), ("passkey", "samples"), ("booksum", "eval_books"),
                                        ("recall", "samples")])
 def test_task_limit_caps_each_tasks_own_count_of_evaluation_items(task, own):
-    from tasks.common import eval_count
+    from tasks.runner import eval_count
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         def count(*overrides):

@@ -158,7 +158,7 @@ def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds():
     import shlex
 
     from infini_bench.model import build_model
-    from tasks.common import memory_fields
+    from tasks.runner import memory_fields
 
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     proc = subprocess.run(["make", "-n", "--no-print-directory", "ablations-mini"], cwd=ROOT, env=env,

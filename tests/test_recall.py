@@ -144,7 +144,7 @@ def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits
     """`make recall-grid` as it would run, and its recipe checked as a run would check it, before GPU time."""
     import shlex
 
-    from tasks.common import model_config
+    from tasks.runner import model_config
     from tasks.recall import check_config
 
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}

@@ -73,7 +73,7 @@ def _compose(*overrides):
 
 
 def _trainer(*overrides):
-    from tasks.common import train_config
+    from tasks.runner import train_config
 
     return train_config(_compose(*overrides))
 
@@ -136,23 +136,23 @@ def test_experiments_keep_their_trainer():
 
 
 def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
-    import tasks.common as common
+    import tasks.runner as runner
 
     cfg = _compose("task=passkey", "model=1b", "task.key_range=[1,99]", "trainer.lr=5e-4")
-    line = common.setting_line(cfg)
+    line = runner.setting_line(cfg)
     assert line.startswith("task=passkey at scale=paper (model=1b): lengths=")
     assert "key_range=[1, 99]" in line and "lr=0.0005" in line and "steps=400" in line
     assert "lengths=[32768, 131072, 262144, 524288, 1048576]" in line
-    tiny = common.setting_line(_compose("task=lm", "trainer.steps=7"))
+    tiny = runner.setting_line(_compose("task=lm", "trainer.steps=7"))
     assert "scale=tiny" in tiny and "seq_len=512" in tiny and "steps=7" in tiny and "optimizer=adamw" in tiny
 
     cfg = _compose("task=passkey")
     for main, expected in ((True, 1), (False, 0)):  # under torchrun only rank 0 says it
         caplog.clear()
-        monkeypatch.setattr(common, "is_main_process", lambda: main)
-        with caplog.at_level(logging.INFO, logger=common.log.name):
-            common.log_setting(cfg)
-            common.build_model_and_tokenizer(cfg)
+        monkeypatch.setattr(runner, "is_main_process", lambda: main)
+        with caplog.at_level(logging.INFO, logger=runner.log.name):
+            runner.log_setting(cfg)
+            runner.build_model_and_tokenizer(cfg)
         assert sum("at scale=tiny" in r.getMessage() for r in caplog.records) == expected
 
 

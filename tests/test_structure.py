@@ -57,7 +57,7 @@ def test_the_walk_follows_the_config_and_its_parts_into_project_code_and_nothing
 
     from omegaconf import OmegaConf
 
-    from tasks.common import eval_count
+    from tasks.runner import eval_count
     from tasks.passkey import depth_grid
 
     task = {"name": "passkey", "limit": None, "samples": 3, "depth_sweep": None, "depths": ["start"]}
@@ -70,5 +70,5 @@ def test_the_walk_follows_the_config_and_its_parts_into_project_code_and_nothing
     finally:
         sys.setprofile(None)
     assert found[:3] == (3, {"start": 0.0}, {"start": 0.0})
-    # A part of the config enters tasks.common; another config, a copy and code outside the project are not walked.
-    assert walk.stays == ["tasks.common"] and walk.calls == [] and walk.stack == []
+    # A part of the config enters tasks.runner; another config, a copy and code outside the project are not walked.
+    assert walk.stays == ["tasks.runner"] and walk.calls == [] and walk.stack == []
