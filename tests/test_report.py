@@ -341,3 +341,29 @@ def test_a_line_plot_of_many_series_puts_its_legend_beside_the_axes(tmp_path, mo
     seen.clear()
     plots.line_plot({"a": [1, 2], "b": [2, 3]}, tmp_path / "two.png", "x", "y", "t")
     assert "bbox_to_anchor" not in seen
+
+
+def test_recall_runs_get_their_own_table_in_memory_order_with_accuracy_by_gap_and_pairs(tmp_path):
+    def recall_run(memory: str, seed: int, by_gap: dict[int, float], by_pairs: dict[int, float]) -> None:
+        results = {"recall/acc": sum(by_gap.values()) / len(by_gap), "recall/chance": 1 / 1024,
+                   **{f"recall/acc@gap={g}": a for g, a in by_gap.items()},
+                   **{f"recall/acc@pairs={p}": a for p, a in by_pairs.items()}}
+        config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory}, "model": {"name": "tiny"},
+                  "task": {"name": "recall"}, "trainer": {"steps": 10}}
+        folder = tmp_path / f"{memory}-s{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+
+    assert "Associative recall" not in build_report([])  # no recall run, no section
+    recall_run("txl", 0, {1: 0.001, 4: 0.0}, {8: 0.0005})
+    recall_run("delta", 1, {1: 0.9, 4: 0.5}, {8: 0.7})
+    recall_run("delta", 0, {1: 0.8, 4: 0.25}, {8: 0.525, 32: 0.4})
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("## Associative recall")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [(m.strip(), s.strip()) for m, s in rows] == [("memory", "seed"), ("delta", "0"), ("delta", "1"), ("txl", "0")]
+    header = "| memory | seed |"
+    first = cells(section, header, "| delta | 0 |")
+    assert (first["accuracy"], first["gap 1"], first["gap 4"], first["8 pairs"], first["32 pairs"]) == \
+        ("52.5", "80.0", "25.0", "52.5", "40.0")
+    assert cells(section, header, "| delta | 1 |")["32 pairs"] == "-" and first["chance"] == "0.1"

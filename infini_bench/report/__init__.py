@@ -24,7 +24,7 @@ from infini_bench.files import atomic_write_text
 from infini_bench.report import figures
 from infini_bench.report.runs import all_runs, csv_table, merge_reruns, options, select
 from infini_bench.report.seeds import table2_seeds
-from infini_bench.report.tables import table1, table2, table3, table4
+from infini_bench.report.tables import recall_table, table1, table2, table3, table4
 
 
 def build_report(results: list[dict], out: Path | None = None) -> str:
@@ -32,7 +32,7 @@ def build_report(results: list[dict], out: Path | None = None) -> str:
              "Rows marked `paper:` are the paper's (arXiv 2404.07143 v2); the others are runs found under the given "
              "folders, each with its data source, scale and command. Runs on the embedded offline data or at small "
              "scale check the pipeline and are not comparable with the paper's numbers.", ""]
-    for table in (table1, table2, table2_seeds, table3, table4):
+    for table in (table1, table2, table2_seeds, table3, table4, recall_table):
         parts += table(results, out) + [""]
     if out is not None:
         parts += figures.figures(results, out) + [""]

@@ -119,6 +119,36 @@ def table3(results: list[dict], out: Path | None = None) -> list[str]:
     return lines
 
 
+# ---- associative recall (beyond the paper) ----------------------------------------------------------------------------
+
+
+def recall_table(results: list[dict], out: Path | None = None) -> list[str]:
+    """task=recall runs, one row per run in the report's memory order: overall accuracy beside chance, then by
+    gap and by pair count (docs/RECALL.md). The paper has no such table."""
+    runs = _by_task(results, "recall")
+    if not runs:
+        return []
+    order = {m: i for i, m in enumerate(memory_names())}
+    runs = sorted(runs, key=lambda r: (order.get(r["config"]["memory"]["name"], len(order)), r["config"].get("seed", 0)))
+    gaps = sorted({int(k.split("=")[1]) for r in runs for k in r["results"] if k.startswith("recall/acc@gap=")})
+    pairs = sorted({int(k.split("=")[1]) for r in runs for k in r["results"] if k.startswith("recall/acc@pairs=")})
+    lines = ["## Associative recall across segments (beyond the paper), accuracy %", "",
+             "Key-value pairs, then whole segments of filler (the gap), then every key again: a value is recalled "
+             "only through what the memory carried across the gap, so local attention alone is at chance. "
+             "What it measures: [RECALL.md](RECALL.md).", "",
+             "| memory | seed | accuracy | chance | " + " | ".join(f"gap {g}" for g in gaps) + " | "
+             + " | ".join(f"{p} pairs" for p in pairs) + " | scale, command, run |",
+             "|---|" + "---|" * (4 + len(gaps) + len(pairs))]
+    for r in runs:
+        res = r["results"]
+        cells = [_fmt(_pct(res.get(f"recall/acc@gap={g}")), 1) for g in gaps] + \
+                [_fmt(_pct(res.get(f"recall/acc@pairs={p}")), 1) for p in pairs]
+        lines.append(f"| {r['config']['memory']['name']} | {r['config'].get('seed', 0)} | "
+                     f"{_fmt(_pct(res.get('recall/acc')), 1)} | {_fmt(_pct(res.get('recall/chance')), 1)} | "
+                     + " | ".join(cells) + f" | {_ours(r, out)} |")
+    return lines
+
+
 # ---- Table 4 and Figure 4 --------------------------------------------------------------------------------------------
 
 
