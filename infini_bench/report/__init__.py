@@ -33,7 +33,8 @@ def build_report(results: list[dict], out: Path | None = None) -> str:
              "folders, each with its data source, scale and command. Runs on the embedded offline data or at small "
              "scale check the pipeline and are not comparable with the paper's numbers.", ""]
     for table in (table1, table2, table2_seeds, table3, table4, recall_table):
-        parts += table(results, out) + [""]
+        if lines := table(results, out):  # a section with no runs to show is left out
+            parts += lines + [""]
     if out is not None:
         parts += figures.figures(results, out) + [""]
     return "\n".join(parts)
