@@ -63,6 +63,7 @@ class Book:
     title: str
     text: str
     references: tuple[str, ...]
+    events: tuple[str, ...] = ()  # synthetic books: the event sentences, in book order (the oracle's facts)
 
 
 def truncate(ids: Sequence[int], n: int, mode: str) -> list[int]:
@@ -114,7 +115,8 @@ def make_book(rng: random.Random, novels: list[list[str]], n_chars: int, n_event
         parts += [text[prev:at].rstrip(), event]
         prev = at
     parts.append(text[prev:])
-    return Book(bid, f"Synthetic book {bid}", "\n\n".join(p for p in parts if p), (" ".join(events),))
+    return Book(bid, f"Synthetic book {bid}", "\n\n".join(p for p in parts if p), (" ".join(events),),
+                tuple(events))
 
 
 def synthetic_books(split: str, count: int, n_chars: int, n_events: int, seed: int) -> list[Book]:
@@ -122,6 +124,55 @@ def synthetic_books(split: str, count: int, n_chars: int, n_events: int, seed: i
     novels = _paragraphs(split)
     return [make_book(random.Random(f"{seed}/{split}/{i}"), novels, n_chars, n_events, f"{split}-{i}")
             for i in range(count)]
+
+
+# --- the oracle: what a perfect memory could score -------------------------------------------------------------
+
+def event_spans(tokenizer, text: str, events: Sequence[str]) -> list[tuple[int, int]]:
+    """Token span [start, end) of each event (in book order) in tokenizer.encode(text): the token counts of the
+    text before the event and through its end. Exact for bytes; for a subword tokenizer the events are
+    paragraphs of their own (after a blank line), so the token boundaries fall at their edges."""
+    spans, pos = [], 0
+    for event in events:
+        at = text.index(event, pos)
+        pos = at + len(event)
+        spans.append((len(tokenizer.encode(text[:at])), len(tokenizer.encode(text[:pos]))))
+    return spans
+
+
+def events_read(n_tokens: int, spans: Sequence[tuple[int, int]], n: int, mode: str,
+                window: int) -> tuple[list[int], list[int]]:
+    """Indices of the events wholly inside the input of n tokens truncated by `mode` (the same `truncate` as the
+    model's input), and of those also inside its last `window` tokens (the local window when the summary
+    prompt follows)."""
+    kept = truncate(range(n_tokens), n, mode)  # book positions of the input's tokens, increasing
+    inside, local = [], []
+    for e, (a, b) in enumerate(spans):
+        k = bisect.bisect_left(kept, a)
+        if b > a and k + b - a - 1 < len(kept) and kept[k] == a and kept[k + b - a - 1] == b - 1:  # contiguous
+            inside.append(e)
+            if k >= len(kept) - window:
+                local.append(e)
+    return inside, local
+
+
+def oracle(tokenizer, books: Sequence[Book], lengths: Sequence[int], mode: str, window: int) -> dict[int, dict]:
+    """Per input length: ROUGE of the memory oracle (every event the input holds, joined as the reference is),
+    of the local oracle (the events in the last `window` tokens only), and the mean fraction of each book's
+    events that are in the input but beyond the local window. Needs books with `events` (synthetic)."""
+    spans = [(len(tokenizer.encode(b.text)), event_spans(tokenizer, b.text, b.events)) for b in books]
+    refs = [list(b.references) for b in books]
+    out = {}
+    for n in lengths:
+        memory, local, beyond = [], [], []
+        for b, (n_tokens, sp) in zip(books, spans):
+            inside, near = events_read(n_tokens, sp, n, mode, window)
+            memory.append(" ".join(b.events[e] for e in inside))
+            local.append(" ".join(b.events[e] for e in near))
+            beyond.append((len(inside) - len(near)) / len(b.events))
+        out[n] = {"memory": rouge(memory, refs), "local": rouge(local, refs),
+                  "events_beyond_window": sum(beyond) / len(beyond)}
+    return out
 
 
 # --- BookSum from the hub --------------------------------------------------------------------------------------
@@ -305,6 +356,14 @@ class BookSum(Task):
         for n in lengths:
             results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
             results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])
+        # The oracle (synthetic books only: it needs the events): what a perfect memory / local attention alone
+        # could score at each length, with the same truncation and scorer.
+        self.oracle = oracle(self.tokenizer, books, lengths, t.truncate, model.cfg.segment_len) \
+            if books and all(b.events for b in books) else {}
+        for n, o in self.oracle.items():
+            results[f"booksum/oracle_memory/overall@{length_label(n)}"] = o["memory"]["overall"]
+            results[f"booksum/oracle_local/overall@{length_label(n)}"] = o["local"]["overall"]
+            results[f"booksum/events_beyond_window@{length_label(n)}"] = o["events_beyond_window"]
         results.update({"val/summary_loss": val_loss,
                         "train/loss": summary.get("train/loss"), "train/steps": tcfg.steps, "data/source": t.source,
                         "booksum/books": len(books)})
@@ -316,7 +375,10 @@ class BookSum(Task):
         memory, out_dir = self.cfg.memory.name, Path(run.out_dir)
         write_json(out_dir / "booksum_predictions.json", {
             "metrics": results,
-            "length_sweep": [{"input_len": n, **scores[n]} for n in lengths],
+            "length_sweep": [{"input_len": n, **scores[n], **({
+                "oracle_memory": self.oracle[n]["memory"], "oracle_local": self.oracle[n]["local"],
+                "events_beyond_window": self.oracle[n]["events_beyond_window"]} if n in self.oracle else {})}
+                for n in lengths],
             "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
                        "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(books)],
         })

@@ -13,7 +13,8 @@ from infini_bench.metrics import rouge
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
-from tasks.booksum import BatchFn, Example, group_by_book, make_batch, summary_loss, synthetic_books, truncate
+from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, group_by_book, make_batch, oracle,
+                           summary_loss, synthetic_books, truncate)
 from tasks.runner import run_task
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -136,7 +137,73 @@ def test_tiny_end_to_end(tmp_path):
     assert results["booksum/input_tokens@128"] == 128.0
     assert 400 < results["booksum/input_tokens@512"] <= 512  # short books are used whole
     assert results["booksum/input_len"] == 512
+    # The oracle: at 512 every book (about 400 characters + 2 events) is read whole, so the memory oracle is the
+    # reference itself; local attention alone sees at most the last event.
+    assert results["booksum/oracle_memory/overall@512"] == pytest.approx(100.0)
+    assert 0 <= results["booksum/oracle_local/overall@512"] < 100
+    assert 0 <= results["booksum/oracle_memory/overall@128"] <= 100
+    assert 0 <= results["booksum/events_beyond_window@128"] <= results["booksum/events_beyond_window@512"] <= 1
     assert results["booksum/rouge1"] == pytest.approx(saved["length_sweep"][1]["rouge1"])
     table = json.loads((tmp_path / "tables" / "booksum_samples.json").read_text())
     assert len(table["rows"]) == 2 and table["columns"][3] == "prediction"
     assert (tmp_path / "booksum_length_sweep.png").stat().st_size > 0
+
+
+EVENTS = ("Dagny buried the brass bell under the bridge.", "Corvin sold a red lantern in the mill.",
+          "Ingrid hid the old map at the chapel.")
+
+
+def known_book():
+    """Events at known byte positions: 100 filler bytes, event 0, 300 filler, event 1, 300 filler, event 2, 60."""
+    fill = lambda k: ("x" * (k - 1)) + " "  # noqa: E731
+    text = "\n\n".join([fill(100), EVENTS[0], fill(300), EVENTS[1], fill(300), EVENTS[2], fill(60)])
+    return Book("k", "known", text, (" ".join(EVENTS),), EVENTS)
+
+
+def test_event_spans_are_the_events_token_positions():
+    book, tok = known_book(), ByteTokenizer()
+    ids = tok.encode(book.text)
+    spans = event_spans(tok, book.text, book.events)
+    assert [tok.decode(ids[a:b]) for a, b in spans] == list(EVENTS)
+    assert spans[0][0] == 102 and spans[1][0] == spans[0][1] + 2 + 300 + 2
+
+
+def test_memory_oracle_of_a_whole_book_is_the_reference():
+    tok, books = ByteTokenizer(), synthetic_books("validation", 3, 1500, 4, seed=5)
+    n = max(len(tok.encode(b.text)) for b in books)
+    for mode in ("head", "tail", "head_tail"):
+        got = oracle(tok, books, [n], mode, window=64)[n]
+        assert got["memory"] == pytest.approx(rouge([b.references[0] for b in books], [list(b.references) for b in books]))
+        assert got["memory"]["overall"] == pytest.approx(100.0)
+        assert got["local"]["overall"] < 100  # one event of four at most sits in the last 64 tokens
+
+
+def test_local_oracle_counts_only_the_events_in_the_last_segment():
+    book, tok = known_book(), ByteTokenizer()
+    n_tokens, spans = len(tok.encode(book.text)), event_spans(tok, book.text, book.events)
+    e2_start = spans[2][0]
+    # head: the input ends just after event 2; a window reaching back to its start holds it, one byte less doesn't.
+    n = spans[2][1] + 5
+    assert events_read(n_tokens, spans, n, "head", window=n - e2_start) == ([0, 1, 2], [2])
+    assert events_read(n_tokens, spans, n, "head", window=n - e2_start - 1) == ([0, 1, 2], [])
+    # an event cut by the truncation is not in the input
+    assert events_read(n_tokens, spans, spans[1][1] - 1, "head", window=64) == ([0], [])
+    # tail: the last 64 tokens of the book hold no event; the last 120 hold event 2 only
+    assert events_read(n_tokens, spans, n_tokens, "tail", window=64) == ([0, 1, 2], [])
+    assert events_read(n_tokens, spans, 120, "tail", window=120) == ([2], [2])
+    # head_tail: 300 tokens = the first 150 (event 0) + the last 150 (event 2); the window is the last 150
+    assert events_read(n_tokens, spans, 300, "head_tail", window=150) == ([0, 2], [2])
+    # the oracle summary is those events joined as the reference is
+    got = oracle(tok, [book], [n], "head", window=n - e2_start)[n]
+    assert got["local"] == pytest.approx(rouge([EVENTS[2]], [[book.references[0]]]))
+
+
+def test_events_beyond_the_window_grow_with_the_input():
+    book, tok = known_book(), ByteTokenizer()
+    spans = event_spans(tok, book.text, book.events)
+    lengths = [spans[0][1], spans[1][1], spans[2][1], spans[2][1] + 70]
+    got = oracle(tok, [book], lengths, "head", window=64)
+    # each input ends on an event (it is in the window, not beyond it), except the last (64 filler bytes after)
+    assert [got[n]["events_beyond_window"] for n in lengths] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert [got[n]["memory"]["overall"] for n in lengths] == sorted(got[n]["memory"]["overall"] for n in lengths)
+    assert got[lengths[-1]]["local"]["overall"] == 0.0
