@@ -367,3 +367,16 @@ def test_recall_runs_get_their_own_table_in_memory_order_with_accuracy_by_gap_an
     assert (first["accuracy"], first["gap 1"], first["gap 4"], first["8 pairs"], first["32 pairs"]) == \
         ("52.5", "80.0", "25.0", "52.5", "40.0")
     assert cells(section, header, "| delta | 1 |")["32 pairs"] == "-" and first["chance"] == "0.1"
+
+
+def test_a_recall_run_ends_with_its_accuracy_beside_chance_then_by_gap_and_pairs_only(tmp_path):
+    record = {"config": {"task": {"name": "recall"}, "model": {"name": "tiny", "segment_len": 64},
+                         "memory": {"name": "delta"}},
+              "results": {"recall/acc": 0.5, "recall/chance": 1 / 64, "recall/acc@gap=1": 0.75,
+                          "recall/acc@pairs=8": 0.25, "recall/acc@segments_back=2-3": 0.4, "train/loss": 2.0,
+                          "footprint/state_floats": 4224, "train/steps": 10}}
+    table = results_table(record, tmp_path)
+    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in table.splitlines() if "|" in line}
+    assert [c.strip() for c in rows["recall/acc %"]] == ["50.0", "1.6 (chance)"]
+    assert rows["recall/acc@gap=1 %"][0].strip() == "75.0" and rows["recall/acc@pairs=8 %"][0].strip() == "25.0"
+    assert not any(k.startswith(("footprint", "train/loss", "recall/acc@segments_back")) for k in rows)
