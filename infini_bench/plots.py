@@ -127,6 +127,34 @@ def panels_plot(panels: dict[str, dict[str, list[float | None]]], path: Path, xl
     return save_figure(fig, path)
 
 
+# Accuracy by distance: bins 0, 1, 2-3, 4-7, ... segments, as the passkey and recall tasks record them.
+
+
+def distance_bin(row: dict) -> int:
+    """The power-of-two bin of a by-distance row (0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ...): passkey's rows give
+    their range in numbers, recall's as a label ("2-3")."""
+    low = row["segments_back_min"] if "segments_back_min" in row else int(str(row["segments_back"]).split("-")[0])
+    return int(low).bit_length()
+
+
+def distance_label(k: int) -> str:
+    """Bin k's tick: "0", "1", "2-3", "4-7", ..."""
+    return str(k) if k < 2 else f"{2 ** (k - 1)}-{2 ** k - 1}"
+
+
+def distance_axis(bins: list[int], first: int = 0) -> list[int]:
+    """Every bin from `first` up to the largest of `bins`, filled or not: figures put each bin at its own place,
+    so an empty one is a gap in the line with its tick labelled, not two distances drawn as neighbours."""
+    return list(range(first, max(bins, default=first - 1) + 1))
+
+
+def distance_ticks(ax: matplotlib.axes.Axes, axis: list[int], xlabel: str) -> None:
+    """The bins' ticks at 0, 1, ... (slanted when many) and the x label."""
+    ax.set_xticks(range(len(axis)), [distance_label(k) for k in axis], **({"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if len(axis) > 8 else {}))
+    ax.set_xlim(-0.5, len(axis) - 0.5)
+    ax.set_xlabel(xlabel)
+
+
 def percent_heatmap(grid: list[list[float]], rows: list[str], columns: list[str], path: Path, xlabel: str,
                     ylabel: str, title: str, label: str = "accuracy (%)") -> Path:
     """Fractions in [0, 1] shown as percentages, one cell per (row, column), each with its number: a grid of

@@ -218,7 +218,7 @@ def summarise(outcomes: Sequence[Outcome]) -> dict:
 
 def by_distance(outcomes: Sequence[Outcome]) -> list[dict]:
     """Token accuracy and exact match by how many segments separate the key from the question, in bins 0, 1,
-    2-3, 4-7, ... (powers of two); empty bins are left out."""
+    2-3, 4-7, ... (powers of two); empty bins are left out (the figures draw them as gaps)."""
     bins: dict[int, list[Outcome]] = {}
     for o in outcomes:
         bins.setdefault(o.segments_back.bit_length(), []).append(o)  # 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, ...

@@ -8,7 +8,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from infini_bench.paper import length_label
-from infini_bench.plots import save_figure
+from infini_bench.plots import distance_axis, distance_bin, distance_ticks, save_figure
 
 
 def grid_heatmap(rows: Sequence[dict], path: Path, title: str) -> Path:
@@ -32,26 +32,34 @@ def grid_heatmap(rows: Sequence[dict], path: Path, title: str) -> Path:
 
 
 
+PASSKEY_DISTANCE = "segments between the key and the question\n(0: the same segment, local attention)"
+
+
 def distance_figure(rows: Sequence[dict], title: str, chance: float | None = None) -> matplotlib.figure.Figure:
-    """Accuracy against the number of segments between the key and the question: does the memory hold up? Token
-    accuracy and exact match often coincide (both 0 or 100), so they differ in every way but colour can't show:
-    a thick translucent line with dots under a thin dashed one with hollow squares, both visible where they meet."""
-    labels = [str(r["segments_back_min"]) if r["segments_back_min"] == r["segments_back_max"]
-              else f"{r['segments_back_min']}-{r['segments_back_max']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4), layout="constrained")
-    x = range(len(rows))
-    ax.plot(x, [100 * r["acc"] for r in rows], marker="o", markersize=7, linewidth=3, alpha=0.6,
-            label="token accuracy")
-    ax.plot(x, [100 * r["exact"] for r in rows], marker="s", markersize=9, markerfacecolor="none",
-            markeredgewidth=1.5, linewidth=1.5, linestyle="--", label="exact match")
+    """Accuracy against the number of segments between the key and the question: does the memory hold up? The
+    bins sit on a fixed power-of-two axis (`distance_axis`): an empty bin is a gap marked n=0, not a bin skipped.
+    Token accuracy and exact match often coincide (both 0 or 100), so they differ in every way but colour can't
+    show: a thick translucent line with dots under a thin dashed one with hollow squares, both visible where they
+    meet."""
+    by_bin = {distance_bin(r): r for r in rows}
+    axis = distance_axis(list(by_bin))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(axis) + 2), 4), layout="constrained")
+    x = range(len(axis))
+    nan = float("nan")
+    ax.plot(x, [100 * by_bin[k]["acc"] if k in by_bin else nan for k in axis], marker="o", markersize=7, linewidth=3,
+            alpha=0.6, label="token accuracy")
+    ax.plot(x, [100 * by_bin[k]["exact"] if k in by_bin else nan for k in axis], marker="s", markersize=9,
+            markerfacecolor="none", markeredgewidth=1.5, linewidth=1.5, linestyle="--", label="exact match")
     if chance is not None:
         ax.axhline(100 * chance, color="gray", linestyle=":", label="chance (token accuracy)")
-    for i, r in enumerate(rows):
-        ax.annotate(f"n={r['n']}", (i, 100 * r["acc"]), textcoords="offset points", xytext=(0, 8), ha="center",
-                    fontsize=7)
-    ax.set_xticks(list(x), labels, rotation=45 if len(rows) > 8 else 0)
+    for i, k in enumerate(axis):
+        if k in by_bin:
+            ax.annotate(f"n={by_bin[k]['n']}", (i, 100 * by_bin[k]["acc"]), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=7)
+        else:  # no prompt put its key this far back
+            ax.annotate("n=0", (i, 0), ha="center", fontsize=7, color="gray")
+    distance_ticks(ax, axis, PASSKEY_DISTANCE)
     ax.set_ylim(-5, 110)
-    ax.set_xlabel("segments between the key and the question\n(0: the same segment, local attention)")
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)

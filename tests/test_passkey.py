@@ -339,6 +339,35 @@ def test_the_distance_plot_keeps_its_labels_inside_and_shows_both_lines_where_th
     assert passkey_plots.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000
 
 
+def test_the_distance_plot_puts_every_bin_at_its_place_and_an_empty_one_is_a_gap(assert_labels_inside, tmp_path):
+    """Keys 0, 1, 2-3, 8-15 and 512-1023 segments back: 4-7 and 16-511 are empty, each a gap with its tick, so a
+    line never joins 2-3 to 8-15 as if they were neighbours."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    rows = [{"segments_back_min": lo, "segments_back_max": hi, "n": n, "acc": acc, "exact": exact}
+            for lo, hi, n, acc, exact in ((0, 0, 8, 1.0, 1.0), (1, 1, 4, 0.75, 0.5), (2, 3, 4, 0.5, 0.25),
+                                          (8, 15, 2, 0.25, 0.0), (512, 1023, 6, 0.5, 0.5))]
+    fig = passkey_plots.distance_figure(rows, "passkey by distance, memory=linear, 400 training steps", chance=0.1)
+    ax = fig.axes[0]
+    ticks = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128-255", "256-511", "512-1023"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ticks and list(ax.get_xticks()) == list(range(11))
+    acc, exact = ax.get_lines()[:2]
+    expected = {0: 100, 1: 75, 2: 50, 4: 25, 10: 50}  # tick position: token accuracy %, NaN elsewhere
+    assert [expected.get(i) for i in range(11)] == [None if math.isnan(y) else y for y in acc.get_ydata()]
+    assert [y for y in exact.get_ydata() if not math.isnan(y)] == [100, 50, 25, 0, 50]
+    notes = {t.get_text(): t.xy[0] for t in ax.texts}
+    assert notes["n=6"] == 10 and notes["n=2"] == 4 and "n=0" in notes
+    assert sum(t.get_text() == "n=0" for t in ax.texts) == 6  # 4-7 and 16-31 ... 256-511
+    assert_labels_inside(fig)
+    canvas_box = fig.bbox
+    for label in ax.get_xticklabels():  # the slanted ticks too
+        box = label.get_window_extent()
+        assert canvas_box.x0 <= box.x0 and box.x1 <= canvas_box.x1 and canvas_box.y0 <= box.y0, label.get_text()
+    plt.close(fig)
+
+
 def test_the_main_phases_run_takes_every_argument_the_run_does(tmp_path):
     """The trainer logs the main phase through _StepOffset: a Run parameter it lacks fails only mid-training."""
     import inspect
