@@ -380,3 +380,60 @@ def test_a_recall_run_ends_with_its_accuracy_beside_chance_then_by_gap_and_pairs
     assert [c.strip() for c in rows["recall/acc %"]] == ["50.0", "1.6 (chance)"]
     assert rows["recall/acc@gap=1 %"][0].strip() == "75.0" and rows["recall/acc@pairs=8 %"][0].strip() == "25.0"
     assert not any(k.startswith(("footprint", "train/loss", "recall/acc@segments_back")) for k in rows)
+
+
+def _distance_run(root: Path, task: str, memory: str, seed: int, bins: list[tuple[int, int, float]] | None) -> None:
+    """A passkey or recall run's results.json with accuracy by distance (lowest and highest segments back, accuracy
+    per bin), or without it (None: a run made before the task recorded it)."""
+    config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory},
+              "model": {"name": "tiny", "segment_len": 64}, "task": {"name": task}, "trainer": {"steps": 10}}
+    results = {f"{task}/acc": 0.5, f"{task}/chance": 0.1, "train/steps": 10, "passkey/grid": []}
+    if bins is not None:
+        results[f"{task}/by_segments_back"] = [
+            {"segments_back_min": lo, "segments_back_max": hi, "n": 4, "acc": acc, "exact": acc} if task == "passkey"
+            else {"segments_back": str(lo) if lo == hi else f"{lo}-{hi}", "n": 4, "acc": acc} for lo, hi, acc in bins]
+    folder = root / f"{task}-{memory}-s{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+
+
+def test_accuracy_by_distance_puts_every_memory_on_one_axis_with_seeds_averaged_per_bin(
+        tmp_path, monkeypatch, assert_labels_inside):
+    import math
+
+    from infini_bench import plots
+
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "REPORT.md"
+    _distance_run(runs, "passkey", "linear", 0, None)  # no rows: no figure
+    _distance_run(runs, "recall", "delta", 0, None)
+    text = build_report(find_results([runs]), out)
+    assert "by_distance" not in text and not (out.parent / "report_img").exists()
+
+    # linear's two seeds: 1.0 and 0.5 at 0, 0.5 and 0.0 at 8-15, one seed only at 2-3; none stops at 1.
+    _distance_run(runs, "passkey", "linear", 1, [(0, 0, 1.0), (2, 3, 0.25), (8, 15, 0.5)])
+    _distance_run(runs, "passkey", "linear", 2, [(0, 0, 0.5), (8, 15, 0.0)])
+    _distance_run(runs, "passkey", "none", 0, [(0, 0, 0.75), (1, 1, 0.0)])
+    _distance_run(runs, "recall", "delta", 1, [(1, 1, 0.9), (4, 7, 0.5)])
+    drawn, save = {}, plots.save_figure
+
+    def capture(fig, path):
+        assert_labels_inside(fig)
+        ax = fig.axes[0]
+        drawn[Path(path).name] = ([t.get_text() for t in ax.get_xticklabels()],
+                                  {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    text = build_report(find_results([runs]), out)
+    ticks, lines = drawn["passkey_by_distance_1.png"]
+    assert ticks == ["0", "1", "2-3", "4-7", "8-15"]  # 4-7 empty for all: still its own place
+    nan = [None if math.isnan(y) else y for y in lines["linear (mean of 2 seeds)"]]
+    assert nan == [75.0, None, 25.0, None, 25.0]  # the seeds' mean per bin; the unrecorded seed 0 is left out
+    assert [None if math.isnan(y) else y for y in lines["none"]] == [75.0, 0.0, None, None, None]
+    assert lines["chance"] == [10.0, 10.0]
+    ticks, lines = drawn["recall_by_distance_1.png"]
+    assert ticks == ["1", "2-3", "4-7"] and [y if y == y else None for y in lines["delta"]] == [90.0, None, 50.0]
+    for task, title in (("passkey", "## Passkey retrieval"), ("recall", "## Associative recall")):
+        section = text.split(title)[1].split("\n## ")[0]  # linked from the task's own section
+        assert f"(report_img/{task}_by_distance_1.png)" in section and "mean of" in section
+        assert (out.parent / "report_img" / f"{task}_by_distance_1.png").stat().st_size > 1000

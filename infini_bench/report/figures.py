@@ -1,6 +1,7 @@
 """The report's figures, written in report_img/ beside it: for each seed table its loss by segment, the same minus
 none's, training loss and gates (the paper's Figure 3); across runs, the loss by segment per data set and model,
-ROUGE by input length (Figure 4) and each task's training loss; and links to each run's own figures."""
+ROUGE by input length (Figure 4) and each task's training loss; and links to each run's own figures. The passkey
+and recall sections link their own: accuracy by distance, every memory on one axis (`distance_figures`)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from infini_bench.paper import length_label
 from infini_bench.report.runs import _by_task, _split, overrides, sources
-from infini_bench.report.seeds import arms_in_order, final_gates, gate_trajectory, seed_groups
+from infini_bench.report.seeds import _setting, arm, arms_in_order, final_gates, gate_trajectory, seed_groups
 from infini_bench.tracking import read_metrics
 
 
@@ -121,6 +122,79 @@ def seed_gate_history(by_arm: dict[str, list[dict]], path: Path) -> Path | None:
             xs[name], memories[name] = trajectory.steps, memory[label]
     return panels_plot(panels, path, "step", "sigmoid(beta): 0 reads local attention only", "Gates over training",
                        memories, x=xs) if xs else None
+
+
+# ---- accuracy by distance, linked from the passkey and recall sections ---------------------------------------------
+
+
+# Per task: the results key of its by-distance rows, what lies between, and the nearest bin a sample can fall in
+# (a recall query comes at least one segment after its pair; a passkey question can share the key's segment).
+DISTANCE = {"passkey": ("passkey/by_segments_back", "the key and the question", 0),
+            "recall": ("recall/by_segments_back", "a pair and its query", 1)}
+
+
+def _recipe(r: dict) -> str:
+    c = r["config"]
+    return f"{c['model']['name']}, N={c['model'].get('segment_len')}, {r['results'].get('train/steps') or 0} steps"
+
+
+def distance_by_memory(by_arm: dict[str, list[dict]], task: str, path: Path, title: str) -> Path:
+    """Accuracy (passkey: token accuracy) against segments between key and question, or pair and query: one line
+    per memory or arm, all on one fixed power-of-two axis (`distance_axis`), a bin no sample fell in a gap. A
+    memory with several seeds is drawn at the mean of its seeds' accuracies in each bin (each seed weighs the
+    same), and its legend says over how many; chance is drawn where the runs recorded it."""
+    import matplotlib.pyplot as plt
+
+    from infini_bench.plots import LEGEND_INSIDE, distance_axis, distance_bin, distance_ticks, draw_lines, save_figure
+
+    key, between, first = DISTANCE[task]
+    means, memories = {}, _memory_of(by_arm)
+    for label in arms_in_order(by_arm):
+        per_bin: dict[int, list[float]] = {}
+        for r in by_arm[label]:
+            for row in r["results"][key]:
+                per_bin.setdefault(distance_bin(row), []).append(row["acc"])
+        seeds = len(by_arm[label])
+        name = label if seeds == 1 else f"{label} (mean of {seeds} seeds)"
+        means[name] = ({k: 100 * sum(v) / len(v) for k, v in per_bin.items()}, memories[label])
+    axis = distance_axis(sorted({k for bins, _ in means.values() for k in bins}), first)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(axis) + 2), 4), layout="constrained")
+    draw_lines(ax, {name: [bins.get(k) for k in axis] for name, (bins, _) in means.items()},
+               list(range(len(axis))), {name: memory for name, (_, memory) in means.items()})
+    chances = {r["results"].get(f"{task}/chance") for runs in by_arm.values() for r in runs} - {None}
+    if len(chances) == 1:  # one recipe, one chance; runs that disagree draw none rather than a wrong one
+        ax.axhline(100 * chances.pop(), color="gray", linestyle=":", label="chance")
+    distance_ticks(ax, axis, f"segments between {between}" + ("\n(0: the same segment)" if first == 0 else ""))
+    ax.set_ylim(-5, 105)
+    ax.set_ylabel(f"{'token ' if task == 'passkey' else ''}accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(means) > LEGEND_INSIDE:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def distance_figures(results: list[dict], task: str, out: Path | None) -> list[str]:
+    """The task's runs that recorded accuracy by distance, one figure per recipe (runs differing only in seed,
+    memory and arm, `_setting`), written in report_img/; the markdown that shows them, or nothing."""
+    key = DISTANCE[task][0]
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in _by_task(results, task):
+        if r["results"].get(key):
+            groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    if out is None or not groups:
+        return []
+    lines = ["", f"Accuracy against segments between {DISTANCE[task][1]}, every memory on one axis: bins 0, 1, 2-3, "
+             "4-7, ... of segments, a gap where a memory had no sample; a memory run with several seeds is drawn at "
+             "the mean of their accuracies in each bin, and its legend says how many.", ""]
+    for i, by_arm in enumerate(groups.values()):
+        recipe = _recipe(next(iter(by_arm.values()))[0])
+        path = out.parent / "report_img" / f"{task}_by_distance_{i + 1}.png"
+        distance_by_memory(by_arm, task, path, f"{task}: accuracy by distance ({recipe})")
+        lines += [f"![{task} by distance: {recipe}]({os.path.relpath(path, out.parent)})", ""]
+    return lines[:-1]
 
 
 # ---- figures across runs, and the report's Figures section -----------------------------------------------------------

@@ -11,6 +11,7 @@ from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
+from infini_bench.report.figures import distance_figures
 from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, fallbacks, footprint, sources
 
 DEPTHS = ("start", "middle", "end")
@@ -116,7 +117,7 @@ def table3(results: list[dict], out: Path | None = None) -> list[str]:
         lines.append(f"| ours: {mode} {c['memory']['name']} | " + " | ".join(_cell(grid, lab) for lab in TABLE3_LENGTHS)
                      + f" | {other} | {_fmt(_pct(res.get('passkey/exact')), 0)} | "
                      f"{_fmt(_pct(res.get('passkey/chance')), 0)} | {split} | {_ours(r, out)} |")
-    return lines
+    return lines + distance_figures(results, "passkey", out)
 
 
 # ---- associative recall (beyond the paper) ----------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def recall_table(results: list[dict], out: Path | None = None) -> list[str]:
         lines.append(f"| {r['config']['memory']['name']} | {r['config'].get('seed', 0)} | "
                      f"{_fmt(_pct(res.get('recall/acc')), 1)} | {_fmt(_pct(res.get('recall/chance')), 1)} | "
                      + " | ".join(cells) + f" | {_ours(r, out)} |")
-    return lines
+    return lines + distance_figures(results, "recall", out)
 
 
 # ---- Table 4 and Figure 4 --------------------------------------------------------------------------------------------
