@@ -150,7 +150,8 @@ def distance_axis(bins: list[int], first: int = 0) -> list[int]:
 
 def distance_ticks(ax: matplotlib.axes.Axes, axis: list[int], xlabel: str) -> None:
     """The bins' ticks at 0, 1, ... (slanted when many) and the x label."""
-    ax.set_xticks(range(len(axis)), [distance_label(k) for k in axis], **({"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if len(axis) > 8 else {}))
+    slant = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if len(axis) > 8 else {}
+    ax.set_xticks(range(len(axis)), [distance_label(k) for k in axis], **slant)
     ax.set_xlim(-0.5, len(axis) - 0.5)
     ax.set_xlabel(xlabel)
 

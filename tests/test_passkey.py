@@ -339,7 +339,7 @@ def test_the_distance_plot_keeps_its_labels_inside_and_shows_both_lines_where_th
     assert passkey_plots.distance_plot(rows, tmp_path / "by_distance.png", "t").stat().st_size > 1000
 
 
-def test_the_distance_plot_puts_every_bin_at_its_place_and_an_empty_one_is_a_gap(assert_labels_inside, tmp_path):
+def test_the_distance_plot_puts_every_bin_at_its_place_and_an_empty_one_is_a_gap(assert_labels_inside):
     """Keys 0, 1, 2-3, 8-15 and 512-1023 segments back: 4-7 and 16-511 are empty, each a gap with its tick, so a
     line never joins 2-3 to 8-15 as if they were neighbours."""
     import math
