@@ -240,6 +240,13 @@ def test_booksum_gpu_reads_whole_books_at_its_longest_input_and_more_events_beyo
     assert beyond == sorted(beyond) and len(set(beyond)) == len(beyond) and beyond[-1] == pytest.approx(1.0)
     assert got[lengths[-1]]["memory"]["overall"] == pytest.approx(100.0)
     assert all(got[x]["local"]["overall"] < got[x]["memory"]["overall"] for x in lengths)
+    # docs/BOOKSUM.md's table for the recipe is this oracle
+    doc = (ROOT / "docs" / "BOOKSUM.md").read_text().split("## The one-GPU recipe")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+            for line in doc.splitlines() if line.startswith("| ")}
+    assert rows["memory oracle (overall)"] == [f"{got[x]['memory']['overall']:.1f}" for x in lengths]
+    assert rows["local oracle (overall)"] == [f"{got[x]['local']['overall']:.1f}" for x in lengths]
+    assert rows["events beyond the window"] == [f"{got[x]['events_beyond_window']:.2f}" for x in lengths]
 
 
 def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
