@@ -109,6 +109,15 @@ EACH_MEMORY_RECALL = $(foreach m,$(MEMORIES),$(foreach s,$(RECALL_SEEDS),--varia
 recall-grid: ## associative recall (pairs x gap) for every memory, seeds 0 and 1, on one GPU's budget (docs/RECALL.md)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 4 --budget 900 $(EACH_MEMORY_RECALL) -- $(ARGS)
 
+# Figure 4's direction at one-GPU scale: every memory in conf/memory/ (full too: the 4-layer model's whole KV cache
+# at 32K is 128 MiB) with seeds 0 and 1 on experiment=booksum_gpu, three runs side by side per GPU, each stopped at
+# 20 minutes (about 10 expected); each writes ROUGE at 512 to 32K tokens beside the oracle rows (docs/BOOKSUM.md).
+BOOKSUM_SEEDS ?= 0 1
+EACH_MEMORY_BOOKSUM = $(foreach m,$(MEMORIES),$(foreach s,$(BOOKSUM_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)"))
+
+booksum-grid: ## BookSum's length sweep (synthetic books, 512 to 32K tokens) for every memory, seeds 0 and 1, on one GPU (docs/BOOKSUM.md)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu --experiment booksum_gpu --per-gpu 3 --budget 1200 $(EACH_MEMORY_BOOKSUM) -- $(ARGS)
+
 reproduce-mini: ## Table 2 (table2_mini, every memory with seeds), passkey (passkey_gpu) and the BookSum pipeline, offline, then the report
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/table2 --experiment table2_mini --per-gpu 4 --budget 1200 $(EACH_MEMORY_SEED) -- $(ARGS)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/passkey --experiment passkey_gpu --budget 900 $(EACH_MEMORY) -- $(ARGS)
@@ -131,4 +140,4 @@ table2-shape-scan: ## the memory=none shape scan behind table2_mini's model (one
 report: install ## our numbers next to the paper's, from every results.json under outputs/, multirun/ and docs/runs/
 	$(BIN)/python -m infini_bench.report outputs multirun docs/runs --out docs/REPORT.md
 
-.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini ablations-mini recall-grid table2-shape-scan report
+.PHONY: help install run test bench gpu-smoke bench-cpu fsdp-bench reproduce-all reproduce-mini ablations-mini recall-grid booksum-grid table2-shape-scan report

@@ -36,8 +36,10 @@ VARIANTS = {
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",
             "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "test/bpb", "train/steps", "train/seconds",
             "booksum/rougeL", "booksum/overall", "recall/acc", "recall/chance")
-# Families of keys shown too, one column per key: passkey by length, recall by gap and by pair count.
-FAMILIES = ("passkey/acc_earlier@", "recall/acc@gap=", "recall/acc@pairs=")
+# Families of keys shown too, one column per key: passkey by length, recall by gap and by pair count, booksum's
+# overall ROUGE by input length beside the oracle rows at each length (docs/BOOKSUM.md).
+FAMILIES = ("passkey/acc_earlier@", "recall/acc@gap=", "recall/acc@pairs=", "booksum/overall@",
+            "booksum/oracle_memory/overall@", "booksum/oracle_local/overall@", "booksum/events_beyond_window@")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -1,5 +1,9 @@
 """The book summarisation task: truncation, synthetic books, loss masking, references, and a tiny end-to-end run."""
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,9 @@ from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, gro
                            summary_loss, synthetic_books, truncate)
 from tasks.runner import run_task
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def config(*overrides):
@@ -207,3 +213,88 @@ def test_events_beyond_the_window_grow_with_the_input():
     assert [got[n]["events_beyond_window"] for n in lengths] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert [got[n]["memory"]["overall"] for n in lengths] == sorted(got[n]["memory"]["overall"] for n in lengths)
     assert got[lengths[-1]]["local"]["overall"] == 0.0
+
+
+# ---- the one-GPU recipe (experiment=booksum_gpu) ---------------------------------------------------------------------
+
+
+def test_booksum_gpu_reads_whole_books_at_its_longest_input_and_more_events_beyond_the_window_as_it_grows():
+    """What conf/experiment/booksum_gpu.yaml promises, checked on its own books before any GPU time is spent."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=booksum_gpu"])
+    t, s, tr, n = cfg.task, cfg.task.synthetic, cfg.trainer, cfg.model.segment_len
+    lengths = list(t.eval_input_lens)
+    assert [x // n for x in lengths] == [4, 16, 32, 64, 128, 256] and all(x % n == 0 for x in lengths)
+    assert (t.name, t.source, t.truncate, t.greedy, cfg.model.tokenizer) == ("booksum", "synthetic", "head", True, "byte")
+    assert (tr.precision, tr.compile) == ("bf16", False)  # books differ in length: no fixed shape to compile
+    tok = ByteTokenizer()
+    books = synthetic_books(t.eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
+    train = synthetic_books("train", 16, s.book_chars, s.n_events, s.seed)
+    sizes = [len(tok.encode(b.text)) for b in books + train]
+    assert lengths[-2] < min(sizes) and max(sizes) <= lengths[-1]  # only the longest input reads a book whole
+    assert max(sizes) <= t.train_input_len and t.train_input_len // n >= 4  # fine-tuning: whole books, many segments
+    summaries = max(len(tok.encode(b.references[0])) for b in books + train)
+    assert summaries <= min(t.summary_max_tokens, t.max_new_tokens)  # every event fits the generated summary
+    got = oracle(tok, books, lengths, t.truncate, n)
+    beyond = [got[x]["events_beyond_window"] for x in lengths]
+    assert beyond == sorted(beyond) and len(set(beyond)) == len(beyond) and beyond[-1] == pytest.approx(1.0)
+    assert got[lengths[-1]]["memory"]["overall"] == pytest.approx(100.0)
+    assert all(got[x]["local"]["overall"] < got[x]["memory"]["overall"] for x in lengths)
+    # docs/BOOKSUM.md's table for the recipe is this oracle
+    doc = (ROOT / "docs" / "BOOKSUM.md").read_text().split("## The one-GPU recipe")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+            for line in doc.splitlines() if line.startswith("| ")}
+    assert rows["memory oracle (overall)"] == [f"{got[x]['memory']['overall']:.1f}" for x in lengths]
+    assert rows["local oracle (overall)"] == [f"{got[x]['local']['overall']:.1f}" for x in lengths]
+    assert rows["events beyond the window"] == [f"{got[x]['events_beyond_window']:.2f}" for x in lengths]
+
+
+def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
+    out = tmp_path / "run"
+    args = ["experiment=booksum_gpu", "model.segment_len=32",
+            "model.arch={dim:32,n_layers:1,n_heads:2,n_kv_heads:2,head_dim:16,ffn_dim:64}",
+            "task.train_input_len=256", "task.summary_max_tokens=64", "task.eval_input_lens=[64,512]",
+            "task.eval_books=1", "task.max_new_tokens=4", "task.synthetic.train_books=4",
+            "task.synthetic.book_chars=400", "task.synthetic.n_events=2", "trainer.steps=2", "trainer.batch_size=2",
+            "trainer.precision=fp32", "trainer.eval_every=100", "trainer.ckpt_every=100", "trainer.progress=false",
+            "logger=none", f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())["results"]
+    assert r["train/steps"] == 2 and r["booksum/books"] == 1 and r["booksum/input_len"] == 512
+    assert {f"booksum/{k}@{x}" for k in ("overall", "oracle_memory/overall", "oracle_local/overall",
+                                         "events_beyond_window") for x in (64, 512)} <= set(r)
+    assert r["booksum/oracle_memory/overall@512"] == pytest.approx(100.0)  # a book of about 490 bytes, read whole
+    assert r["booksum/events_beyond_window@64"] <= r["booksum/events_beyond_window@512"]
+
+
+def test_make_booksum_grid_runs_every_memory_with_two_seeds_on_booksum_gpu():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "booksum-grid"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x]
+    words = shlex.split(line)
+    assert words[words.index("--experiment") + 1] == "booksum_gpu" and "HF_HUB_OFFLINE=1" in line
+    assert int(words[words.index("--per-gpu") + 1]) <= 3 and float(words[words.index("--budget") + 1]) >= 600
+    variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    assert variants == [f"{m}-s{s}=memory={m} seed={s}" for m in memories for s in (0, 1)]
+
+
+def test_the_variants_summary_shows_rouge_and_the_oracle_by_input_length(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from passkey_gpu_variants import summary_row, write_summary
+
+    results = {"booksum/overall": 9.0, "booksum/overall@512": 3.0, "booksum/overall@32K": 9.0,
+               "booksum/oracle_memory/overall@512": 4.2, "booksum/oracle_local/overall@512": 0.0,
+               "booksum/events_beyond_window@512": 0.02, "booksum/input_tokens@512": 512.0}
+    (tmp_path / "linear-s0").mkdir()
+    (tmp_path / "linear-s0" / "results.json").write_text(json.dumps({"results": results}))
+    row = summary_row("linear-s0", ["memory=linear"], "0", 12.0, 0, False, tmp_path)
+    assert row["status"] == "ok" and "booksum/input_tokens@512" not in row
+    write_summary([row], tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert ("| booksum/overall | booksum/overall@512 | booksum/overall@32K | booksum/oracle_memory/overall@512 | "
+            "booksum/oracle_local/overall@512 | booksum/events_beyond_window@512 |") in table

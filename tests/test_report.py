@@ -230,7 +230,7 @@ def test_filters_keep_runs_out_of_the_csv_and_the_report(three_runs, monkeypatch
 
 @pytest.mark.parametrize("args, line", [
     (["--task", "lmm"], "error: --task: 'lmm' is not one of booksum, lm, passkey"),
-    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of continual_1b, continual_8b, lm_cpu,"),
+    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of booksum_gpu, continual_1b, continual_8b,"),
     (["--only", "nowhere"], "error: no run under "),
 ])
 def test_a_bad_filter_is_one_line(args, line, three_runs, monkeypatch, capsys):
@@ -437,3 +437,54 @@ def test_accuracy_by_distance_puts_every_memory_on_one_axis_with_seeds_averaged_
         section = text.split(title)[1].split("\n## ")[0]  # linked from the task's own section
         assert f"(report_img/{task}_by_distance_1.png)" in section and "mean of" in section
         assert (out.parent / "report_img" / f"{task}_by_distance_1.png").stat().st_size > 1000
+
+
+def _booksum_run(root: Path, folder: str, memory: str, seed: int, overall: dict[int, float],
+                 oracle: dict[str, dict[int, float]] | None = None, source: str = "synthetic") -> None:
+    """A booksum run's results.json as the task writes it: overall ROUGE by input length, and for synthetic books
+    the oracle rows at each length."""
+    from infini_bench.paper import length_label
+
+    results = {"booksum/overall": overall[max(overall)], "booksum/input_len": max(overall), "data/source": source,
+               **{f"booksum/overall@{length_label(n)}": v for n, v in overall.items()}}
+    for key, values in (oracle or {}).items():
+        results.update({f"booksum/{key}@{length_label(n)}": v for n, v in values.items()})
+    config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory},
+              "model": {"name": "tiny", "segment_len": 128},
+              "task": {"name": "booksum", "source": source, "eval_split": "validation", "seed": seed,
+                       "train_input_len": 1024, "eval_input_lens": sorted(overall)},
+              "trainer": {"steps": 10, "batch_size": 8, "grad_accum": 1, "seed": seed}}
+    (root / folder).mkdir(parents=True)
+    (root / folder / "results.json").write_text(json.dumps({"config": config, "results": results}))
+
+
+def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seeds(tmp_path):
+    oracle = {"oracle_memory/overall": {512: 4.2, 2048: 11.3}, "oracle_local/overall": {512: 0.0, 2048: 1.4},
+              "events_beyond_window": {512: 0.023, 2048: 0.0625}}
+    _booksum_run(tmp_path, "syn/linear-s1", "linear", 1, {512: 5.0, 2048: 9.0}, oracle)
+    _booksum_run(tmp_path, "syn/linear-s0", "linear", 0, {512: 3.0, 2048: 8.0}, oracle)
+    _booksum_run(tmp_path, "syn/none-s0", "none", 0, {512: 2.5, 2048: 2.0}, oracle)
+    _booksum_run(tmp_path, "hub/linear-s0", "linear", 0, {512: 20.0}, source="hub")  # one seed, no oracle: no table
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    assert section.count("\n#### ") == 1 and "#### synthetic books (validation)" in section
+    header = "| row | seeds |"
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["row", "oracle: perfect memory (every event read)",
+                    "oracle: local attention alone (events in the last segment)",
+                    "events beyond the window (share of the book's events)", "none", "linear"]
+    memory = cells(section, header, "| oracle: perfect memory")
+    assert (memory["512"], memory["2K"]) == ("4.2", "11.3")
+    assert cells(section, header, "| oracle: local")["2K"] == "1.4"
+    beyond = cells(section, header, "| events beyond")
+    assert (beyond["512"], beyond["2K"]) == ("0.02", "0.06")
+    linear = cells(section, header, "| linear |")  # seeds 0 and 1: 3.0 and 5.0, 8.0 and 9.0
+    assert (linear["seeds"], linear["512"], linear["2K"]) == ("0, 1", "4.0 ± 1.0", "8.5 ± 0.5")
+    assert linear["runs"] == "[s0](../syn/linear-s0), [s1](../syn/linear-s1)"
+    none = cells(section, header, "| none |")
+    assert (none["seeds"], none["512"], none["2K"]) == ("0", "2.5", "2.0")
+    # A hub recipe with two seeds gets its table too, with no oracle rows.
+    _booksum_run(tmp_path, "hub/linear-s1", "linear", 1, {512: 21.0}, source="hub")
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    hub = text.split("#### hub books (validation)")[1].split("\n#### ")[0].split("\n## ")[0]
+    assert cells(hub, header, "| linear |")["512"] == "20.5 ± 0.5" and "oracle" not in hub

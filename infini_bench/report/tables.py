@@ -1,9 +1,12 @@
 """The paper's tables with our runs under its rows and columns: Table 1 (memory footprint), Table 2 (long-context
 language modelling), Table 3 (passkey retrieval), Table 4 and Figure 4's length sweep (book summarisation); and the
 table a run prints when it ends (`results_table`, and `headline`, its main number in a few characters).
-Table 2 across seeds is in `seeds`."""
+Table 2 across seeds is in `seeds`; Figure 4 by recipe (seeds averaged, beside the oracle rows of synthetic books)
+is `sweep_tables`."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from infini_bench.memories import memory_names
@@ -12,7 +15,8 @@ from infini_bench.paper import (
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
 from infini_bench.report.figures import distance_figures
-from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, fallbacks, footprint, sources
+from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, sources
+from infini_bench.report.seeds import _mean_spread, _setting, arm, arms_in_order
 
 DEPTHS = ("start", "middle", "end")
 HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}
@@ -179,6 +183,79 @@ def table4(results: list[dict], out: Path | None = None) -> list[str]:
         other = "; ".join(f"{k}: {_fmt(v)}" for k, v in sweep.items() if k not in FIGURE4_LENGTHS)
         lines.append(f"| ours: {r['config']['model']['name']} {r['config']['memory']['name']} | "
                      + " | ".join(_fmt(sweep.get(k)) if k in sweep else "" for k in FIGURE4_LENGTHS) + f" | {other} |")
+    return lines + sweep_tables(runs, out)
+
+
+# The oracle rows of a synthetic run (docs/BOOKSUM.md): (label, key before "@", digits).
+ORACLE_ROWS = (("oracle: perfect memory (every event read)", "booksum/oracle_memory/overall", 1),
+               ("oracle: local attention alone (events in the last segment)", "booksum/oracle_local/overall", 1),
+               ("events beyond the window (share of the book's events)", "booksum/events_beyond_window", 2))
+
+
+def _lengths(runs: list[dict]) -> list[str]:
+    """The input lengths of some booksum runs, shortest first, as their keys name them ('512', '2K'); for runs
+    whose config lacks them, the lengths of their `booksum/overall@` keys in the order written."""
+    lengths = sorted({n for r in runs for n in r["config"]["task"].get("eval_input_lens") or []})
+    if lengths:
+        return [length_label(n) for n in lengths]
+    return list(dict.fromkeys(k.split("@", 1)[1] for r in runs for k in r["results"] if k.startswith("booksum/overall@")))
+
+
+def _agreed(values: list[float], digits: int) -> str:
+    """The oracle's value at one length: one number where every run of the recipe gives it (the same books and
+    segments give the same oracle, whatever the seed or memory), else the mean ± half the range."""
+    if values and len({round(v, digits) for v in values}) == 1:
+        return f"{values[0]:.{digits}f}"
+    return _mean_spread(values, digits)
+
+
+def _recipe(config: dict) -> str:
+    """A booksum run's setting without its seed, memory and arm (`seeds._setting`), nor the sampling seed of its
+    summaries, which follows the run's seed."""
+    kept = json.loads(_setting(config))
+    kept.get("task", {}).pop("seed", None)
+    return json.dumps(kept, sort_keys=True)
+
+
+def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
+    """Figure 4 by recipe: booksum runs that differ only in seed and memory (or an ablation arm) grouped into one
+    table, a row per memory with its mean over seeds ± half the range at each input length, under the oracle rows
+    of synthetic books. Recipes with no oracle (hub data) and one seed per memory keep their rows above alone."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault(_recipe(r["config"]), {}).setdefault(arm(r), []).append(r)
+    lines: list[str] = []
+    for by_arm in groups.values():
+        every = [r for group in by_arm.values() for r in group]
+        oracle = any(k.startswith(ORACLE_ROWS[0][1] + "@") for r in every for k in r["results"])
+        if not oracle and all(len(group) < 2 for group in by_arm.values()):
+            continue
+        labels = _lengths(every)
+        if not lines:
+            lines += ["", "### Summary quality against input length by recipe, overall ROUGE", "",
+                      "Runs of one recipe that differ only in seed and memory, one row per memory: the mean over "
+                      "seeds ± half the range (max - min) / 2 at each input length. On synthetic books the oracle "
+                      "rows come first: what a perfect memory (every event wholly in the input) and local attention "
+                      "alone (the events in its last segment) would score with the same truncation and scorer, and "
+                      "the share of a book's events in the input but before its last segment, the part only a "
+                      "memory can carry (docs/BOOKSUM.md)."]
+        first = every[0]
+        source = first["results"].get("data/source") or first["config"]["task"].get("source")
+        lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first)}", "",
+                  "| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|"]
+        if oracle:
+            for name, key, digits in ORACLE_ROWS:
+                lines.append(f"| {name} | | " + " | ".join(
+                    _agreed([r["results"][f"{key}@{n}"] for r in every if f"{key}@{n}" in r["results"]], digits)
+                    for n in labels) + " | |")
+        for label in arms_in_order(by_arm):
+            group = sorted(by_arm[label], key=lambda r: r["config"].get("seed", 0))
+            key = "booksum/overall"
+            links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
+                              if out is not None else f"s{r['config'].get('seed', 0)}" for r in group)
+            lines.append(f"| {label} | {', '.join(str(r['config'].get('seed', 0)) for r in group)} | " + " | ".join(
+                _mean_spread([r["results"][f"{key}@{n}"] for r in group if f"{key}@{n}" in r["results"]], 1)
+                for n in labels) + f" | {links} |")
     return lines
 
 
