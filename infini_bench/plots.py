@@ -80,11 +80,18 @@ def draw_lines(ax: matplotlib.axes.Axes, series: dict[str, list[float | None]],
 
 def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, ylabel: str, title: str,
               x: list[float] | dict[str, list[float]] | None = None, logx: bool = False,
-              ymin: float | None = None, ymax: float | None = None, memories: dict[str, str] | None = None) -> Path:
+              ymin: float | None = None, ymax: float | None = None, memories: dict[str, str] | None = None,
+              references: dict[str, list[float | None]] | None = None) -> Path:
     """One line per series (`draw_lines`); `ymin` anchors the y axis (e.g. 0 for ROUGE), `ymax` cuts it (points
-    above it are off the plot)."""
+    above it are off the plot). `references` are bounds no model drew (an oracle's scores; `x` as for a series):
+    black and grey dotted lines, so they read as the frame of the model lines, not as models."""
     fig, ax = plt.subplots(figsize=(6, 4))
     draw_lines(ax, series, x, memories)
+    for k, (label, ys) in enumerate((references or {}).items()):
+        xs = x.get(label) if isinstance(x, dict) else x
+        ax.plot(xs if xs is not None else range(len(ys)), [float("nan") if y is None else y for y in ys],
+                color=("black", "grey", "silver")[k % 3], linestyle=":", marker="x", markersize=4, label=label)
+    series = {**series, **(references or {})}
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: length_label(int(v))))

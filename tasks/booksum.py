@@ -385,7 +385,10 @@ class BookSum(Task):
         plot = line_plot({memory: [scores[n]["overall"] for n in lengths]}, out_dir / "booksum_length_sweep.png",
                          "input length (tokens)", "overall ROUGE (geometric mean of R-1, R-2, R-L)",
                          "Summary quality against input length (paper Figure 4)", x=lengths, logx=True,
-                         ymin=0, memories={memory: memory})
+                         ymin=0, memories={memory: memory}, references={
+                             "oracle: perfect memory": [self.oracle[n]["memory"]["overall"] for n in lengths],
+                             "oracle: local attention alone": [self.oracle[n]["local"]["overall"] for n in lengths],
+                         } if self.oracle else None)
         run.log_image("booksum/length_sweep", plot, step=self.final_step)
         # Tables last: W&B steps them past the final step, and it drops anything logged at an earlier step afterwards.
         run.log_table("booksum/samples", ["bid", "title", "input_len", "prediction", "reference"],

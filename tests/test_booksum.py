@@ -129,7 +129,12 @@ def test_bad_config_names_the_key(override, key, tmp_path):
     assert err.value.key == key
 
 
-def test_tiny_end_to_end(tmp_path):
+def test_tiny_end_to_end(tmp_path, monkeypatch):
+    from infini_bench import plots
+
+    drawn, save = {}, plots.save_figure  # the length sweep's lines, the oracle's among them
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.update(
+        {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}) or save(fig, path))
     cfg = config("trainer.steps=3", "trainer.batch_size=2", "trainer.eval_every=2", "trainer.progress=false",
                  "task.train_input_len=192", "task.eval_books=2", "task.eval_input_lens=[128,512]",
                  "task.max_new_tokens=12", "task.sample_rows=1", "task.synthetic.train_books=8",
@@ -153,6 +158,8 @@ def test_tiny_end_to_end(tmp_path):
     table = json.loads((tmp_path / "tables" / "booksum_samples.json").read_text())
     assert len(table["rows"]) == 2 and table["columns"][3] == "prediction"
     assert (tmp_path / "booksum_length_sweep.png").stat().st_size > 0
+    assert drawn["oracle: perfect memory"] == [results["booksum/oracle_memory/overall@128"], pytest.approx(100.0)]
+    assert drawn["oracle: local attention alone"][1] == results["booksum/oracle_local/overall@512"]
 
 
 EVENTS = ("Dagny buried the brass bell under the bridge.", "Corvin sold a red lantern in the mill.",

@@ -328,6 +328,34 @@ def test_the_passkey_table_names_the_depth_of_each_number(tmp_path):
     assert "100/100/100 at start/middle/end (paper, fine-tuned)" in row
 
 
+def test_a_line_plots_references_are_drawn_dotted_in_grey_at_their_own_lengths(tmp_path, monkeypatch):
+    from infini_bench import plots
+
+    drawn, save = {}, plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.update(
+        {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle())
+         for line in fig.axes[0].get_lines()}) or save(fig, path))
+    plots.line_plot({"linear": [3.0, None]}, tmp_path / "a.png", "x", "y", "t", x={"linear": [512, 2048], "o": [512]},
+                    references={"o": [4.2]})
+    assert drawn["linear"][:2] == ([512, 2048], [3.0, pytest.approx(float("nan"), nan_ok=True)])
+    assert drawn["o"] == ([512], [4.2], ":")
+
+
+def test_the_rouge_figure_has_one_oracle_line_per_distinct_sweep():
+    from infini_bench.report.figures import _oracles
+
+    def run(lengths, oracle, n=128):
+        results = {f"booksum/oracle_memory/overall@{k}": v for k, v in zip(("512", "2K"), oracle) if v is not None}
+        return {"config": {"task": {"eval_input_lens": lengths}, "model": {"segment_len": n}}, "results": results}
+
+    same = [run([512, 2048], [4.2, 11.3]), run([512, 2048], [4.2, 11.3])]  # two seeds of one recipe: one line
+    assert _oracles(same) == {"oracle: perfect memory": ([512, 2048], [4.2, 11.3])}
+    assert _oracles([run([512, 2048], [4.2, None])]) == {}  # a hub run (no events) or an older run: no oracle
+    two = _oracles(same + [run([512, 2048], [7.0, 20.0], n=64)])
+    assert two == {"oracle: perfect memory (1, N=128)": ([512, 2048], [4.2, 11.3]),
+                   "oracle: perfect memory (2, N=64)": ([512, 2048], [7.0, 20.0])}
+
+
 def test_a_line_plot_of_many_series_puts_its_legend_beside_the_axes(tmp_path, monkeypatch):
     """An ablation's dozen lines would hide under a legend drawn inside the axes."""
     import matplotlib.axes

@@ -205,6 +205,19 @@ def _label(r: dict) -> str:
     return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
 
 
+def _oracles(books: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """The perfect-memory oracle of each distinct sweep among synthetic-book runs, {label: (lengths, overall)}: runs
+    of one recipe score the same books, so they share one line; recipes that differ get one line each."""
+    lines: dict[tuple, None] = {}
+    for r in books:
+        lengths = list(r["config"]["task"]["eval_input_lens"])
+        ys = [r["results"].get(f"booksum/oracle_memory/overall@{length_label(n)}") for n in lengths]
+        if all(y is not None for y in ys):
+            lines[(tuple(lengths), tuple(ys), r["config"]["model"].get("segment_len"))] = None
+    return {"oracle: perfect memory" + (f" ({i + 1}, N={n})" if len(lines) > 1 else ""): (list(x), list(y))
+            for i, (x, y, n) in enumerate(lines)}
+
+
 def _memories(runs: list[dict]) -> dict[str, str]:
     """{a run's `_label`: its memory}, which picks its colour in a figure."""
     return {_label(r): r["config"]["memory"]["name"] for r in runs}
@@ -273,9 +286,12 @@ def figures(results: list[dict], out: Path) -> list[str]:
         xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
         series = {_label(r): [r["results"].get(f"booksum/overall@{length_label(n)}") for n in xs[_label(r)]]
                   for r in books}
+        oracles = _oracles(books)
+        xs.update({label: x for label, (x, _) in oracles.items()})
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
                                                "overall ROUGE", "Summary quality against input length (Figure 4)",
-                                               x=xs, logx=True, ymin=0, memories=_memories(books)))
+                                               x=xs, logx=True, ymin=0, memories=_memories(books),
+                                               references={label: ys for label, (_, ys) in oracles.items()}))
     for task in ("lm", "passkey", "booksum"):
         curves, runs = {}, _by_task(results, task)
         for r in runs:
