@@ -32,3 +32,21 @@ def assert_labels_inside():
                 assert inside, f"{text.get_text()!r} at {extent.bounds} is not inside the figure {box.bounds}"
 
     return check
+
+
+@pytest.fixture
+def variant_calls():
+    """`make -n TARGET` as it would run: the shlex-split words of each `passkey_gpu_variants.py` call it makes."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    def calls(target: str) -> list[list[str]]:
+        # Under `make test` the parent make's variables would make this one print "Leaving directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        proc = subprocess.run(["make", "-n", "--no-print-directory", target], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return [shlex.split(line) for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
+
+    return calls

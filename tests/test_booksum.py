@@ -1,7 +1,6 @@
 """The book summarisation task: truncation, synthetic books, loss masking, references, and a tiny end-to-end run."""
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -276,14 +275,9 @@ def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
     assert r["booksum/events_beyond_window@64"] <= r["booksum/events_beyond_window@512"]
 
 
-def test_make_booksum_grid_runs_every_memory_with_two_seeds_on_booksum_gpu():
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    proc = subprocess.run(["make", "-n", "--no-print-directory", "booksum-grid"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    (line,) = [x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x]
-    words = shlex.split(line)
-    assert words[words.index("--experiment") + 1] == "booksum_gpu" and "HF_HUB_OFFLINE=1" in line
+def test_make_booksum_grid_runs_every_memory_with_two_seeds_on_booksum_gpu(variant_calls):
+    (words,) = variant_calls("booksum-grid")
+    assert words[words.index("--experiment") + 1] == "booksum_gpu" and "HF_HUB_OFFLINE=1" in words
     assert int(words[words.index("--per-gpu") + 1]) <= 3 and float(words[words.index("--budget") + 1]) >= 600
     variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))

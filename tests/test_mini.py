@@ -152,21 +152,14 @@ def test_reproduce_mini_runs_every_memory_in_each_benchmark():
     assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
 
 
-def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds():
+def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds(variant_calls):
     """`make ablations-mini` as it would run: two seeds per arm on the Table 2 recipe, and each arm's overrides
     compose (no misspelt key) and build its model (no value the memory refuses), before any GPU time is spent."""
-    import shlex
-
     from infini_bench.model import build_model
     from tasks.runner import memory_fields
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    proc = subprocess.run(["make", "-n", "--no-print-directory", "ablations-mini"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    line = next(x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x)
-    assert "--experiment table2_mini" in line and "HF_HUB_OFFLINE=1" in line
-    words = shlex.split(line)
+    words = variant_calls("ablations-mini")[0]
+    assert words[words.index("--experiment") + 1] == "table2_mini" and "HF_HUB_OFFLINE=1" in words
     variants = [words[i + 1] for i, w in enumerate(words) if w == "--variant"]
     arms: dict[str, list[int]] = {}
     for variant in variants:

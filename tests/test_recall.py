@@ -140,19 +140,12 @@ def test_run_py_writes_the_grid_to_results_json(tmp_path):
     assert (out / "recall_grid.png").is_file() and (out / "model.safetensors").is_file()
 
 
-def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits_its_model():
+def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits_its_model(variant_calls):
     """`make recall-grid` as it would run, and its recipe checked as a run would check it, before GPU time."""
-    import shlex
-
     from tasks.runner import model_config
     from tasks.recall import check_config
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    proc = subprocess.run(["make", "-n", "--no-print-directory", "recall-grid"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    (line,) = [x for x in proc.stdout.splitlines() if "passkey_gpu_variants.py" in x]
-    words = shlex.split(line)
+    (words,) = variant_calls("recall-grid")
     assert words[words.index("--experiment") + 1] == "recall_gpu"
     variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
