@@ -87,11 +87,12 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
     black and grey dotted lines, so they read as the frame of the model lines, not as models."""
     fig, ax = plt.subplots(figsize=(6, 4))
     draw_lines(ax, series, x, memories)
-    for k, (label, ys) in enumerate((references or {}).items()):
+    references = references or {}
+    for k, (label, ys) in enumerate(references.items()):
         xs = x.get(label) if isinstance(x, dict) else x
         ax.plot(xs if xs is not None else range(len(ys)), [float("nan") if y is None else y for y in ys],
                 color=("black", "grey", "silver")[k % 3], linestyle=":", marker="x", markersize=4, label=label)
-    series = {**series, **(references or {})}
+    lines = len(series) + len(references)
     if logx:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: length_label(int(v))))
@@ -105,10 +106,10 @@ def line_plot(series: dict[str, list[float | None]], path: Path, xlabel: str, yl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > LEGEND_INSIDE:  # beside the axes, where it hides no line
+    if lines > LEGEND_INSIDE:  # beside the axes, where it hides no line
         fig.set_size_inches(9, 4.5)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    elif len(series) > 1:
+    elif lines > 1:
         ax.legend()
     return save_figure(fig, path)
 

@@ -23,7 +23,7 @@ from infini_bench.distributed import gathered
 from infini_bench.errors import ConfigError, check_int
 from infini_bench.evaluate import streamed_hits
 from infini_bench.model import SegmentTransformer
-from infini_bench.plots import percent_heatmap
+from infini_bench.plots import distance_label, percent_heatmap
 from infini_bench.train import TrainConfig
 from tasks.common import footprint_results, no_batches
 from tasks.runner import Task, eval_count, train_config
@@ -120,13 +120,11 @@ def score_cell(model: SegmentTransformer, layout: Layout, pairs: int, gap: int, 
 def by_distance(hits: Tensor, back: Tensor) -> list[dict]:
     """Accuracy by segments between write and read, in bins 1, 2-3, 4-7, ... (powers of two): a cell of many
     pairs spans several, since its first pairs were written segments before its last."""
-    octave = torch.floor(torch.log2(back.double())).long()  # back >= 1: 1 -> 0, 2-3 -> 1, 4-7 -> 2, ...
+    octave = torch.floor(torch.log2(back.double())).long() + 1  # back >= 1: 1 -> 1, 2-3 -> 2, 4-7 -> 3, ...
     rows = []
     for k in octave.unique().tolist():
-        low, high = 2 ** k, 2 ** (k + 1) - 1
         hit = hits[octave == k]
-        rows.append({"segments_back": str(low) if k == 0 else f"{low}-{high}", "n": hit.numel(),
-                     "acc": hit.float().mean().item()})
+        rows.append({"segments_back": distance_label(k), "n": hit.numel(), "acc": hit.float().mean().item()})
     return rows
 
 

@@ -133,7 +133,8 @@ DISTANCE = {"passkey": ("passkey/by_segments_back", "the key and the question", 
             "recall": ("recall/by_segments_back", "a pair and its query", 1)}
 
 
-def _recipe(r: dict) -> str:
+def _recipe_label(r: dict) -> str:
+    """A figure's short name for the recipe of run `r`: model, segment length and steps."""
     c = r["config"]
     return f"{c['model']['name']}, N={c['model'].get('segment_len')}, {r['results'].get('train/steps') or 0} steps"
 
@@ -190,7 +191,7 @@ def distance_figures(results: list[dict], task: str, out: Path | None) -> list[s
              "4-7, ... of segments, a gap where a memory had no sample; a memory run with several seeds is drawn at "
              "the mean of their accuracies in each bin, and its legend says how many.", ""]
     for i, by_arm in enumerate(groups.values()):
-        recipe = _recipe(next(iter(by_arm.values()))[0])
+        recipe = _recipe_label(next(iter(by_arm.values()))[0])
         path = out.parent / "report_img" / f"{task}_by_distance_{i + 1}.png"
         distance_by_memory(by_arm, task, path, f"{task}: accuracy by distance ({recipe})")
         lines += [f"![{task} by distance: {recipe}]({os.path.relpath(path, out.parent)})", ""]
