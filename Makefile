@@ -34,7 +34,7 @@ test: install ## run the test suite (no network, about 14 minutes on 2 CPU cores
 bench: ## the benchmarks on one GPU (train, prefill, decode) -> docs/BENCHMARKS.md
 	$(BENCH_PYTHON) -m bench.bench all --compile --out $(BENCH_OUT) --write-md $(BENCH_MD) $(ARGS)
 
-gpu-smoke: ## every memory compiled, a few training steps and a streamed evaluation on the GPU (about 80 s)
+gpu-smoke: ## every memory compiled, a few training steps and a streamed evaluation on the GPU (two to three minutes)
 	$(BENCH_PYTHON) scripts/gpu_smoke.py $(ARGS)
 
 bench-cpu: install ## the same benchmarks at tiny sizes on the CPU (CI runs them through tests/test_bench.py)

@@ -34,6 +34,8 @@ from bench.prefill import bench_prefill
 from bench.report import fmt, print_summary, write_markdown
 from bench.train import bench_train
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 def meta(device: torch.device, command: str, tiny: bool) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny sizes on the default device")
     p.add_argument("--compile", action="store_true", help="add rows whose blocks are torch.compile'd")
     p.add_argument("--compile-sections", default="train,prefill", help="where --compile adds rows")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode for the training rows (reduce-overhead: CUDA graphs)")
     train_rows, prefill_rows = (*registered_memories(), PEER), streaming_memories()
     p.add_argument("--train-memories", help=f"comma list of training rows, of {','.join(train_rows)} (default: all)")
     p.add_argument("--train-rules", dest="train_memories", action=DeprecatedAlias,
@@ -98,7 +102,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     names = lambda text: text and tuple(text.split(","))  # noqa: E731
     over = {"train_memories": names(args.train_memories), "prefill_memories": names(args.prefill_memories),
-            "train_seq": args.seq_len, "train_segment": args.segment_len, "train_iters": args.iters,
+            "compile_mode": args.compile_mode, "train_seq": args.seq_len, "train_segment": args.segment_len, "train_iters": args.iters,
             "prefill_lengths": args.prefill_lengths and ints(args.prefill_lengths),
             "full_lengths": args.full_lengths and ints(args.full_lengths),
             "decode_contexts": args.decode_contexts and ints(args.decode_contexts)}

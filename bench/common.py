@@ -47,6 +47,7 @@ class Sizes:
     train_kv_heads: int | None = None  # None: the flavour's; the peer has no GQA, so tiny runs MHA
     train_warmup: int = 3
     train_iters: int = 10
+    compile_mode: str | None = None  # torch.compile's mode for the +compile training rows (None: its default)
     peer_warmup: int = 1  # the peer is ~10x slower and only compared against a 10x bound
     peer_iters: int = 3
     # prefill: the Llama-3.2-1B shape, random init, bf16 weights, streamed one segment at a time

@@ -253,3 +253,21 @@ def test_full_attention_extrapolation_is_exact_on_a_quadratic():
     (row,) = prefill.extrapolate_full(rows, (32768, 131072, 1048576))
     assert row["length"] == 1048576 and row["seconds"] == pytest.approx(cost(1048576), rel=1e-9)
     assert row["extrapolated"] == "a T + b T^2 through 32K and 128K"
+
+
+def test_compile_mode_reaches_the_compiled_training_rows(monkeypatch):
+    """--compile-mode is passed to compile_blocks (torch.compile's mode) for the +compile rows only, and noted."""
+    from infini_bench.model import SegmentTransformer
+
+    calls = []
+    monkeypatch.setattr(SegmentTransformer, "compile_blocks", lambda self, **options: calls.append(options))
+    args = bench.parse_args(["train", "--cpu", "--compile", "--compile-mode", "max-autotune-no-cudagraphs",
+                             "--train-memories", "none", "--iters", "1"])
+    sizes = bench.sizes_from(args)
+    assert sizes.compile_mode == "max-autotune-no-cudagraphs"
+    sec = bench_train(torch.device("cpu"), sizes, {"matmul_tflops": 1.0, "copy_tb_s": 1.0}, compile_blocks=True)
+    assert [r["name"] for r in sec["rows"]] == ["none", "none+compile"]
+    assert calls == [{"mode": "max-autotune-no-cudagraphs"}]  # once, for the compiled row
+    assert sec["rows"][0]["note"] == "" and sec["rows"][1]["note"].endswith(", mode=max-autotune-no-cudagraphs")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["train", "--compile-mode", "fastest"])

@@ -49,3 +49,28 @@ def test_passkey_scale_streams_each_length(tmp_path):
     save_model(wrong, str(tmp_path / "wrong.safetensors"))
     cmd[cmd.index(str(tmp_path / "tiny.safetensors"))] = str(tmp_path / "wrong.safetensors")
     assert subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240).returncode != 0
+
+
+def test_gpu_smoke_runs_on_the_cpu_and_times_the_steady_steps(tmp_path):
+    """scripts/gpu_smoke.py's checks on the CPU (tracing only), and its step time ignores a one-off slow step."""
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--device", "cpu", "--backend", "eager",
+           "--memories", "none,linear", "--out", str(out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["memory"] for r in rows] == ["none", "linear"] and all(r["ok"] for r in rows)
+    for r in rows:
+        assert len(r["steps_ms"]) == len(r["losses"]) == 4
+        assert r["first_step_s"] * 1e3 == pytest.approx(r["steps_ms"][0])
+        later = sorted(r["steps_ms"][1:])
+        assert r["step_ms"] == pytest.approx(later[1])  # the median of the three after the first
+        assert r["stream_rel_err"] < 1e-4  # fp32 on the CPU: streamed and whole-sequence logits agree
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpu_smoke import steady_ms
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert steady_ms([30.0, 0.01, 4.4, 0.012]) == pytest.approx(12.0)  # a compile in the second step: ignored
+    assert steady_ms([2.0]) == pytest.approx(2000.0)
