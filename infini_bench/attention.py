@@ -104,9 +104,10 @@ def mix(local: Tensor, read: tuple[Tensor, Tensor] | None, gate: Tensor | None, 
     if gate is None:
         return local
     g = torch.sigmoid(gate.float()).view(1, -1, 1, 1)
-    empty = (1.0 - g) * local.float() if empty_read == "zero" else local.float()
+    scaled = (1.0 - g) * local.float()
+    empty = scaled if empty_read == "zero" else local.float()
     if read is None:
         return empty.to(local.dtype)
     a_mem, has = read
-    mixed = g * a_mem + (1.0 - g) * local.float()
+    mixed = g * a_mem + scaled
     return torch.where(has, mixed, empty).to(local.dtype)
