@@ -68,6 +68,11 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, ctx: Contex
     m = 0 if ctx is None else ctx.k.shape[2]
     length, s = q.shape[2], k.shape[2]
     qr, kr = rotary(q, offset=pos + m), rotary(k, offset=m)
+    if visible is None and ctx is None and length == 1 and not isinstance(pos, Tensor) and s == pos + 1:
+        # One query after every key (an eager decoding step over the cache filled so far) sees them all: no
+        # mask, so SDPA may take its flash kernel, which accepts none (the 1B shape decoded at 35 ms a token on
+        # an H200 with the mask, docs/BENCHMARKS.md).
+        return F.scaled_dot_product_attention(qr, kr, v.to(qr.dtype), enable_gqa=q.shape[1] != k.shape[1])
     if visible is None:
         rows = torch.arange(length, device=q.device)[:, None] + pos
         visible = torch.arange(s, device=q.device)[None, :] <= rows  # (L, S): causal within the segment

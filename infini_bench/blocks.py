@@ -169,11 +169,13 @@ def cached_attention(memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | Non
         at = pos + torch.arange(length, device=q.device)
         cache.k.index_copy_(2, at, k)
         cache.v.index_copy_(2, at, v)
-    else:
+        keys, values = cache.k, cache.v
+    else:  # eager: only the slots filled so far (slots past them are masked out anyway: the same function)
         cache.k[:, :, pos: pos + length] = k
         cache.v[:, :, pos: pos + length] = v
+        keys, values = cache.k[:, :, : pos + length], cache.v[:, :, : pos + length]
     ctx = memory.context(state) if state is not None else None
-    local = local_attention(q, cache.k, cache.v, memory.local_rotary(rotary), ctx, pos=pos)
+    local = local_attention(q, keys, values, memory.local_rotary(rotary), ctx, pos=pos)
     return mix(local, memory.read(q, state) if state is not None else None, gate, memory.empty_read)
 
 

@@ -38,6 +38,30 @@ def test_teacher_forced_decode_equals_parallel(rule, prompt_len):
 
 
 @pytest.mark.parametrize("rule", ["linear", "delta", "none"])
+def test_eager_decode_step_attends_without_a_mask(rule, monkeypatch):
+    """An eager step's one query sees every cached key of its segment, so its attention takes no mask (a masked
+    call with grouped-query attention keeps CUDA's SDPA off its flash kernel), and still equals the parallel
+    forward."""
+    import infini_bench.attention as attention
+
+    model, ids = tiny(rule), tokens(40)
+    with torch.no_grad():
+        parallel = model(ids).logits
+    last, state = prefill(model, ids[:, :21])
+    masks = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    steps = [decode_step(model, ids[:, t], state) for t in range(21, 40)]  # crosses the boundary at 32
+    assert len(masks) == 19 * len(model.layers) and all(m is None for m in masks)
+    torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 21:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta", "none"])
 @pytest.mark.parametrize("prompt_len", [37, 32, 5])
 def test_static_decoder_equals_parallel(rule, prompt_len):
     """The fixed-shape step a CUDA graph captures (here run eagerly): whole-cache attention under a mask, the
