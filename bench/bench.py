@@ -36,6 +36,7 @@ from bench.train import bench_train
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+
 def meta(device: torch.device, command: str, tiny: bool) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -102,7 +103,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     names = lambda text: text and tuple(text.split(","))  # noqa: E731
     over = {"train_memories": names(args.train_memories), "prefill_memories": names(args.prefill_memories),
-            "compile_mode": args.compile_mode, "train_seq": args.seq_len, "train_segment": args.segment_len, "train_iters": args.iters,
+            "compile_mode": args.compile_mode, "train_seq": args.seq_len, "train_segment": args.segment_len,
+            "train_iters": args.iters,
             "prefill_lengths": args.prefill_lengths and ints(args.prefill_lengths),
             "full_lengths": args.full_lengths and ints(args.full_lengths),
             "decode_contexts": args.decode_contexts and ints(args.decode_contexts)}

@@ -63,11 +63,11 @@ def _train_row(name: str, base: ModelConfig, device: torch.device, sizes: Sizes,
         with torch.device(device):
             model = SegmentTransformer(cfg)
         if name.endswith("+compile"):  # regional compilation, as trainer.compile=true
-            mode = {"mode": sizes.compile_mode} if sizes.compile_mode else {}
-            model.compile_blocks(**mode)
+            model.compile_blocks(**({"mode": sizes.compile_mode} if sizes.compile_mode else {}))
             note = "torch.compile per segment (all blocks)" if model.stack_memory is not None else \
                 "torch.compile per block"
-            note += "".join(f", mode={m}" for m in mode.values())
+            if sizes.compile_mode:
+                note += f", mode={sizes.compile_mode}"
 
         def fwd_bwd() -> Tensor:
             with amp:

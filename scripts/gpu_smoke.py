@@ -1,5 +1,5 @@
-"""Every registered memory, compiled, on the GPU in two to three minutes: the first thing to run on a new machine or
-torch version, so a version-specific compile failure or dtype clash shows at once (`make gpu-smoke`).
+"""Every registered memory, compiled, on the GPU in two to three minutes: the first thing to run on a new machine
+or torch version, so a version-specific compile failure or dtype clash shows at once (`make gpu-smoke`).
 
     python scripts/gpu_smoke.py                        # every memory; exit 1 if any fails
     python scripts/gpu_smoke.py --memories txl,rmt --out smoke.json
@@ -71,8 +71,8 @@ def smoke(memory: str, device: torch.device, backend: str | None, steps: int) ->
             whole = model(long).logits.float()
     rel = float((streamed - whole).norm() / whole.norm())
     ok = all(torch.isfinite(torch.tensor(losses))) and rel < TOLERANCE
-    return {"memory": memory, "ok": ok, "first_step_s": first, "step_ms": step_ms, "steps_ms": [t * 1e3 for t in times],
-            "stream_s": stream_s, "stream_rel_err": rel, "losses": losses}
+    return {"memory": memory, "ok": ok, "first_step_s": first, "step_ms": step_ms,
+            "steps_ms": [t * 1e3 for t in times], "stream_s": stream_s, "stream_rel_err": rel, "losses": losses}
 
 
 def steady_ms(times: list[float]) -> float:

@@ -39,9 +39,8 @@ def test_teacher_forced_decode_equals_parallel(rule, prompt_len):
 
 @pytest.mark.parametrize("rule", ["linear", "delta", "none"])
 def test_eager_decode_step_attends_without_a_mask(rule, monkeypatch):
-    """An eager step's one query sees every cached key of its segment, so its attention takes no mask (a masked
-    call with grouped-query attention keeps CUDA's SDPA off its flash kernel), and still equals the parallel
-    forward."""
+    """An eager step's one query sees every cached key of its segment, so its attention takes no mask (SDPA's
+    flash kernel takes none), and still equals the parallel forward."""
     import infini_bench.attention as attention
 
     model, ids = tiny(rule), tokens(40)
