@@ -365,7 +365,7 @@ class BookSum(Task):
             results[f"booksum/oracle_local/overall@{length_label(n)}"] = o["local"]["overall"]
             results[f"booksum/events_beyond_window@{length_label(n)}"] = o["events_beyond_window"]
         results.update({"val/summary_loss": val_loss,
-                        "train/loss": summary.get("train/loss"), "train/steps": tcfg.steps, "data/source": t.source,
+                        "train/loss": summary.get("train/loss"), "train/steps": self.final_step, "data/source": t.source,
                         "booksum/books": len(books)})
         return results
 

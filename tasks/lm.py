@@ -285,7 +285,7 @@ class LanguageModelling(Task):
         results = {f"{split}/ppl": final["ppl"], f"{split}/bpb": final["bpb"], f"{split}/loss": final["loss"],
                    f"{split}/tokens": final["tokens"], f"{split}/docs": len(self.eval_docs),
                    "train/loss": summary.get("train/loss"),
-                   "train/steps": summary.get("train/steps", self.tcfg.steps),
+                   "train/steps": self.final_step,
                    "train/seconds": summary.get("train/seconds"),
                    "data/source": ", ".join(f"{k}={v}" for k, v in sources.items()),
                    "data/eval_source": self.eval_source,

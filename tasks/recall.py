@@ -216,7 +216,7 @@ class Recall(Task):
         distance = by_distance(torch.cat([s[2] for s in scored]), torch.cat([s[3] for s in scored]))
         longest = max(self.layout.length(p, g) for p, g in cells)
         return {**grid_results(rows, distance), "recall/chance": 1 / t.vocab, "recall/grid": rows,
-                "recall/by_segments_back": distance, "train/steps": self.tcfg.steps,
+                "recall/by_segments_back": distance, "train/steps": self.final_step,
                 "train/loss": summary.get("train/loss"), **footprint_results(model.cfg, longest)}
 
     def artefacts(self, results: dict) -> None:

@@ -46,14 +46,16 @@ class Phase:
 
 class Task:
     """What a benchmark supplies to the runner. One instance per run: the hooks share what they built on it
-    (`self.model`, `self.tokenizer`, `self.tcfg` are set by the runner as it goes)."""
+    (`self.model`, `self.tokenizer`, `self.tcfg`, `self.summary` are set by the runner as it goes)."""
 
     model: SegmentTransformer
     tokenizer: Any
     tcfg: TrainConfig
+    summary: dict  # the trainer's summary of the last phase (train/loss, train/steps, ...): empty until trained
 
     def __init__(self, cfg: DictConfig, run: Run):
         self.cfg, self.t, self.run = cfg, cfg.task, run
+        self.summary = {}
 
     @staticmethod
     def check_values(cfg: DictConfig) -> None:
@@ -90,8 +92,9 @@ class Task:
 
     @property
     def final_step(self) -> int:
-        """The step the final results, gates and artefacts are logged at."""
-        return self.tcfg.steps
+        """The step the final results, gates and artefacts are logged at: the last step trained (fewer than
+        trainer.steps when trainer.time_budget_s ends training first)."""
+        return int(self.summary.get("train/steps", self.tcfg.steps))
 
     def artefacts(self, results: dict) -> None:
         """Plots, tables and files of the final evaluation, logged after its results and gates."""
@@ -115,16 +118,15 @@ def run_task(cfg: DictConfig, run: Run) -> dict:
     task.load()
     task.model, task.tokenizer = build_model_and_tokenizer(cfg)
     task.tcfg = task.setup()
-    summary: dict = {}
     trained = False
     for phase in task.phases():
-        summary = train(phase.model, phase.tcfg, phase.batches, phase.run, phase.checkpointer,
-                        eval_fn=_validate(task, phase.run) if phase.validate else None)
+        task.summary = train(phase.model, phase.tcfg, phase.batches, phase.run, phase.checkpointer,
+                             eval_fn=_validate(task, phase.run) if phase.validate else None)
         trained = trained or phase.tcfg.steps > 0
     if trained:
         export_weights(task.model, run)  # for model.init_from: e.g. continual pre-training, then passkey
     fault("final_evaluation")
-    results = task.evaluate(task.model, summary)
+    results = task.evaluate(task.model, task.summary)
     step = task.final_step
     run.log({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=step)
     log_gates(task.model, run, step)

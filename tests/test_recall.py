@@ -171,3 +171,18 @@ def test_the_variants_summary_shows_recall_by_gap_and_pair_count_not_every_cell(
     write_summary([row], tmp_path)
     table = (tmp_path / "summary.md").read_text()
     assert "| recall/acc | recall/chance | recall/acc@gap=1 | recall/acc@pairs=8 |" in table
+
+
+def test_a_time_budget_reports_the_steps_trained_not_the_cap(tmp_path, monkeypatch):
+    """trainer.time_budget_s ends training before trainer.steps: results.json's train/steps and the step the final
+    results are logged at are the steps trained."""
+    import infini_bench.train as train_module
+
+    clock = iter(range(0, 10_000, 10))  # a step reads the clock at its start and end: 10 s per step
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(clock)))
+    run = Run(tmp_path, {}, device="cpu")
+    results = run_task(config(*SMALL, "trainer.steps=1000", "trainer.time_budget_s=25", "task.samples=4",
+                              "task.eval_batch=4"), run)
+    assert results["train/steps"] == 3  # 30 s >= 25 s after the third step
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 3 and any("recall/acc" in r and r["step"] == 3 for r in rows)
