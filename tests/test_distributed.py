@@ -302,3 +302,15 @@ def test_no_torchrun_means_one_process(monkeypatch):
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+
+
+def test_init_distributed_turns_off_cudnn_attention(monkeypatch):
+    """cuDNN's SDPA backward failed on an H200 at recall's changing lengths; every run goes without it."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        init_distributed()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
