@@ -74,3 +74,38 @@ def test_gpu_smoke_runs_on_the_cpu_and_times_the_steady_steps(tmp_path):
         sys.path.remove(str(ROOT / "scripts"))
     assert steady_ms([30.0, 0.01, 4.4, 0.012]) == pytest.approx(12.0)  # a compile in the second step: ignored
     assert steady_ms([2.0]) == pytest.approx(2000.0)
+
+
+def _compare_curves():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import compare_curves
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return compare_curves
+
+
+def test_compare_curves_averages_training_metrics_and_refuses_a_missing_key(tmp_path, capsys):
+    """scripts/compare_curves.py: block means against a plain loop, evaluations unsmoothed, one PNG, and one-line
+    errors (no PNG) for a folder without metrics.jsonl and a key no run logged."""
+    cc = _compare_curves()
+    losses = [7.0, 6.0, 5.5, 5.0, 3.0, 1.0, 2.0]
+    rows = [{"step": 10 * (i + 1), "train/loss": x} for i, x in enumerate(losses)]
+    rows += [{"step": 35, "recall/val_acc@pairs=8,gap=1": 0.25}, {"step": 70, "recall/val_acc@pairs=8,gap=1": 0.5}]
+    steps, values = cc.curve(rows, "train/loss", 3)
+    assert steps == [30, 60, 70]
+    assert values == pytest.approx([(7.0 + 6.0 + 5.5) / 3, (5.0 + 3.0 + 1.0) / 3, 2.0])
+    assert cc.curve(rows, "train/loss", 1) == ([10 * (i + 1) for i in range(7)], losses)
+    run = tmp_path / "experiment=x,memory=full"  # a Hydra folder name: "=" inside, still a folder
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = cc.main([str(tmp_path / "c.png"), str(run), f"other={run}", "--key", "train/loss",
+                   "--key", "recall/val_acc@pairs=8,gap=1", "--smooth", "3"])
+    assert out.is_file() and out.stat().st_size > 0
+    for argv, words in (([str(tmp_path / "d.png"), str(tmp_path)], "no metrics.jsonl"),
+                        ([str(tmp_path / "d.png"), str(run), "--key", "val/ppl"], "no run logged 'val/ppl'"),
+                        ([str(tmp_path / "d.png"), str(run), "--smooth", "0"], "--smooth")):
+        with pytest.raises(SystemExit) as e:
+            cc.main(argv)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "d.png").exists()
