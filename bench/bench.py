@@ -33,6 +33,7 @@ from bench.decode import bench_decode
 from bench.prefill import bench_prefill
 from bench.report import fmt, print_summary, write_markdown
 from bench.train import bench_train
+from infini_bench.attention import attention_backends
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run_sections(args: argparse.Namespace, argv: list[str], sections: list[str], data: dict) -> None:
     """Measure the ceilings once, then each section; the JSON is rewritten after every section."""
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    attention_backends()  # the attention kernels runs use
     sizes = sizes_from(args)
     info = meta(device, "python -m bench.bench " + " ".join(shlex.quote(a) for a in argv), args.cpu or args.tiny)
     ceilings = measure_ceilings(device, sizes, compute_dtype(device))

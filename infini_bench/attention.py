@@ -40,6 +40,14 @@ def split_segments(x: Tensor, n: int) -> Tensor:
     return x.reshape(b, h, t // n, n, d)
 
 
+def attention_backends() -> None:
+    """Leave SDPA's cuDNN backend out of this process (flash, memory-efficient and math attention remain): on an
+    H200 (torch 2.11) its backward failed with `mha_graph.execute(...).is_good()` in Memorizing's recall runs,
+    whose every micro-batch has another length (docs/RECALL.md). Runs (init_distributed) and the bench call it,
+    so the bench measures the kernels training uses."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def parallel_local_attention(q: Tensor, k: Tensor, v: Tensor, n: int, rotary: Rotary | None) -> Tensor:
     """Eq. 6: causal softmax attention inside each segment, all segments in one SDPA call.
 

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 
+from infini_bench.attention import attention_backends
+
 T = TypeVar("T")
 
 try:  # public since torch 2.6
@@ -47,11 +49,8 @@ class DistInfo:
 
 def init_distributed() -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU); a plain single process otherwise.
-
-    Either way SDPA's cuDNN backend is turned off for the process: on an H200 (torch 2.11) its backward failed
-    with `mha_graph.execute(...).is_good()` in Memorizing's recall runs, whose every micro-batch has another
-    length (docs/RECALL.md); flash, memory-efficient and math attention take its place."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    Either way without SDPA's cuDNN backend (`attention_backends`)."""
+    attention_backends()
     if "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

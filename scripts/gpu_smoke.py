@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infini_bench.attention import attention_backends  # noqa: E402
 from infini_bench.memories import memory_names  # noqa: E402
 from infini_bench.model import build_model  # noqa: E402
 from infini_bench.train import autocast  # noqa: E402
@@ -40,6 +41,7 @@ TOLERANCE = 5e-2  # bf16 activations: the compiled and eager kernels round diffe
 
 
 def smoke(memory: str, device: torch.device, backend: str | None, steps: int) -> dict:
+    attention_backends()  # the attention kernels runs use
     torch.manual_seed(0)
     model = build_model("tiny", memory=memory, memory_args=ARGS.get(memory), segment_len=N, n_layers=2).to(device)
     amp = autocast(device, "auto")

@@ -29,14 +29,24 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+AFTER_RUN: dict = {}  # process state the bench run left behind
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One CPU run of every section (the slow part, shared by the tests below)."""
     tmp = tmp_path_factory.mktemp("bench")
     out, md = tmp / "bench.json", tmp / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nA closing note written by hand.\n")
+    torch.backends.cuda.enable_cudnn_sdp(True)
     data = bench.main(["--cpu", "all", "--out", str(out), "--write-md", str(md)])
+    AFTER_RUN["cudnn_sdp"] = torch.backends.cuda.cudnn_sdp_enabled()  # the bench leaves cuDNN out, as runs do
+    torch.backends.cuda.enable_cudnn_sdp(True)
     return data, out, md
+
+
+def test_the_bench_leaves_cudnn_attention_out_as_runs_do(run):
+    assert AFTER_RUN["cudnn_sdp"] is False
 
 
 def test_json_has_every_section_with_its_provenance(run):
