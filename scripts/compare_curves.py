@@ -5,10 +5,10 @@ without W&B, read from each run folder's metrics.jsonl.
     python scripts/compare_curves.py curves.png n128=probe1/full n32=probe3/full \
         --key train/loss --key 'recall/val_acc@pairs=8,gap=1' --smooth 25
 
-A run is a folder, or `label=folder` (the label defaults to the folder's name; a label has no "="). --key picks a metric (repeatable;
-default train/loss); --smooth K draws the train/ metrics as the mean of each K consecutive logged values (a
-recall step's loss jumps with its samples' pair count); evaluations are drawn as logged. A folder without metrics.jsonl, or a key no
-run logged, stops it with one line and exit 1, before anything is written.
+A run is a folder, or `label=folder` (the label defaults to the folder's name; a label has no "="). --key picks
+a metric (repeatable; default train/loss); --smooth K draws the train/ metrics as the mean of each K consecutive
+logged values (a recall step's loss jumps with its samples' pair count); evaluations are drawn as logged. A folder
+without metrics.jsonl, or a key no run logged, stops it with one line and exit 1, before anything is written.
 """
 from __future__ import annotations
 
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> Path:
                              + (", ..." if len(logged) > 12 else ""))
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        curves = {label: curve(rows, key, args.smooth if key.startswith("train/") else 1) for label, rows in runs.items()}
+        smooth = args.smooth if key.startswith("train/") else 1
+        curves = {label: curve(rows, key, smooth) for label, rows in runs.items()}
         draw_lines(ax, {label: c[1] for label, c in curves.items()}, {label: c[0] for label, c in curves.items()})
         ax.set_xlabel("step")
-        ax.set_title(key + (f" (mean of {args.smooth})" if args.smooth > 1 and key.startswith("train/") else ""),
-                     fontsize=9)
+        ax.set_title(key + (f" (mean of {smooth})" if smooth > 1 else ""), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if args.title:

@@ -300,10 +300,6 @@ def test_no_torchrun_means_one_process(monkeypatch):
     assert all_reduce_mean(x) is x and full_tensor(x) is x
 
 
-if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
-
-
 def test_init_distributed_turns_off_cudnn_attention(monkeypatch):
     """cuDNN's SDPA backward failed on an H200 at recall's changing lengths; every run goes without it."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -314,3 +310,8 @@ def test_init_distributed_turns_off_cudnn_attention(monkeypatch):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
+

@@ -85,7 +85,7 @@ def _compare_curves():
     return compare_curves
 
 
-def test_compare_curves_averages_training_metrics_and_refuses_a_missing_key(tmp_path, capsys):
+def test_compare_curves_averages_training_metrics_and_refuses_a_missing_key(tmp_path):
     """scripts/compare_curves.py: block means against a plain loop, evaluations unsmoothed, one PNG, and one-line
     errors (no PNG) for a folder without metrics.jsonl and a key no run logged."""
     cc = _compare_curves()
