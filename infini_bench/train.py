@@ -138,25 +138,33 @@ def lr_factor(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
+def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int | None = None) -> Tensor:
     """Mean next-token cross-entropy (labels -100 ignored) without ever holding all (B, T, V) logits.
 
-    The head and the loss run on `chunk_tokens` positions at a time under activation checkpointing, so only
-    one chunk of fp32 logits exists at once, in forward and in backward: at a 128K vocabulary and 32K
-    tokens, that is 2 GB per 4K-token chunk instead of 16 GB for the whole sequence.
+    Only the labelled positions reach the head: a task that scores a few tokens of each sample (recall's values,
+    passkey's answer) pays for those, not for every position. The head and the loss run on `chunk_tokens`
+    positions at a time under activation checkpointing, so only one chunk of fp32 logits exists at once, in
+    forward and in backward. By default a chunk holds 2^29 logits (2 GiB in fp32) and at least 4,096 positions:
+    at a 128K vocabulary that is 4,096 positions instead of 16 GB for a whole 32K sequence; at a vocabulary of a
+    few thousand, a whole batch in a few chunks rather than hundreds of small ones.
     """
     h, _ = model.hidden(input_ids)  # (B, T, dim)
     h, labels = h.flatten(0, 1), labels.flatten()
+    keep = labels != -100
+    h, labels = h[keep], labels[keep]
     head = model.lm_head
+    if chunk_tokens is None:
+        chunk_tokens = max(4096, 2**29 // head.weight.shape[0])
 
     def chunk_loss(h_c: Tensor, y_c: Tensor) -> Tensor:
-        return F.cross_entropy(head(h_c).float(), y_c, ignore_index=-100, reduction="sum")
+        return F.cross_entropy(head(h_c).float(), y_c, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
+    for start in range(0, max(h.shape[0], 1), chunk_tokens):  # one empty chunk when nothing is labelled: the head
+        # is still in the graph, so under FSDP every rank's backward reaches the same parameters
         h_c, y_c = h[start: start + chunk_tokens], labels[start: start + chunk_tokens]
         total = total + checkpoint(chunk_loss, h_c, y_c, use_reentrant=False)
-    return total / (labels != -100).sum().clamp(min=1)
+    return total / keep.sum().clamp(min=1)
 
 
 def autocast(device: torch.device, precision: str):

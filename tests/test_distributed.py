@@ -292,6 +292,36 @@ def test_chunked_loss_equals_full_logits():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 3])
+def test_a_loss_on_a_few_labelled_positions_equals_full_logits(chunk_tokens):
+    """Only labelled positions reach the head (recall and passkey label a few tokens a sample): the loss and every
+    gradient are those of cross-entropy over all logits, in one chunk or ragged ones."""
+    model = tiny_model()
+    ids, labels = batch(0)
+    sparse = torch.full_like(labels, -100)
+    sparse[0, 5::17], sparse[-1, 3] = labels[0, 5::17], labels[-1, 3]
+    full = F.cross_entropy(model(ids).logits.flatten(0, 1), sparse.flatten(), ignore_index=-100)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = lm_loss(model, ids, sparse, chunk_tokens=chunk_tokens)
+    loss.backward()
+    torch.testing.assert_close(loss, full)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_micro_batch_without_labels_has_zero_loss_and_zero_gradients(tied):
+    torch.manual_seed(0)
+    model = build_model("tiny", segment_len=16, memory="delta", tie_embeddings=tied)
+    ids, labels = batch(0)
+    loss = lm_loss(model, ids, torch.full_like(labels, -100))
+    loss.backward()  # still a graph through the model: under FSDP every rank joins the same collectives
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 def test_no_torchrun_means_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = init_distributed()
