@@ -56,24 +56,30 @@ class RecallBatch(NamedTuple):
     segments_back: Tensor
 
 
-def make_sample(layout: Layout, pairs: int, gap: int, seed: int) -> RecallBatch:
-    """One sample (rows of one), a pure function of its arguments. The keys, values and query order are drawn
-    before the filler, so samples of one seed differ across gaps only in the distance."""
+def draw_samples(layout: Layout, pairs: int, gap: int, rows: int, g: torch.Generator) -> RecallBatch:
+    """`rows` samples of one (pairs, gap) from the generator `g`, drawn together (a training batch of 512 costs a
+    few tensor operations, not 512 of each). The keys, values and query order are drawn before the filler, so
+    samples from one generator state differ across gaps only in the distance."""
     n, vocab = layout.segment_len, layout.vocab
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randperm(vocab, generator=g)[:pairs]  # distinct
-    values = vocab + torch.randint(vocab, (pairs,), generator=g)  # with replacement: earlier answers tell nothing
-    order = torch.randperm(pairs, generator=g)
+    keys = torch.rand(rows, vocab, generator=g).topk(pairs, 1).indices  # distinct, in a random order
+    values = vocab + torch.randint(vocab, (rows, pairs), generator=g)  # with replacement: earlier answers tell nothing
+    order = torch.rand(rows, pairs, generator=g).argsort(1)
     pad = -(-2 * pairs // n) * n - 2 * pairs  # filler before the pairs, so they end on a segment boundary
-    noise = 2 * vocab + torch.randint(layout.filler, (pad + gap * n,), generator=g)
-    queries = torch.stack([keys[order], values[order]], 1).flatten()
-    tokens = torch.cat([noise[:pad], torch.stack([keys, values], 1).flatten(), noise[pad:], queries])
+    noise = 2 * vocab + torch.randint(layout.filler, (rows, pad + gap * n), generator=g)
+    written = torch.stack([keys, values], 2).flatten(1)
+    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], 2).flatten(1)
+    tokens = torch.cat([noise[:, :pad], written, noise[:, pad:], queries], 1)
     first = layout.length(pairs, gap) - 2 * pairs  # position of the first query key
     targets = torch.full_like(tokens, -100)
-    targets[first + 1::2] = tokens[first + 1::2]
+    targets[:, first + 1::2] = tokens[:, first + 1::2]
     read = first + 2 * torch.arange(pairs)  # where each value is predicted
-    written = pad + 2 * order + 1  # where that value was written
-    return RecallBatch(tokens[None, :-1], targets[None, 1:], (read // n - written // n)[None])
+    back = read // n - (pad + 2 * order + 1) // n  # segments from where that value was written
+    return RecallBatch(tokens[:, :-1], targets[:, 1:], back)
+
+
+def make_sample(layout: Layout, pairs: int, gap: int, seed: int) -> RecallBatch:
+    """One sample (rows of one), a pure function of its arguments."""
+    return draw_samples(layout, pairs, gap, 1, torch.Generator().manual_seed(seed))
 
 
 def make_batch(layout: Layout, pairs: int, gap: int, seeds: Sequence[int]) -> RecallBatch:
@@ -95,7 +101,8 @@ class RecallBatches:
         rng = random.Random(f"recall-train:{self.seed}:{i}")  # str seeds hash with SHA-512: stable across runs
         pairs = min(self.pairs, int(math.exp(rng.uniform(0.0, math.log(self.pairs + 1)))))
         gap = rng.randint(0, self.gap)
-        batch = make_batch(self.layout, pairs, gap, [rng.getrandbits(62) for _ in range(self.batch_size)])
+        g = torch.Generator().manual_seed(rng.getrandbits(62))
+        batch = draw_samples(self.layout, pairs, gap, self.batch_size, g)
         return {"input_ids": batch.input_ids, "labels": batch.labels}
 
 
