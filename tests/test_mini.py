@@ -82,6 +82,7 @@ import json, os, sys, time
 from pathlib import Path
 out = Path(next(a for a in sys.argv if a.startswith("hydra.run.dir=")).split("=", 1)[1])
 (out / "device.txt").write_text(os.environ["CUDA_VISIBLE_DEVICES"] + " " + " ".join(sys.argv[2:]))
+(out / "threads.txt").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
 if "trainer.steps=1" not in sys.argv:
     time.sleep(600)
 (out / "results.json").write_text(json.dumps({{"results": {{"passkey/acc": 0.5, "passkey/acc_earlier@32K": 0.25}}}}))
@@ -122,12 +123,15 @@ def test_per_gpu_runs_several_variants_side_by_side_on_one_gpu(tmp_path):
            "--budget", "2", "--python", str(fake), "--variant", "a=trainer.steps=9", "--variant", "b=trainer.steps=9",
            "--variant", "c=trainer.steps=1"]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())}
     assert [rows[n]["status"] for n in "abc"] == ["timed out", "timed out", "ok"]
     assert {rows[n]["device"] for n in "abc"} == {"cuda:3"}
     assert time.monotonic() - started < 2 * 2 + 20  # a and b ran at once, not one after the other
+    # Each of the two slots gets half the cores, unless OMP_NUM_THREADS says otherwise.
+    assert {(out / n / "threads.txt").read_text() for n in "abc"} == {str(max(1, os.cpu_count() // 2))}
     bad = subprocess.run([*cmd[:3], "--per-gpu", "0"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert bad.returncode != 0 and "--per-gpu: 0 must be an integer >= 1" in bad.stderr
 
