@@ -62,9 +62,9 @@ def default_slots() -> list[str]:
 
 def launch(name: str, overrides: list[str], slot: str, out: Path, python: str, experiment: str,
            threads: int = 1) -> subprocess.Popen:
-    # CPU threads: a share of the cores each (OMP_NUM_THREADS, unless set). Five runs on one H200 each starting
-    # sixteen threads on sixteen cores made their batches and kernel launches wait for each other: a share of three
-    # cores each trained 2.7 times as many recall steps in the same time (docs/RECALL.md).
+    # CPU threads: a share of the cores each (OMP_NUM_THREADS, unless set), not every core for every run. Five
+    # recall runs on one H200 with 16 cores trained 2.7 times as many steps in the same time with three threads
+    # each (and two micro-batches of 256 a step instead of one of 512) as with sixteen each (docs/RECALL.md).
     env = {"OMP_NUM_THREADS": str(threads), **os.environ,
            "CUDA_VISIBLE_DEVICES": "" if slot == "cpu" else slot, "WANDB_MODE": "disabled"}
     recipe = [] if experiment == "none" else [f"experiment={experiment}"]
