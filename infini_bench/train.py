@@ -144,7 +144,7 @@ def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: i
     Only the labelled positions reach the head: a task that scores a few tokens of each sample (recall's values,
     passkey's answer) pays for those, not for every position. The head and the loss run on `chunk_tokens`
     positions at a time under activation checkpointing, so only one chunk of fp32 logits exists at once, in
-    forward and in backward. By default a chunk holds 2^29 logits (2 GiB in fp32) and at least 4,096 positions:
+    forward and in backward. By default a chunk holds 2^28 logits (1 GiB in fp32) and at least 4,096 positions:
     at a 128K vocabulary that is 4,096 positions instead of 16 GB for a whole 32K sequence; at a vocabulary of a
     few thousand, a whole batch in a few chunks rather than hundreds of small ones.
     """
@@ -154,7 +154,7 @@ def lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: i
     h, labels = h[keep], labels[keep]
     head = model.lm_head
     if chunk_tokens is None:
-        chunk_tokens = max(4096, 2**29 // head.weight.shape[0])
+        chunk_tokens = max(4096, 2**28 // head.weight.shape[0])
 
     def chunk_loss(h_c: Tensor, y_c: Tensor) -> Tensor:
         return F.cross_entropy(head(h_c).float(), y_c, reduction="sum")
