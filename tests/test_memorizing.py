@@ -109,6 +109,19 @@ def test_gate_closed_equals_transformer_xl_with_the_same_weights(knn_rope):
             assert not torch.allclose(model(memory="txl")(ids).logits, ref, rtol=1e-3, atol=1e-3)
 
 
+def test_a_store_as_long_as_the_sample_reads_what_a_larger_one_does():
+    """No token is evicted from a store at least as long as the sample, so its reads, parallel and streamed, are a
+    larger store's: a recipe of short samples may keep a smaller store (make recall-grid does) and lose nothing."""
+    ids = torch.randint(0, 259, (B, 6 * N), generator=torch.Generator().manual_seed(2))
+    # The last segment reads the 5 N tokens before it: a store one slot shorter has evicted one of them.
+    exact, larger, short = (model(knn_size=c) for c in (6 * N, 500, 5 * N - 1))
+    with torch.no_grad():
+        for forward in ("__call__", "stream"):
+            ref = getattr(larger, forward)(ids).logits
+            torch.testing.assert_close(getattr(exact, forward)(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(short.stream(ids).logits, ref, rtol=1e-4, atol=1e-4)  # one token evicted shows
+
+
 def qkv(t: int, seed: int):
     return rand(B, H, t, D, seed=seed), rand(B, HK, t, D, seed=seed + 1), rand(B, HK, t, D, seed=seed + 2)
 

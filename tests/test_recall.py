@@ -149,12 +149,17 @@ def test_make_recall_grid_runs_every_memory_with_two_seeds_on_a_recipe_that_fits
     assert words[words.index("--experiment") + 1] == "recall_gpu"
     variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
-    assert variants == [f"{m}-s{s}=memory={m} seed={s}" for m in memories for s in (0, 1)]
+    knn = " memory.knn_size=4096"  # a smaller store than the paper's, large enough that nothing is evicted
+    assert variants == [f"{m}-s{s}=memory={m} seed={s}{knn if m == 'memorizing' else ''}"
+                        for m in memories for s in (0, 1)]
     cfg = config("experiment=recall_gpu")
     t = cfg.task
     assert (list(t.eval_pairs), list(t.eval_gaps)) == ([8, 32, 128, 512], [1, 4, 16])
     check_config(t)
     assert 2 * t.vocab + t.filler <= model_config(cfg).vocab_size
+    layout = Layout(cfg.model.segment_len, t.vocab, t.filler)
+    longest = max(layout.length(max(t.eval_pairs), max(t.eval_gaps)), layout.length(t.pairs, t.gap_segments))
+    assert longest <= 4096  # every token of the longest sample, training or evaluation, stays in the store
 
 
 def test_the_variants_summary_shows_recall_by_gap_and_pair_count_not_every_cell(tmp_path):
