@@ -14,7 +14,7 @@ from infini_bench.errors import ConfigError
 from infini_bench.evaluate import streamed_hits
 from infini_bench.model import build_model
 from infini_bench.tracking import Run
-from tasks.recall import Layout, RecallBatches, by_distance, make_batch, make_sample
+from tasks.recall import Layout, RecallBatches, by_distance, draw_samples, make_batch, make_sample
 from tasks.runner import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,19 @@ def config(*overrides):
 
 @pytest.mark.parametrize("pairs, gap", [(1, 0), (3, 1), (5, 2), (4, 3), (9, 1)])
 def test_a_sample_is_pairs_on_a_boundary_then_whole_filler_segments_then_the_keys_again(pairs, gap):
+    check_sample(make_sample(LAYOUT, pairs, gap, seed=7), 0, pairs, gap)
+    # A training batch is drawn rows at once: every row is a whole sample of its own, none mixed with another.
+    rows = draw_samples(LAYOUT, pairs, gap, 4, torch.Generator().manual_seed(7))
+    for row in range(4):
+        check_sample(rows, row, pairs, gap)
+    if pairs > 1:
+        assert len({tuple(r.tolist()) for r in rows.input_ids}) == 4
+
+
+def check_sample(s, row: int, pairs: int, gap: int) -> None:
+    """Row `row` of s checked token by token against the layout, in plain Python."""
     n, vocab = LAYOUT.segment_len, LAYOUT.vocab
-    s = make_sample(LAYOUT, pairs, gap, seed=7)
-    tokens = torch.cat([s.input_ids[0], s.labels[0, -1:]]).tolist()  # the whole sequence: inputs and the last value
+    tokens = torch.cat([s.input_ids[row], s.labels[row, -1:]]).tolist()  # the whole sequence: inputs, last value
     assert len(tokens) == LAYOUT.length(pairs, gap)
     region = -(-2 * pairs // n) * n  # the pairs end on a segment boundary
     pad, written, gap_tokens, asked = (tokens[: region - 2 * pairs], tokens[region - 2 * pairs: region],
@@ -43,12 +53,12 @@ def test_a_sample_is_pairs_on_a_boundary_then_whole_filler_segments_then_the_key
     pairs_written = dict(zip(keys, values))
     assert sorted(asked[0::2]) == sorted(keys) and [pairs_written[k] for k in asked[0::2]] == asked[1::2]
     # Labelled: the value after each query key, at the key's position; nothing else.
-    scored = (s.labels[0] != -100).nonzero().flatten().tolist()
+    scored = (s.labels[row] != -100).nonzero().flatten().tolist()
     assert scored == list(range(region + gap * n, len(tokens) - 1, 2))
-    assert s.labels[0, scored].tolist() == asked[1::2]
+    assert s.labels[row, scored].tolist() == asked[1::2]
     order = [keys.index(k) for k in asked[0::2]]
     back = [(p // n) - (region - 2 * pairs + 2 * i + 1) // n for p, i in zip(scored, order)]
-    assert s.segments_back[0].tolist() == back and min(back) >= gap + 1  # never the query's own segment
+    assert s.segments_back[row].tolist() == back and min(back) >= gap + 1  # never the query's own segment
 
 
 def test_samples_are_pure_functions_of_their_seed_and_differ_across_gaps_only_in_distance():
