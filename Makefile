@@ -102,7 +102,7 @@ ablations-mini: ## Infini-attention's ablations on the Table 2 recipe, two seeds
 	$(MAKE) report
 
 # Associative recall across segments (docs/RECALL.md), a diagnostic beyond the paper: every memory with seeds 0
-# and 1 on experiment=recall_gpu, five runs side by side per GPU (each trains 400 s and peaked at 12-26 GiB on an
+# and 1 on experiment=recall_gpu, seven runs side by side per GPU (each trains 400 s and peaked at 2-4 GiB on an
 # H200, docs/RECALL.md); each evaluates pairs 8-512 by gaps 1-16 segments.
 RECALL_SEEDS ?= 0 1
 # Memorizing's store holds 4,096 tokens here, not the paper's 65,000: the longest sample is 2,560 tokens, so nothing
@@ -112,7 +112,7 @@ RECALL_KNN_SIZE = 4096
 EACH_MEMORY_RECALL = $(foreach m,$(MEMORIES),$(foreach s,$(RECALL_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)$(if $(filter memorizing,$(m)), memory.knn_size=$(RECALL_KNN_SIZE))"))
 
 recall-grid: ## associative recall (pairs x gap) for every memory, seeds 0 and 1, on one GPU's budget (docs/RECALL.md)
-	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 5 --budget 480 $(EACH_MEMORY_RECALL) -- $(ARGS)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 7 --budget 490 $(EACH_MEMORY_RECALL) -- $(ARGS)
 
 # Figure 4's direction at one-GPU scale: every memory in conf/memory/ (full too: the 4-layer model's whole KV cache
 # at 32K is 128 MiB) with seeds 0 and 1 on experiment=booksum_gpu, three runs side by side per GPU, each stopped at

@@ -2,7 +2,8 @@
 only the memory can carry the pairs. A diagnostic beyond the paper (docs/RECALL.md).
 
 A sample is `pairs` key-value token pairs, ending on a segment boundary; then `gap` whole segments of filler; then
-every key again, in a random order, each followed by its value. Only those values are scored. The queries start
+every key again, in a random order, each followed by a filler token: the value it asks for is the label at the key's
+position, scored and never shown, so no answer can be inferred from the answers before it. The queries start
 at least one segment after the last pair, so a model that sees only its own segment (memory=none) is at chance,
 1 / task.vocab, by construction; Transformer-XL's one cached segment reaches the last segment of pairs at gap 0.
 Token ids are used directly, no text: keys from [0, vocab), values from [vocab, 2 vocab), filler from
@@ -62,16 +63,20 @@ def draw_samples(layout: Layout, pairs: int, gap: int, rows: int, g: torch.Gener
     samples from one generator state differ across gaps only in the distance."""
     n, vocab = layout.segment_len, layout.vocab
     keys = torch.rand(rows, vocab, generator=g).topk(pairs, 1).indices  # distinct, in a random order
-    values = vocab + torch.randint(vocab, (rows, pairs), generator=g)  # with replacement: earlier answers tell nothing
+    values = vocab + torch.randint(vocab, (rows, pairs), generator=g)  # with replacement
     order = torch.rand(rows, pairs, generator=g).argsort(1)
+    slots = 2 * vocab + torch.randint(layout.filler, (rows, pairs), generator=g)  # in place of the answers
     pad = -(-2 * pairs // n) * n - 2 * pairs  # filler before the pairs, so they end on a segment boundary
     noise = 2 * vocab + torch.randint(layout.filler, (rows, pad + gap * n), generator=g)
     written = torch.stack([keys, values], 2).flatten(1)
-    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], 2).flatten(1)
+    # The answers are scored but never shown: after each query key comes a filler token, not its value. Shown
+    # (teacher-forced), they would let a model that never looks a key up answer by elimination, naming a value
+    # written but not yet asked for: at P pairs that scores H(P) / P (0.34 at 8 pairs), well above 1 / P.
+    queries = torch.stack([keys.gather(1, order), slots], 2).flatten(1)
     tokens = torch.cat([noise[:, :pad], written, noise[:, pad:], queries], 1)
     first = layout.length(pairs, gap) - 2 * pairs  # position of the first query key
     targets = torch.full_like(tokens, -100)
-    targets[:, first + 1::2] = tokens[:, first + 1::2]
+    targets[:, first + 1::2] = values.gather(1, order)
     read = first + 2 * torch.arange(pairs)  # where each value is predicted
     back = read // n - (pad + 2 * order + 1) // n  # segments from where that value was written
     return RecallBatch(tokens[:, :-1], targets[:, 1:], back)

@@ -40,8 +40,8 @@ def test_a_sample_is_pairs_on_a_boundary_then_whole_filler_segments_then_the_key
 def check_sample(s, row: int, pairs: int, gap: int) -> None:
     """Row `row` of s checked token by token against the layout, in plain Python."""
     n, vocab = LAYOUT.segment_len, LAYOUT.vocab
-    tokens = torch.cat([s.input_ids[row], s.labels[row, -1:]]).tolist()  # the whole sequence: inputs, last value
-    assert len(tokens) == LAYOUT.length(pairs, gap)
+    tokens = s.input_ids[row].tolist()  # the whole sequence but its last token, the slot after the last query
+    assert len(tokens) == LAYOUT.length(pairs, gap) - 1
     region = -(-2 * pairs // n) * n  # the pairs end on a segment boundary
     pad, written, gap_tokens, asked = (tokens[: region - 2 * pairs], tokens[region - 2 * pairs: region],
                                        tokens[region: region + gap * n], tokens[region + gap * n:])
@@ -50,15 +50,33 @@ def check_sample(s, row: int, pairs: int, gap: int) -> None:
     assert all(t in filler for t in pad + gap_tokens) and len(gap_tokens) == gap * n
     assert len(set(keys)) == pairs and all(0 <= k < vocab for k in keys)  # distinct keys, ranges disjoint
     assert all(vocab <= v < 2 * vocab for v in values)
+    assert sorted(asked[0::2]) == sorted(keys)
+    assert all(t in filler for t in asked[1::2])  # after each query key a filler token: no answer is shown
+    # Labelled: at each query key's position, the value written with that key; nothing else.
     pairs_written = dict(zip(keys, values))
-    assert sorted(asked[0::2]) == sorted(keys) and [pairs_written[k] for k in asked[0::2]] == asked[1::2]
-    # Labelled: the value after each query key, at the key's position; nothing else.
     scored = (s.labels[row] != -100).nonzero().flatten().tolist()
-    assert scored == list(range(region + gap * n, len(tokens) - 1, 2))
-    assert s.labels[row, scored].tolist() == asked[1::2]
+    assert scored == list(range(region + gap * n, len(tokens), 2))
+    assert s.labels[row, scored].tolist() == [pairs_written[k] for k in asked[0::2]]
     order = [keys.index(k) for k in asked[0::2]]
     back = [(p // n) - (region - 2 * pairs + 2 * i + 1) // n for p, i in zip(scored, order)]
     assert s.segments_back[row].tolist() == back and min(back) >= gap + 1  # never the query's own segment
+
+
+def test_answering_by_elimination_does_no_better_than_guessing_among_the_values_written():
+    """A model that never looks a key up could still answer by elimination if the answers were shown: name a
+    value written but not yet seen after a query. That scores H(P) / P (0.34 at 8 pairs) where guessing among the
+    written values scores 1 / P. With no answer in the inputs it is guessing."""
+    layout, pairs, hits, total = Layout(segment_len=16, vocab=64, filler=8), 8, 0, 0
+    batch = draw_samples(layout, pairs, 1, 500, torch.Generator().manual_seed(0))
+    first = layout.length(pairs, 1) - 2 * pairs
+    for tokens, labels in zip(batch.input_ids.tolist(), batch.labels.tolist()):
+        written = tokens[first - 2 * layout.segment_len + 1: first - layout.segment_len: 2]  # gap 1: one segment
+        for t in range(first, len(tokens), 2):
+            shown = set(tokens[first: t + 1])
+            guess = next((v for v in written if v not in shown), written[0])
+            hits += guess == labels[t]
+            total += 1
+    assert total == 500 * pairs and abs(hits / total - 1 / pairs) < 0.03, hits / total
 
 
 def test_samples_are_pure_functions_of_their_seed_and_differ_across_gaps_only_in_distance():
