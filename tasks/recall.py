@@ -94,17 +94,19 @@ def make_batch(layout: Layout, pairs: int, gap: int, seeds: Sequence[int]) -> Re
 
 class RecallBatches:
     """The trainer's batch_fn: micro-batch i holds `batch_size` samples of one (pairs, gap), a pure function of
-    (seed, i), so a resumed run sees the same batches. Pairs are drawn log-uniformly from 1 to `pairs` (each octave
-    as often as the next: the few-pair samples, where the lookup is learned first, stay common at a maximum of
-    512), the gap uniformly from 0 to `gap` segments: every distance up to the evaluated ones, the short ones too.
-    """
+    (seed, i), so a resumed run sees the same batches. Pairs are drawn log-uniformly from `min_pairs` to `pairs`
+    (each octave as often as the next), the gap uniformly from 0 to `gap` segments: every distance up to the
+    evaluated ones, the short ones too. Below two pairs, copying the one value seen is always right: a floor of
+    several pairs leaves copying nothing to gain over a lookup."""
 
-    def __init__(self, layout: Layout, pairs: int, gap: int, batch_size: int, seed: int):
+    def __init__(self, layout: Layout, pairs: int, gap: int, batch_size: int, seed: int, min_pairs: int = 1):
         self.layout, self.pairs, self.gap, self.batch_size, self.seed = layout, pairs, gap, batch_size, seed
+        self.min_pairs = min_pairs
 
     def __call__(self, i: int) -> dict[str, Tensor]:
         rng = random.Random(f"recall-train:{self.seed}:{i}")  # str seeds hash with SHA-512: stable across runs
-        pairs = min(self.pairs, int(math.exp(rng.uniform(0.0, math.log(self.pairs + 1)))))
+        low, high = math.log(self.min_pairs), math.log(self.pairs + 1)
+        pairs = min(self.pairs, int(math.exp(rng.uniform(low, high))))
         gap = rng.randint(0, self.gap)
         g = torch.Generator().manual_seed(rng.getrandbits(62))
         batch = draw_samples(self.layout, pairs, gap, self.batch_size, g)
@@ -172,6 +174,9 @@ def check_config(t: DictConfig) -> None:
     for key, low in (("vocab", 1), ("filler", 1), ("pairs", 1), ("gap_segments", 0), ("samples", 1),
                      ("eval_batch", 1), ("val_samples", 1), ("seed", 0)):
         check_int(f"task.{key}", t[key], low)
+    check_int("task.min_pairs", t.min_pairs, 1)
+    if t.min_pairs > t.pairs:
+        raise ConfigError("task.min_pairs", f"{t.min_pairs} is more than task.pairs={t.pairs}")
     for key, counts in (("pairs", [t.pairs]), ("eval_pairs", _int_list(t, "eval_pairs", 1))):
         if max(counts) > t.vocab:
             raise ConfigError(f"task.{key}", f"{max(counts)} pairs need as many distinct keys, more than "
@@ -204,7 +209,8 @@ class Recall(Task):
         tcfg = self.tcfg
         if not tcfg.steps:
             return no_batches
-        return RecallBatches(self.layout, self.t.pairs, self.t.gap_segments, tcfg.batch_size, tcfg.seed)
+        return RecallBatches(self.layout, self.t.pairs, self.t.gap_segments, tcfg.batch_size, tcfg.seed,
+                             self.t.min_pairs)
 
     def _cells(self, model: SegmentTransformer, cells: Sequence[tuple[int, int]], samples: int):
         with gathered(model) as whole:  # under FSDP: a whole replica

@@ -93,6 +93,8 @@ def test_samples_are_pure_functions_of_their_seed_and_differ_across_gaps_only_in
     counts = {int((b["labels"][0] != -100).sum()) for b in drawn}
     lengths = {b["input_ids"].shape[1] for b in drawn}
     assert counts == set(range(1, 7))  # every count up to the maximum
+    floor = RecallBatches(LAYOUT, pairs=6, gap=2, batch_size=3, seed=0, min_pairs=3)
+    assert {int((floor(i)["labels"][0] != -100).sum()) for i in range(200)} == {3, 4, 5, 6}
     assert {LAYOUT.length(p, g) - 1 for p in (1, 6) for g in (0, 2)} <= lengths  # every gap up to the maximum
 
 
@@ -140,6 +142,7 @@ def test_only_a_memory_reaches_the_pairs(memory, low, high, tmp_path):
     (["task.eval_pairs=[8,100]"], "task.eval_pairs: 100 pairs need as many distinct keys, more than task.vocab=64"),
     (["task.eval_gaps=[]"], "task.eval_gaps: [] must be a non-empty list of integers >= 0"),
     (["task.gap_segments=-1"], "task.gap_segments: -1 must be an integer >= 0"),
+    (["task.min_pairs=9", "task.pairs=8"], "task.min_pairs: 9 is more than task.pairs=8"),
 ])
 def test_a_bad_value_is_one_line_naming_its_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as err:
