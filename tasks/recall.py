@@ -171,10 +171,9 @@ def _int_list(t: DictConfig, key: str, low: int) -> list[int]:
 
 def check_config(t: DictConfig) -> None:
     """The values that need no model: counts, and pair counts the key range can hold (keys are distinct)."""
-    for key, low in (("vocab", 1), ("filler", 1), ("pairs", 1), ("gap_segments", 0), ("samples", 1),
-                     ("eval_batch", 1), ("val_samples", 1), ("seed", 0)):
+    for key, low in (("vocab", 1), ("filler", 1), ("pairs", 1), ("min_pairs", 1), ("gap_segments", 0),
+                     ("samples", 1), ("eval_batch", 1), ("val_samples", 1), ("seed", 0)):
         check_int(f"task.{key}", t[key], low)
-    check_int("task.min_pairs", t.min_pairs, 1)
     if t.min_pairs > t.pairs:
         raise ConfigError("task.min_pairs", f"{t.min_pairs} is more than task.pairs={t.pairs}")
     for key, counts in (("pairs", [t.pairs]), ("eval_pairs", _int_list(t, "eval_pairs", 1))):
