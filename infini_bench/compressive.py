@@ -47,8 +47,12 @@ class MemoryState(NamedTuple):
 
 
 def sigma(x: Tensor) -> Tensor:
-    """ELU + 1, the memory's non-negative feature map (Eq. 7), in x's dtype (two passes, one allocation)."""
-    return F.elu(x).add_(1.0)  # elu's backward reads its input, so adding in place is safe
+    """ELU + 1, the memory's non-negative feature map (Eq. 7), in x's dtype: x + 1 above zero, exp(x) at or below.
+
+    Written so rather than as elu(x) + 1, which cancels in bf16: there exp(x) - 1 + 1 is exactly 0 for x <= -7
+    (and a query with every component that low reads 0 / 0), and coarse above. The same function and gradient
+    (1 at x = 0); the clamp keeps the branch not taken finite, so its zero gradient stays zero."""
+    return torch.where(x > 0, x + 1, x.clamp(max=0).exp())
 
 
 def normalize_read(a_mem: Tensor, scale: Tensor) -> Tensor:

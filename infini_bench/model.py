@@ -15,11 +15,12 @@ from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from infini_bench.attention import Context
 from infini_bench.blocks import Block, LocalCache, RMSNorm, Rotary, Rows
-from infini_bench.errors import check_choice
+from infini_bench.errors import ConfigError, check_choice
 from infini_bench.memories import memory_class, resolve_args
 from infini_bench.model_config import FLAVOURS, ModelConfig
 
@@ -45,6 +46,8 @@ class SegmentTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(cfg)
+        # cfg.token_shift: zero at init, so the model starts as the plain decoder (no decay: one number a channel)
+        self.token_shift = nn.Parameter(torch.zeros(cfg.dim)) if cfg.token_shift else None
         stack = memory_class(cfg.memory).stack
         # A memory that changes the stack (RMT's memory tokens): the segment loop asks it for each segment's rows.
         self.stack_memory = stack(cfg, resolve_args(cfg.memory, cfg.memory_args)) if stack is not None else None
@@ -148,11 +151,24 @@ class SegmentTransformer(nn.Module):
         h, _ = self._blocks(input_ids, None, cache, pos + stack.rows)
         return h, states
 
+    def embed_tokens(self, input_ids: Tensor, decoding: bool = False) -> Tensor:
+        """input_ids (B, T) from a segment boundary -> their embeddings (B, T, dim); with cfg.token_shift, each plus
+        the learned share of the previous token's within its segment."""
+        x = self.embed(input_ids)
+        if self.token_shift is None:
+            return x
+        if decoding:
+            raise ConfigError("model.arch.token_shift", "true is for tasks scored without decoding (recall, "
+                              "passkey, lm); generation one token at a time needs false")
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        first = torch.arange(x.shape[1], device=x.device) % self.cfg.segment_len == 0
+        return x + self.token_shift * prev.masked_fill(first[:, None], 0.0)
+
     def _blocks(self, input_ids: Tensor, states: list | None, cache: list[LocalCache] | None,
                 pos: int | Tensor) -> tuple[Tensor, list]:
         """The per-layer path of hidden(): every block with its own memory state."""
         states = list(states) if states is not None else [None] * self.cfg.n_layers
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids, decoding=cache is not None)
         for i, layer in enumerate(self.layers):
             c = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and c is None:
@@ -165,7 +181,7 @@ class SegmentTransformer(nn.Module):
         """The stack memory's path of hidden() from a segment boundary: one segment at a time through
         stack_segment, the state carried between them."""
         stack, n = self.stack_memory, self.cfg.segment_len
-        x = self.embed(input_ids)  # (B, T, dim)
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
         state = stack.start(x.shape[0]) if state is None else state
         recompute = self.training and torch.is_grad_enabled() and (self.cfg.activation_checkpointing or stack.recompute)
         outs = []

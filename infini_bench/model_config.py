@@ -28,6 +28,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     activation_checkpointing: bool = False
+    # Add a learned per-channel share of the previous token's embedding to each token's, within a segment (a
+    # segment's first token gets none, so nothing crosses a boundary). Not in the paper or any Llama checkpoint:
+    # an option for synthetic probes (task=recall), where it spares a model the previous-token attention a key
+    # lookup otherwise has to form first, as the short convolution before Zoology's MQAR models does.
+    token_shift: bool = False
 
     def __post_init__(self) -> None:
         resolve_args(self.memory, self.memory_args)  # a registered name and only its own parameters
@@ -44,7 +49,7 @@ class ModelConfig:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) + self.n_heads
         block = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
-        return self.n_layers * block + emb + self.dim
+        return self.n_layers * block + emb + self.dim * (2 if self.token_shift else 1)
 
 
 

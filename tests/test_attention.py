@@ -255,3 +255,22 @@ def test_single_segment_read_write_match_the_sequence_call(rule):
             torch.testing.assert_close(mixed, whole[:, :, sl], rtol=1e-5, atol=1e-5)
         state = memory_write(k[:, :, sl], v[:, :, sl], rule, state)
     torch.testing.assert_close(state.M, state_whole.M)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_bf16_queries_far_below_zero_read_a_finite_memory(rule):
+    """ELU + 1 computed as elu(x) + 1 cancels in bf16: for x <= -7 it is exactly 0 (exp(-7) = 9e-4 is below half of
+    bf16's spacing at 1), so a query with every component that low read 0 / 0. A linear-memory recall model on an
+    H200 (bf16) reached that at step 1,708 and its loss became NaN. The feature map must stay exp(x) there."""
+    from infini_bench.compressive import memory_read, memory_write, sigma
+
+    x = torch.tensor([-7.0, -9.0, -20.0, -3.0, 0.5])
+    torch.testing.assert_close(sigma(x.bfloat16()).float(), torch.where(x > 0, x + 1, x.exp()), rtol=1e-2, atol=0)
+    q, k, v, _ = make_inputs(4, 2, t=16)
+    state = memory_write(k.bfloat16(), v.bfloat16(), rule, None)
+    low = (q - 12.0).bfloat16()  # every component at or below -7
+    a_mem = memory_read(low, state)
+    assert torch.isfinite(a_mem).all()
+    sq = torch.exp(low.double()).view(2, 2, 2, 16, 8)  # ELU + 1 is exp(x) for x < 0
+    ref = ((sq @ state.M.double().unsqueeze(2)) / (sq @ state.z.double().view(2, 2, 1, 8, 1))).view(2, 4, 16, 8)
+    assert ((a_mem.double() - ref).abs().max() / ref.abs().max()) < 2e-2

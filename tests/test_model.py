@@ -154,3 +154,52 @@ def test_compiled_blocks_stream_the_same_function():
     assert traced[0] is False and any(traced[1:])  # eager first, then through the compiler
     torch.testing.assert_close(streamed, expected, rtol=1e-5, atol=1e-5)
     assert [n for n, _ in model.named_parameters()] == names
+
+
+def shifted(rule: str):
+    """A tiny model with token_shift and a shift far from its zero initialisation."""
+    model = tiny(rule, token_shift=True)
+    with torch.no_grad():
+        model.token_shift.normal_(0, 1)
+    return model
+
+
+def test_token_shift_adds_the_previous_embedding_within_a_segment_only():
+    model, ids = shifted("linear").double(), tokens(40)
+    n, e, s = model.cfg.segment_len, model.embed.weight, model.token_shift
+    want = torch.stack([torch.stack([e[row[t]] + (s * e[row[t - 1]] if t % n else 0) for t in range(len(row))])
+                        for row in ids])  # a loop over positions: no shift at 0, 16, 32
+    torch.testing.assert_close(model.embed_tokens(ids), want)
+    assert not torch.equal(want, e[ids])  # the shift changes the inputs the blocks see
+
+
+@pytest.mark.parametrize("rule", ["linear", "full", "rmt"])
+def test_token_shift_parallel_equals_streaming(rule):
+    model, ids = shifted(rule), tokens(100)
+    with torch.no_grad():
+        parallel = model(ids).logits
+        plain = build_model("tiny", memory=rule, segment_len=16)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "token_shift"})
+        assert not torch.allclose(plain.eval()(ids).logits, parallel, atol=1e-3)  # the shift is wired in
+    torch.testing.assert_close(model.stream(ids).logits, parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_token_shift_starts_at_zero_and_counts_as_a_parameter():
+    model = tiny("linear", token_shift=True)
+    plain = tiny("linear")
+    ids = tokens(40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits)  # the same draws, and a shift of zero
+    assert model.cfg.num_params() == plain.cfg.num_params() + model.cfg.dim
+    assert model.cfg.num_params() - sum(p.numel() for p in model.parameters()) == \
+        plain.cfg.num_params() - sum(p.numel() for p in plain.parameters())
+
+
+def test_token_shift_refuses_decoding():
+    from infini_bench.blocks import LocalCache
+    from infini_bench.errors import ConfigError
+
+    model = shifted("linear")
+    cache = [LocalCache(torch.zeros(2, 4, 16, 32), torch.zeros(2, 4, 16, 32)) for _ in model.layers]
+    with pytest.raises(ConfigError, match="model.arch.token_shift"):
+        model.hidden(tokens(1), cache=cache, pos=3)
