@@ -157,9 +157,12 @@ def distance_axis(bins: list[int], first: int = 0) -> list[int]:
 
 
 def distance_ticks(ax: matplotlib.axes.Axes, axis: list[int], xlabel: str) -> None:
-    """The bins' ticks at 0, 1, ... (slanted when many) and the x label."""
-    slant = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if len(axis) > 8 else {}
-    ax.set_xticks(range(len(axis)), [distance_label(k) for k in axis], **slant)
+    """The bins' ticks at 0, 1, ... (slanted when many, or when wide labels such as 32-63 would touch) and the x
+    label."""
+    labels = [distance_label(k) for k in axis]
+    crowded = len(axis) > 8 or (len(axis) > 5 and max(map(len, labels)) > 3)
+    slant = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if crowded else {}
+    ax.set_xticks(range(len(axis)), labels, **slant)
     ax.set_xlim(-0.5, len(axis) - 0.5)
     ax.set_xlabel(xlabel)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from infini_bench.memories import memory_names
 from infini_bench.paper import TABLE2, TABLE3_LENGTHS
 from infini_bench.report import build_report
 from infini_bench.report.runs import find_results
@@ -375,7 +376,8 @@ def test_recall_runs_get_their_own_table_in_memory_order_with_accuracy_by_gap_an
     def recall_run(memory: str, seed: int, by_gap: dict[int, float], by_pairs: dict[int, float]) -> None:
         results = {"recall/acc": sum(by_gap.values()) / len(by_gap), "recall/chance": 1 / 1024,
                    **{f"recall/acc@gap={g}": a for g, a in by_gap.items()},
-                   **{f"recall/acc@pairs={p}": a for p, a in by_pairs.items()}}
+                   **{f"recall/acc@pairs={p}": a for p, a in by_pairs.items()},
+                   **{f"recall/acc@pairs={p},gap={g}": a for p, a in by_pairs.items() for g in by_gap}}  # cells
         config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory}, "model": {"name": "tiny"},
                   "task": {"name": "recall"}, "trainer": {"steps": 10}}
         folder = tmp_path / f"{memory}-s{seed}"
@@ -516,3 +518,34 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
     hub = text.split("#### hub books (validation)")[1].split("\n#### ")[0].split("\n## ")[0]
     assert cells(hub, header, "| linear |")["512"] == "20.5 ± 0.5" and "oracle" not in hub
+
+
+def test_distance_figure_tick_labels_never_touch_and_its_title_gives_the_range_of_steps(tmp_path, monkeypatch):
+    """Seven memories put the legend beside the axes; eight bins up to 64-127 must still read one by one."""
+    from infini_bench import plots
+
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "REPORT.md"
+    bins = [(1, 1, 0.9), (2, 3, 0.8), (4, 7, 0.7), (8, 15, 0.6), (16, 31, 0.5), (32, 63, 0.4), (64, 127, 0.3)]
+    steps = {m: 1000 + 100 * i for i, m in enumerate(memory_names())}
+    for memory, n in steps.items():
+        for seed in (0, 1):  # legend entries as long as a grid's: "... (mean of 2 seeds)"
+            _distance_run(runs, "recall", memory, seed, bins)
+            path = runs / f"recall-{memory}-s{seed}" / "results.json"
+            record = json.loads(path.read_text())
+            record["results"]["train/steps"] = n
+            path.write_text(json.dumps(record))
+    boxes, titles, save = {}, {}, plots.save_figure
+
+    def capture(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes[Path(path).name] = ([t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()], fig.dpi)
+        titles[Path(path).name] = fig.axes[0].get_title()
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    build_report(find_results([runs]), out)
+    ticks, dpi = boxes["recall_by_distance_1.png"]
+    assert len(ticks) == len(bins)
+    assert all(b.x0 - a.x1 >= 0.1 * dpi for a, b in zip(ticks, ticks[1:]))  # a tenth of an inch apart at least
+    assert f"{min(steps.values())}-{max(steps.values())} steps" in titles["recall_by_distance_1.png"]

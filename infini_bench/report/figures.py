@@ -133,10 +133,13 @@ DISTANCE = {"passkey": ("passkey/by_segments_back", "the key and the question", 
             "recall": ("recall/by_segments_back", "a pair and its query", 1)}
 
 
-def _recipe_label(r: dict) -> str:
-    """A figure's short name for the recipe of run `r`: model, segment length and steps."""
-    c = r["config"]
-    return f"{c['model']['name']}, N={c['model'].get('segment_len')}, {r['results'].get('train/steps') or 0} steps"
+def _recipe_label(runs: list[dict]) -> str:
+    """A figure's short name for the recipe of `runs`: model, segment length and steps (a range where a time
+    budget gave the runs different counts)."""
+    c = runs[0]["config"]
+    steps = sorted({r["results"].get("train/steps") or 0 for r in runs})
+    count = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    return f"{c['model']['name']}, N={c['model'].get('segment_len')}, {count} steps"
 
 
 def distance_by_memory(by_arm: dict[str, list[dict]], task: str, path: Path, title: str) -> Path:
@@ -159,7 +162,8 @@ def distance_by_memory(by_arm: dict[str, list[dict]], task: str, path: Path, tit
         name = label if seeds == 1 else f"{label} (mean of {seeds} seeds)"
         means[name] = ({k: 100 * sum(v) / len(v) for k, v in per_bin.items()}, memories[label])
     axis = distance_axis(sorted({k for bins, _ in means.values() for k in bins}), first)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(axis) + 2), 4), layout="constrained")
+    beside = len(means) > LEGEND_INSIDE  # the legend beside the axes, which keep their width
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(axis) + 2) + 3.5 * beside, 4), layout="constrained")
     draw_lines(ax, {name: [bins.get(k) for k in axis] for name, (bins, _) in means.items()},
                list(range(len(axis))), {name: memory for name, (_, memory) in means.items()})
     chances = {r["results"].get(f"{task}/chance") for runs in by_arm.values() for r in runs} - {None}
@@ -170,7 +174,7 @@ def distance_by_memory(by_arm: dict[str, list[dict]], task: str, path: Path, tit
     ax.set_ylabel(f"{'token ' if task == 'passkey' else ''}accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(means) > LEGEND_INSIDE:
+    if beside:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     else:
         ax.legend(fontsize=8)
@@ -191,7 +195,7 @@ def distance_figures(results: list[dict], task: str, out: Path | None) -> list[s
              "4-7, ... of segments, a gap where a memory had no sample; a memory run with several seeds is drawn at "
              "the mean of their accuracies in each bin, and its legend says how many.", ""]
     for i, by_arm in enumerate(groups.values()):
-        recipe = _recipe_label(next(iter(by_arm.values()))[0])
+        recipe = _recipe_label([r for runs in by_arm.values() for r in runs])
         path = out.parent / "report_img" / f"{task}_by_distance_{i + 1}.png"
         distance_by_memory(by_arm, task, path, f"{task}: accuracy by distance ({recipe})")
         lines += [f"![{task} by distance: {recipe}]({os.path.relpath(path, out.parent)})", ""]

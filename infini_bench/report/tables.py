@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from infini_bench.memories import memory_names
@@ -135,8 +136,12 @@ def recall_table(results: list[dict], out: Path | None = None) -> list[str]:
         return []
     order = {m: i for i, m in enumerate(memory_names())}
     runs = sorted(runs, key=lambda r: (order.get(r["config"]["memory"]["name"], len(order)), r["config"].get("seed", 0)))
-    gaps = sorted({int(k.split("=")[1]) for r in runs for k in r["results"] if k.startswith("recall/acc@gap=")})
-    pairs = sorted({int(k.split("=")[1]) for r in runs for k in r["results"] if k.startswith("recall/acc@pairs=")})
+
+    def axis(name: str) -> list[int]:  # the values of recall/acc@<name>=V, not the cells' recall/acc@pairs=P,gap=G
+        found = (re.fullmatch(rf"recall/acc@{name}=(\d+)", k) for r in runs for k in r["results"])
+        return sorted({int(m[1]) for m in found if m})
+
+    gaps, pairs = axis("gap"), axis("pairs")
     lines = ["## Associative recall across segments (beyond the paper), accuracy %", "",
              "Key-value pairs, then whole segments of filler (the gap), then every key again: a value is recalled "
              "only through what the memory carried across the gap, so local attention alone is at chance. "
