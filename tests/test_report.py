@@ -549,3 +549,35 @@ def test_distance_figure_tick_labels_never_touch_and_its_title_gives_the_range_o
     assert len(ticks) == len(bins)
     assert all(b.x0 - a.x1 >= 0.1 * dpi for a, b in zip(ticks, ticks[1:]))  # a tenth of an inch apart at least
     assert f"{min(steps.values())}-{max(steps.values())} steps" in titles["recall_by_distance_1.png"]
+
+
+def test_recall_capacity_figure_draws_each_memory_at_its_seeds_mean_beside_copying(tmp_path, monkeypatch):
+    from infini_bench import plots
+
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "REPORT.md"
+    by_seed = {("linear", 0): (0.9, 0.5), ("linear", 1): (0.7, 0.3), ("none", 0): (0.002, 0.001)}
+    for (memory, seed), (at8, at32) in by_seed.items():
+        _distance_run(runs, "recall", memory, seed, [(1, 1, 0.5)])
+        path = runs / f"recall-{memory}-s{seed}" / "results.json"
+        record = json.loads(path.read_text())
+        record["results"].update({"recall/acc@pairs=8": at8, "recall/acc@pairs=32": at32,
+                                  "recall/acc@pairs=8,gap=1": 0.0})  # a cell: not a point of the figure
+        path.write_text(json.dumps(record))
+    drawn, save = {}, plots.save_figure
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        drawn[Path(path).name] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                                  for line in ax.get_lines()}
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", capture)
+    text = build_report(find_results([runs]), out)
+    lines = drawn["recall_by_pairs_1.png"]
+    xs, ys = lines["linear (mean of 2 seeds)"]
+    assert xs == [8, 32] and ys == pytest.approx([80.0, 40.0])
+    assert lines["none"][1] == pytest.approx([0.2, 0.1])
+    assert lines["copying: 1 / pairs"][1] == pytest.approx([12.5, 3.125])
+    assert lines["chance: 1 / vocab"][1] == pytest.approx([10.0, 10.0])
+    section = text.split("## Associative recall")[1].split("\n## ")[0]
+    assert "(report_img/recall_by_pairs_1.png)" in section

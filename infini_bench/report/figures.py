@@ -202,6 +202,46 @@ def distance_figures(results: list[dict], task: str, out: Path | None) -> list[s
     return lines[:-1]
 
 
+def recall_by_pairs(results: list[dict], out: Path | None) -> list[str]:
+    """task=recall's capacity: accuracy against the pairs stored (mean over the gaps, `recall/acc@pairs=P`), one line
+    per memory or arm at the mean of its seeds, beside copying (1 / P: a value written, taken at random) and
+    chance; one figure per recipe, like `distance_figures`. Returns the markdown that shows them, or nothing."""
+    from infini_bench.plots import line_plot
+
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in _by_task(results, "recall"):
+        groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    if out is None or not groups:
+        return []
+    lines = ["", "Accuracy against the pairs a sample stores (each the mean over the gaps), every memory on one "
+             "axis: copying is a value of the sample taken at random (1 / pairs), which a model that never looks a "
+             "key up can reach.", ""]
+    for i, by_arm in enumerate(groups.values()):
+        runs = [r for rs in by_arm.values() for r in rs]
+        pairs = sorted({int(k.split("=")[1]) for r in runs for k in r["results"]
+                        if k.startswith("recall/acc@pairs=") and "," not in k})
+        if not pairs:
+            continue
+        series, colours, memories = {}, {}, _memory_of(by_arm)
+        for label in arms_in_order(by_arm):
+            seeds = by_arm[label]
+            name = label if len(seeds) == 1 else f"{label} (mean of {len(seeds)} seeds)"
+            values = [[r["results"].get(f"recall/acc@pairs={p}") for r in seeds] for p in pairs]
+            series[name] = [100 * sum(v) / len(v) if None not in v else None for v in values]
+            colours[name] = memories[label]
+        references = {"copying: 1 / pairs": [100 / p for p in pairs]}
+        chances = {r["results"].get("recall/chance") for r in runs} - {None}
+        if len(chances) == 1:
+            references["chance: 1 / vocab"] = [100 * chances.pop()] * len(pairs)
+        recipe = _recipe_label(runs)
+        path = out.parent / "report_img" / f"recall_by_pairs_{i + 1}.png"
+        line_plot(series, path, "key-value pairs in the sample", "accuracy (%)",
+                  f"recall: accuracy by pairs stored ({recipe})", x=pairs, logx=True, ymin=-5, ymax=105,
+                  memories=colours, references=references)
+        lines += [f"![recall by pairs: {recipe}]({os.path.relpath(path, out.parent)})", ""]
+    return lines[:-1] if len(lines) > 3 else []
+
+
 # ---- figures across runs, and the report's Figures section -----------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
-from infini_bench.report.figures import distance_figures
+from infini_bench.report.figures import distance_figures, recall_by_pairs
 from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, sources
 from infini_bench.report.seeds import _mean_spread, _setting, arm, arms_in_order
 
@@ -156,7 +156,7 @@ def recall_table(results: list[dict], out: Path | None = None) -> list[str]:
         lines.append(f"| {r['config']['memory']['name']} | {r['config'].get('seed', 0)} | "
                      f"{_fmt(_pct(res.get('recall/acc')), 1)} | {_fmt(_pct(res.get('recall/chance')), 1)} | "
                      + " | ".join(cells) + f" | {_ours(r, out)} |")
-    return lines + distance_figures(results, "recall", out)
+    return lines + recall_by_pairs(results, out) + distance_figures(results, "recall", out)
 
 
 # ---- Table 4 and Figure 4 --------------------------------------------------------------------------------------------
