@@ -102,8 +102,8 @@ ablations-mini: ## Infini-attention's ablations on the Table 2 recipe, two seeds
 	$(MAKE) report
 
 # Associative recall across segments (docs/RECALL.md), a diagnostic beyond the paper: every memory with seeds 0
-# and 1 on experiment=recall_gpu, seven runs side by side per GPU (each trains 400 s and peaked at 2-4 GiB on an
-# H200, docs/RECALL.md); each evaluates pairs 8-512 by gaps 1-16 segments.
+# and 1 on experiment=recall_gpu, seven runs side by side per GPU (each trains 400 s; on an H200 they peaked at
+# 2.2-3.3 GiB, RMT at 12.8, docs/RECALL.md); each evaluates pairs 8-512 by gaps 1-16 segments.
 RECALL_SEEDS ?= 0 1
 # Memorizing's store holds 4,096 tokens here, not the paper's 65,000: the longest sample is 2,560 tokens, so nothing
 # is ever evicted and every read is the same, while a step no longer allocates and copies a 65,000-slot store per
