@@ -102,10 +102,12 @@ class RMSNorm(nn.Module):
 
 
 class LocalCache(NamedTuple):
-    """The current segment's keys and values while decoding: k (B, H_kv, N, D) un-rotated, v (B, H_kv, N, D_v)."""
+    """The current segment's keys and values while decoding: k (B, H_kv, N, D) un-rotated, v (B, H_kv, N, D_v).
+    With cfg.token_shift the first layer's also keeps `prev` (B, 1, dim), the embedding of the last token fed."""
 
     k: Tensor
     v: Tensor
+    prev: Tensor | None = None
 
 
 class Rows(NamedTuple):

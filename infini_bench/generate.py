@@ -45,6 +45,8 @@ def new_state(model: SegmentTransformer, batch_size: int = 1) -> DecodeState:
     shape = (batch_size, cfg.n_kv_heads, (stack.rows if stack is not None else 0) + cfg.segment_len, cfg.head_dim)
     cache = [LocalCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
                         torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in range(cfg.n_layers)]
+    if cfg.token_shift:  # the previous token's embedding, for the shift of the next one
+        cache[0] = cache[0]._replace(prev=torch.zeros(batch_size, 1, cfg.dim, dtype=p.dtype, device=p.device))
     return DecodeState(None if stack is not None else [None] * cfg.n_layers, cache)
 
 
@@ -155,8 +157,11 @@ class StaticDecoder:
     def _warm_up_and_capture(self, capture: bool) -> None:
         """Two steps (kernel selection, lazy inits; on a side stream, as capturing needs), then the capture.
         They write the caches at the *next* position only, which the first real step overwrites before
-        anything reads it; they run on the CPU too, so the tests cover that."""
+        anything reads it (the token shift's previous embedding, which they overwrite too, is put back after
+        them); they run on the CPU too, so the tests cover that."""
         self.pos.fill_(self.state.pos)
+        carried = self.state.cache[0].prev
+        kept = carried.clone() if carried is not None else None
         side = torch.cuda.Stream() if capture else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
@@ -165,6 +170,9 @@ class StaticDecoder:
                 self._step()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
+        if kept is not None:
+            carried.copy_(kept)
+        if side is not None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._step()

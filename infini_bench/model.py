@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infini_bench.attention import Context
 from infini_bench.blocks import Block, LocalCache, RMSNorm, Rotary, Rows
-from infini_bench.errors import ConfigError, check_choice
+from infini_bench.errors import check_choice
 from infini_bench.memories import memory_class, resolve_args
 from infini_bench.model_config import FLAVOURS, ModelConfig
 
@@ -148,27 +148,37 @@ class SegmentTransformer(nn.Module):
             for c, kv in zip(cache, kvs):
                 c.k[:, :, :stack.rows] = kv.k
                 c.v[:, :, :stack.rows] = kv.v
-        h, _ = self._blocks(input_ids, None, cache, pos + stack.rows)
+        h, _ = self._blocks(input_ids, None, cache, pos + stack.rows, text_pos=pos)
         return h, states
 
-    def embed_tokens(self, input_ids: Tensor, decoding: bool = False) -> Tensor:
-        """input_ids (B, T) from a segment boundary -> their embeddings (B, T, dim); with cfg.token_shift, each plus
-        the learned share of the previous token's within its segment."""
+    def embed_tokens(self, input_ids: Tensor, cache: list[LocalCache] | None = None, pos: int | Tensor = 0) -> Tensor:
+        """input_ids (B, T) -> their embeddings (B, T, dim); with cfg.token_shift, each plus the learned share of the
+        previous token's within its segment. Without `cache`, T tokens from a segment boundary; with one, T tokens
+        at positions pos .. of the current segment, the token before them taken from (and the last of them left in)
+        the first layer's cache (`LocalCache.prev`, written in place: a CUDA graph replays the write)."""
         x = self.embed(input_ids)
         if self.token_shift is None:
             return x
-        if decoding:
-            raise ConfigError("model.arch.token_shift", "true is for tasks scored without decoding (recall, "
-                              "passkey, lm); generation one token at a time needs false")
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        first = torch.arange(x.shape[1], device=x.device) % self.cfg.segment_len == 0
+        at = torch.arange(x.shape[1], device=x.device)
+        if cache is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        else:
+            carried = cache[0].prev
+            if carried is None:
+                raise ValueError("model.arch.token_shift: the decoding cache has no room for the previous token "
+                                 "(make it with infini_bench.generate.new_state)")
+            prev = torch.cat([carried.to(x.dtype), x[:, :-1]], dim=1)
+            carried.copy_(x[:, -1:])
+            at = at + pos
+        first = at % self.cfg.segment_len == 0  # a segment's first token: nothing from before the boundary
         return x + self.token_shift * prev.masked_fill(first[:, None], 0.0)
 
     def _blocks(self, input_ids: Tensor, states: list | None, cache: list[LocalCache] | None,
-                pos: int | Tensor) -> tuple[Tensor, list]:
-        """The per-layer path of hidden(): every block with its own memory state."""
+                pos: int | Tensor, text_pos: int | Tensor | None = None) -> tuple[Tensor, list]:
+        """The per-layer path of hidden(): every block with its own memory state. `pos` is the first cache slot
+        the tokens fill; `text_pos`, their position in the segment where it differs (after a stack memory's rows)."""
         states = list(states) if states is not None else [None] * self.cfg.n_layers
-        x = self.embed_tokens(input_ids, decoding=cache is not None)
+        x = self.embed_tokens(input_ids, cache, pos if text_pos is None else text_pos)
         for i, layer in enumerate(self.layers):
             c = cache[i] if cache is not None else None
             if self.cfg.activation_checkpointing and self.training and c is None:

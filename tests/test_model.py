@@ -195,11 +195,23 @@ def test_token_shift_starts_at_zero_and_counts_as_a_parameter():
         plain.cfg.num_params() - sum(p.numel() for p in plain.parameters())
 
 
-def test_token_shift_refuses_decoding():
-    from infini_bench.blocks import LocalCache
-    from infini_bench.errors import ConfigError
+def test_token_shift_decodes_as_the_parallel_forward():
+    """Token by token, in uneven chunks and through the fixed-shape step a CUDA graph captures: the token before
+    each chunk comes from the cache, and a segment's first token still gets nothing from the one before it."""
+    from infini_bench.generate import StaticDecoder, decode_step, feed, new_state, prefill
 
-    model = shifted("linear")
-    cache = [LocalCache(torch.zeros(2, 4, 16, 32), torch.zeros(2, 4, 16, 32)) for _ in model.layers]
-    with pytest.raises(ConfigError, match="model.arch.token_shift"):
-        model.hidden(tokens(1), cache=cache, pos=3)
+    for rule in ("linear", "full", "rmt"):
+        model, ids = shifted(rule), tokens(70)
+        with torch.no_grad():
+            parallel = model(ids).logits
+        last, state = prefill(model, ids[:, :21])
+        steps = [last] + [decode_step(model, ids[:, t], state) for t in range(21, 70)]
+        torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 20:], rtol=1e-4, atol=1e-4)
+        state = new_state(model, 2)
+        chunks = [feed(model, ids[:, a:b], state, last_only=False) for a, b in [(0, 7), (7, 40), (40, 41), (41, 70)]]
+        torch.testing.assert_close(torch.cat(chunks, 1), parallel, rtol=1e-4, atol=1e-4)
+        if rule == "linear":  # a memory the fixed-shape step can hold
+            last, state = prefill(model, ids[:, :21])
+            decoder = StaticDecoder(model, state, graph=False)
+            steps = [last] + [decoder.step(ids[:, t]) for t in range(21, 70)]
+            torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 20:], rtol=1e-4, atol=1e-4)
