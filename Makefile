@@ -105,6 +105,9 @@ ablations-mini: ## Infini-attention's ablations on the Table 2 recipe, two seeds
 # and 1 on experiment=recall_gpu, seven runs side by side per GPU (each trains 400 s; on an H200 they peaked at
 # 2.2-3.3 GiB, RMT at 12.8, docs/RECALL.md); each evaluates pairs 8-512 by gaps 1-16 segments.
 RECALL_SEEDS ?= 0 1
+# Wall-clock seconds per run (400 of training, then the evaluation). An equal number of steps for every memory
+# instead: make recall-grid ARGS="trainer.time_budget_s=null trainer.steps=2600" RECALL_BUDGET=900
+RECALL_BUDGET ?= 490
 # Memorizing's store holds 4,096 tokens here, not the paper's 65,000: the longest sample is 2,560 tokens, so nothing
 # is ever evicted and every read is the same, while a step no longer allocates and copies a 65,000-slot store per
 # sample row (a training step of a small recall model on 2 CPU cores took 1.6-4.8 s with it, 0.19-0.25 s without).
@@ -112,7 +115,7 @@ RECALL_KNN_SIZE = 4096
 EACH_MEMORY_RECALL = $(foreach m,$(MEMORIES),$(foreach s,$(RECALL_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)$(if $(filter memorizing,$(m)), memory.knn_size=$(RECALL_KNN_SIZE))"))
 
 recall-grid: ## associative recall (pairs x gap) for every memory, seeds 0 and 1, on one GPU's budget (docs/RECALL.md)
-	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 7 --budget 490 $(EACH_MEMORY_RECALL) -- $(ARGS)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 7 --budget $(RECALL_BUDGET) $(EACH_MEMORY_RECALL) -- $(ARGS)
 
 # Figure 4's direction at one-GPU scale: every memory in conf/memory/ (full too: the 4-layer model's whole KV cache
 # at 32K is 128 MiB) with seeds 0 and 1 on experiment=booksum_gpu, three runs side by side per GPU, each stopped at
