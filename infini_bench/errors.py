@@ -15,6 +15,11 @@ def check_choice(key: str, value: object, choices: tuple | list) -> None:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def check_bool(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not one of true, false")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infini_bench.errors import ConfigError
+from infini_bench.errors import ConfigError, check_bool
 from infini_bench.memories import Footprint, memory_class, resolve_args
 
 
@@ -38,6 +38,7 @@ class ModelConfig:
         resolve_args(self.memory, self.memory_args)  # a registered name and only its own parameters
         if not isinstance(self.segment_len, int) or self.segment_len <= 0:
             raise ConfigError("model.segment_len", f"{self.segment_len!r} must be a positive integer")
+        check_bool("model.arch.token_shift", self.token_shift)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("model.n_heads", f"{self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
 

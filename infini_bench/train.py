@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from infini_bench import distributed
 from infini_bench.checkpoint import Checkpointer
-from infini_bench.errors import ConfigError, check_choice, check_int, check_positive, check_range
+from infini_bench.errors import ConfigError, check_bool, check_choice, check_int, check_positive, check_range
 from infini_bench.tracking import Run
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -92,8 +92,7 @@ class TrainConfig:
         for beta in self.betas:
             check_range("trainer.betas", beta, 0.0, 1.0, high_open=True)
         for key in ("resume", "progress", "compile"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"trainer.{key}", f"{getattr(self, key)!r} is not one of true, false")
+            check_bool(f"trainer.{key}", getattr(self, key))
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

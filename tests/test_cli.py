@@ -32,6 +32,7 @@ def cli(*args, tmp_path):
     (["task=lm", "trainer.stepz=3"], "trainer.stepz"),
     (["task=lm", "trainer.compile=maybe"], "trainer.compile: 'maybe' is not one of true, false"),
     (["task=lm", "model.arch={dimm:64}"], "model.arch.dimm: is not a model field"),
+    (["task=recall", "model.arch={token_shift:1}"], "model.arch.token_shift: 1 is not one of true, false"),
     (["task=lm", "task.mix={pg19:0}"], "task.mix.pg19: 0 must be a number > 0"),
     (["task=lm", "task.min_doc_tokens=-1"], "task.min_doc_tokens: -1 must be an integer >= 0"),
     (["task=lm", "task.train_documents=files"], "task.train_documents: 'files' is not one of package, file"),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from infini_bench.attention import lower_right
-from infini_bench.errors import ConfigError, check_int
+from infini_bench.errors import check_bool, check_int
 from infini_bench.memories.base import (Footprint, Memory, StackMemory, Work, causal_pairs, register_memory,
                                         segment_spans)
 
@@ -42,8 +42,7 @@ def check_args(args: dict[str, Any]) -> None:
     check_int("memory.num_mem_tokens", args["num_mem_tokens"])
     check_int("memory.bptt_depth", args["bptt_depth"])
     for key in ("causal", "checkpoint_segments"):
-        if not isinstance(args[key], bool):
-            raise ConfigError(f"memory.{key}", f"{args[key]!r} is not one of true, false")
+        check_bool(f"memory.{key}", args[key])
 
 
 def segment_mask(m: int, length: int, causal: bool, device: torch.device | None = None) -> Tensor:

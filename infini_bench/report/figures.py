@@ -5,11 +5,12 @@ and recall sections link their own: accuracy by distance, every memory on one ax
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from infini_bench.paper import length_label
 from infini_bench.report.runs import _by_task, _split, overrides, sources
-from infini_bench.report.seeds import _setting, arm, arms_in_order, final_gates, gate_trajectory, seed_groups
+from infini_bench.report.seeds import arms_in_order, by_setting, final_gates, gate_trajectory, seed_groups
 from infini_bench.tracking import read_metrics
 
 
@@ -142,6 +143,13 @@ def _recipe_label(runs: list[dict]) -> str:
     return f"{c['model']['name']}, N={c['model'].get('segment_len')}, {count} steps"
 
 
+def recall_axis(runs: list[dict], name: str) -> list[int]:
+    """The values V of recall/acc@<name>=V (name: pairs or gap) any of `runs` recorded, not the cells'
+    recall/acc@pairs=P,gap=G."""
+    found = (re.fullmatch(rf"recall/acc@{name}=(\d+)", k) for r in runs for k in r["results"])
+    return sorted({int(m[1]) for m in found if m})
+
+
 def distance_by_memory(by_arm: dict[str, list[dict]], task: str, path: Path, title: str) -> Path:
     """Accuracy (passkey: token accuracy) against segments between key and question, or pair and query: one line
     per memory or arm, all on one fixed power-of-two axis (`distance_axis`), a bin no sample fell in a gap. A
@@ -185,16 +193,13 @@ def distance_figures(results: list[dict], task: str, out: Path | None) -> list[s
     """The task's runs that recorded accuracy by distance, one figure per recipe (runs differing only in seed,
     memory and arm, `_setting`), written in report_img/; the markdown that shows them, or nothing."""
     key = DISTANCE[task][0]
-    groups: dict[str, dict[str, list[dict]]] = {}
-    for r in _by_task(results, task):
-        if r["results"].get(key):
-            groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    groups = list(by_setting([r for r in _by_task(results, task) if r["results"].get(key)]).values())
     if out is None or not groups:
         return []
     lines = ["", f"Accuracy against segments between {DISTANCE[task][1]}, every memory on one axis: bins 0, 1, 2-3, "
              "4-7, ... of segments, a gap where a memory had no sample; a memory run with several seeds is drawn at "
              "the mean of their accuracies in each bin, and its legend says how many.", ""]
-    for i, by_arm in enumerate(groups.values()):
+    for i, by_arm in enumerate(groups):
         recipe = _recipe_label([r for runs in by_arm.values() for r in runs])
         path = out.parent / "report_img" / f"{task}_by_distance_{i + 1}.png"
         distance_by_memory(by_arm, task, path, f"{task}: accuracy by distance ({recipe})")
@@ -208,18 +213,15 @@ def recall_by_pairs(results: list[dict], out: Path | None) -> list[str]:
     chance; one figure per recipe, like `distance_figures`. Returns the markdown that shows them, or nothing."""
     from infini_bench.plots import line_plot
 
-    groups: dict[str, dict[str, list[dict]]] = {}
-    for r in _by_task(results, "recall"):
-        groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    groups = list(by_setting(_by_task(results, "recall")).values())
     if out is None or not groups:
         return []
     lines = ["", "Accuracy against the pairs a sample stores (each the mean over the gaps), every memory on one "
              "axis: copying is a value of the sample taken at random (1 / pairs), which a model that never looks a "
              "key up can reach.", ""]
-    for i, by_arm in enumerate(groups.values()):
+    for i, by_arm in enumerate(groups):
         runs = [r for rs in by_arm.values() for r in rs]
-        pairs = sorted({int(k.split("=")[1]) for r in runs for k in r["results"]
-                        if k.startswith("recall/acc@pairs=") and "," not in k})
+        pairs = recall_axis(runs, "pairs")
         if not pairs:
             continue
         series, colours, memories = {}, {}, _memory_of(by_arm)

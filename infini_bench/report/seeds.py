@@ -63,12 +63,18 @@ def _micro_batches(run: dict) -> str:
     return f"{t.get('batch_size')} x {t.get('grad_accum', 1)}"
 
 
+def by_setting(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Runs that differ only in seed, memory and arm together: {setting: {arm: runs}}."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    return groups
+
+
 def seed_groups(results: list[dict]) -> dict[str, dict[str, list[dict]]]:
     """LM runs that differ only in seed, memory and arm: {setting: {arm: runs}}, for settings where some arm has
     two seeds or more (single runs stay in the per-run table above)."""
-    groups: dict[str, dict[str, list[dict]]] = {}
-    for r in _by_task(results, "lm"):
-        groups.setdefault(_setting(r["config"]), {}).setdefault(arm(r), []).append(r)
+    groups = by_setting(_by_task(results, "lm"))
     return {k: v for k, v in groups.items() if any(len(runs) > 1 for runs in v.values())}
 
 

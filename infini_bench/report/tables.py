@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from infini_bench.memories import memory_names
@@ -15,7 +14,7 @@ from infini_bench.paper import (
     FIGURE4_LENGTHS, FIGURE4_TREND, TABLE1, TABLE2, TABLE2_COMPRESSION, TABLE2_MEMORY, TABLE2_MEMORY_FLOATS,
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
-from infini_bench.report.figures import distance_figures, recall_by_pairs
+from infini_bench.report.figures import distance_figures, recall_axis, recall_by_pairs
 from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, sources
 from infini_bench.report.seeds import _mean_spread, _setting, arm, arms_in_order
 
@@ -136,12 +135,7 @@ def recall_table(results: list[dict], out: Path | None = None) -> list[str]:
         return []
     order = {m: i for i, m in enumerate(memory_names())}
     runs = sorted(runs, key=lambda r: (order.get(r["config"]["memory"]["name"], len(order)), r["config"].get("seed", 0)))
-
-    def axis(name: str) -> list[int]:  # the values of recall/acc@<name>=V, not the cells' recall/acc@pairs=P,gap=G
-        found = (re.fullmatch(rf"recall/acc@{name}=(\d+)", k) for r in runs for k in r["results"])
-        return sorted({int(m[1]) for m in found if m})
-
-    gaps, pairs = axis("gap"), axis("pairs")
+    gaps, pairs = recall_axis(runs, "gap"), recall_axis(runs, "pairs")
     lines = ["## Associative recall across segments (beyond the paper), accuracy %", "",
              "Key-value pairs, then whole segments of filler (the gap), then every key again: a value is recalled "
              "only through what the memory carried across the gap, so local attention alone is at chance. "
