@@ -250,7 +250,11 @@ class Passkey(Task):
 
     @property
     def final_step(self) -> int:
-        return self.steps + self.warmup
+        """The last step trained, the warm-up's counted: fewer than configured when trainer.time_budget_s ends a
+        phase first. `summary` is the last phase's, whose steps count from 0."""
+        if not self.steps:  # the warm-up alone, or nothing trained
+            return int(self.summary.get("train/steps", self.warmup))
+        return self.warmup + int(self.summary.get("train/steps", self.steps))
 
     def evaluate(self, model: SegmentTransformer, summary: dict) -> dict:
         t = self.t

@@ -381,3 +381,20 @@ def test_the_main_phases_run_takes_every_argument_the_run_does(tmp_path):
     run = Run(tmp_path, {}, device="cpu")
     _StepOffset(run, 10).log({"train/loss": 1.0}, step=3, file_only={"gates/L0/H0": 0.5})
     assert read_metrics(run.metrics_path) == [{"step": 13, "train/loss": 1.0, "gates/L0/H0": 0.5}]
+
+
+def test_a_time_budget_reports_the_steps_trained_not_the_cap(tmp_path, monkeypatch):
+    """trainer.time_budget_s ends the memory phase before trainer.steps: results.json's train/steps and the step
+    the final results are logged at count the warm-up and the memory-phase steps actually trained."""
+    import infini_bench.train as train_module
+
+    clock = iter(range(0, 10_000, 10))  # a step reads the clock at its start and end: 10 s per step
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(clock)))
+    cfg = config("trainer.batch_size=2", "trainer.progress=false", "task.samples=2", "task.lengths=[400]",
+                 "trainer.steps=1000", "trainer.time_budget_s=25", "task.local_warmup_steps=2",
+                 "task.local_warmup_segment_len=128", "task.train_lengths=[300,320]")
+    run = Run(tmp_path, {}, device="cpu")
+    results = run_task(cfg, run)
+    assert results["train/steps"] == 2 + 3  # 30 s >= 25 s after the main phase's third step
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 5 and any("passkey/acc" in r and r["step"] == 5 for r in rows)
