@@ -169,8 +169,8 @@ def cached_attention(memory, q: Tensor, k: Tensor, v: Tensor, gate: Tensor | Non
     length = q.shape[2]
     if isinstance(pos, Tensor):
         at = pos + torch.arange(length, device=q.device)
-        cache.k.index_copy_(2, at, k)
-        cache.v.index_copy_(2, at, v)
+        cache.k.index_copy_(2, at, k.to(cache.k.dtype))  # under autocast: bf16 into the model-dtype cache, as
+        cache.v.index_copy_(2, at, v.to(cache.v.dtype))  # the eager branch's slice assignment casts
         keys, values = cache.k, cache.v
     else:  # eager: only the slots filled so far (slots past them are masked out anyway: the same function)
         cache.k[:, :, pos: pos + length] = k

@@ -77,6 +77,22 @@ def test_static_decoder_equals_parallel(rule, prompt_len):
         assert (fixed is None) == (rule == "none") and (real is None or all(map(torch.equal, fixed, real)))
 
 
+@pytest.mark.parametrize("rule", ["linear", "delta", "none", "txl", "memorizing"])
+def test_static_decoder_under_bf16_autocast_equals_eager_decoding(rule):
+    """Under bf16 autocast (how the tasks evaluate on a GPU), the fixed-shape step writes bf16 keys and values
+    into the fp32 cache the prompt left: it must cast them as eager decoding does, not fail on the dtype."""
+    from infini_bench.train import autocast
+
+    model, ids = tiny(rule), tokens(60)
+    with autocast(ids.device, "bf16"):
+        _, eager_state = prefill(model, ids[:, :37])
+        eager = [decode_step(model, ids[:, t], eager_state) for t in range(37, 60)]
+        _, state = prefill(model, ids[:, :37])
+        decoder = StaticDecoder(model, state, graph=False)
+        static = [decoder.step(ids[:, t]) for t in range(37, 60)]
+    torch.testing.assert_close(torch.stack(static, 1).float(), torch.stack(eager, 1).float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("rule", ["linear", "delta"])
 def test_feed_in_uneven_chunks_equals_parallel(rule):
     """Chunks that start and end mid-segment (multi-token cached attention with a causal mask)."""
