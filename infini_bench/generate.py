@@ -37,6 +37,23 @@ class Generation(NamedTuple):
     logits: Tensor | None  # (B, steps, V) logits each new token was drawn from, with return_logits
 
 
+def _rows(x: Any, rows: Tensor) -> Any:
+    if isinstance(x, Tensor):
+        return x.index_select(0, rows.to(x.device))
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a memory's NamedTuple
+        return type(x)(*(_rows(v, rows) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rows(v, rows) for v in x)
+    return x  # None
+
+
+def select_rows(state: DecodeState, rows: list[int]) -> DecodeState:
+    """A new state holding batch rows `rows` of `state` (every tensor of a state is batch-first), in that order:
+    rows that share a prefix go through it as one batch, then each goes on with its own tokens."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return DecodeState(_rows(state.states, index), _rows(state.cache, index), state.pos, state.length)
+
+
 def new_state(model: SegmentTransformer, batch_size: int = 1) -> DecodeState:
     """An empty decoder state: no memory, caches preallocated to one segment (fixed shapes, CUDA-graph friendly),
     after the slots of a stack memory's rows."""

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from infini_bench.checkpoint import Checkpointer
 from infini_bench.distributed import gathered, is_distributed
 from infini_bench.errors import ConfigError, check_choice, check_positive
-from infini_bench.generate import feed, generate_from, prefill
+from infini_bench.generate import feed, generate_from, prefill, select_rows
 from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.tokenizer import Tokenizer
@@ -38,39 +38,48 @@ from tasks.runner import Phase, Task, eval_count, train_config
 @torch.inference_mode()
 def evaluate_batch(model: SegmentTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer
                    ) -> list[Outcome]:
-    """Samples of equal prompt and answer lengths as one batch: the prompt streamed through the model one
-    segment at a time (constant memory), then the answer teacher-forced (token accuracy) and, from the same
-    state, decoded greedily by `generate_from` (a CUDA graph on a GPU) for as many tokens as the answer has (exact
-    match; a longer number is wrong)."""
+    """Samples as one batch: the prompt tokens they all have (the shortest prompt's length) streamed through the
+    model one segment at a time (constant memory); then, for each group of equal prompt and answer lengths, the
+    few prompt tokens left, the answer teacher-forced (token accuracy) and, from the same state, decoded greedily
+    by `generate_from` (a CUDA graph on a GPU) for as many tokens as the answer has (exact match; a longer number
+    is wrong). Prompts of one task length differ by a few tokens (the filler is cut after a word, keys have 1 to 5
+    digits), so a whole length streams once, not once per group."""
     device = model.embed.weight.device
-    prompt = torch.tensor([s.input_ids for s in samples])  # (B, P) on the host: feed moves one segment at a time
-    answer = torch.tensor([s.answer_ids for s in samples], device=device)  # (B, L)
-    first, state = prefill(model, prompt)  # (B, V): the prediction of answer token 0
-    forced = [first[:, None]]
-    if answer.shape[1] > 1:
-        forced.append(feed(model, answer[:, :-1], copy.deepcopy(state), last_only=False))  # (B, L - 1, V)
-    forced_logits = torch.cat(forced, dim=1).float()  # (B, L, V)
-    generated_ids = generate_from(model, first, state, answer.shape[1], greedy=True).tokens  # (B, L)
-    outcomes = []
-    for s, row_logits, gen in zip(samples, forced_logits, generated_ids):
-        text = tokenizer.decode(gen)
-        outcomes.append(Outcome(token_accuracy(row_logits, s.answer_ids, s.scored), exact_match(text, s.passkey),
-                                text, segments_back(s, model.cfg.segment_len)))
+    common = min(len(s.input_ids) for s in samples)
+    prompt = torch.tensor([s.input_ids[:common] for s in samples])  # (B, P) on the host: fed a segment at a time
+    first, shared = prefill(model, prompt)  # (B, V)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((len(s.input_ids), len(s.answer_ids)), []).append(i)
+    outcomes: list[Outcome | None] = [None] * len(samples)
+    for rows in groups.values():
+        state = shared if len(groups) == 1 else select_rows(shared, rows)
+        group = [samples[i] for i in rows]
+        rest = torch.tensor([s.input_ids[common:] for s in group])  # (b, the group's prompt length - P)
+        last = feed(model, rest, state)[:, -1] if rest.shape[1] else first[rows]  # prediction of answer token 0
+        answer = torch.tensor([s.answer_ids for s in group], device=device)  # (b, L)
+        forced = [last[:, None]]
+        if answer.shape[1] > 1:
+            forced.append(feed(model, answer[:, :-1], copy.deepcopy(state), last_only=False))  # (b, L - 1, V)
+        forced_logits = torch.cat(forced, dim=1).float()  # (b, L, V)
+        generated_ids = generate_from(model, last, state, answer.shape[1], greedy=True).tokens  # (b, L)
+        for i, s, row_logits, gen in zip(rows, group, forced_logits, generated_ids):
+            outcomes[i] = Outcome(token_accuracy(row_logits, s.answer_ids, s.scored),
+                                  exact_match(tokenizer.decode(gen), s.passkey), tokenizer.decode(gen),
+                                  segments_back(s, model.cfg.segment_len))
     return outcomes
 
 
 def evaluate_samples(model: SegmentTransformer, samples: Sequence[PasskeySample], tokenizer: Tokenizer,
                      batch_size: int = 16) -> list[Outcome]:
-    """Outcomes in the order of `samples`, batching those of equal prompt and answer lengths."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((len(s.input_ids), len(s.answer_ids)), []).append(i)
+    """Outcomes in the order of `samples`, in batches of up to `batch_size` samples of nearly equal prompt
+    length (sorted by it: a batch streams its shortest prompt's length together)."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     outcomes: list[Outcome | None] = [None] * len(samples)
-    for idx in groups.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start: start + batch_size]
-            for i, outcome in zip(chunk, evaluate_batch(model, [samples[i] for i in chunk], tokenizer)):
-                outcomes[i] = outcome
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        for i, outcome in zip(chunk, evaluate_batch(model, [samples[i] for i in chunk], tokenizer)):
+            outcomes[i] = outcome
     return outcomes
 
 
@@ -78,15 +87,17 @@ def evaluate_grid(model: SegmentTransformer, tokenizer: Tokenizer, lengths: Sequ
                   samples: int, seed: int, haystack: str = "repeat", key_range: tuple[int, int] = KEY_RANGE,
                   batch_size: int = 16, progress: bool = True) -> tuple[list[dict], list[Outcome]]:
     """One row per (length, depth) cell, and every outcome. Sample i of every cell has seed `seed + i`: the same
-    key at every length and depth."""
+    key at every length and depth. The cells of one length are streamed together, `batch_size` samples at a time."""
     rows, everything = [], []
-    cells = [(length, name, depth) for length in lengths for name, depth in depths.items()]
-    for length, name, depth in tqdm(cells, desc="passkey", disable=not progress, dynamic_ncols=True):
-        batch = [make_sample(length, depth, seed + i, tokenizer, haystack, key_range) for i in range(samples)]
-        outcomes = evaluate_samples(model, batch, tokenizer, batch_size)
-        everything += outcomes
-        rows.append({"length": length, "length_label": length_label(length), "depth": name, "depth_value": depth,
-                     **summarise(outcomes)})
+    for length in tqdm(lengths, desc="passkey", disable=not progress, dynamic_ncols=True):
+        cells = {name: [make_sample(length, depth, seed + i, tokenizer, haystack, key_range) for i in range(samples)]
+                 for name, depth in depths.items()}
+        outcomes = evaluate_samples(model, [s for batch in cells.values() for s in batch], tokenizer, batch_size)
+        for c, (name, depth) in enumerate(depths.items()):
+            cell = outcomes[c * samples: (c + 1) * samples]
+            everything += cell
+            rows.append({"length": length, "length_label": length_label(length), "depth": name,
+                         "depth_value": depth, **summarise(cell)})
     return rows, everything
 
 

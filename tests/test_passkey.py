@@ -1,6 +1,7 @@
 """Passkey retrieval: sample format, length, depth and seeding; scoring; streaming evaluation in constant memory."""
 import json
 import weakref
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -197,13 +198,24 @@ def test_decoding_through_generate_equals_a_plain_greedy_loop(rule):
     assert [o.generated for o in evaluate_batch(model, samples, TOK)] == answers
 
 
-def test_batched_evaluation_equals_one_by_one():
-    model = tiny_model()
-    samples = [make_sample(400, d, seed=i, tokenizer=TOK) for i, d in enumerate([0.0, 0.5, 0.5, 1.0, 0.2])]
-    batched = evaluate_samples(model, samples, TOK, batch_size=2)
+@pytest.mark.parametrize("rule", ["linear", "delta", "memorizing", "rmt", "full"])
+def test_batched_evaluation_equals_one_by_one(rule):
+    """A batch streams its shortest prompt together, then each group of equal prompt and answer lengths goes on
+    alone: prompts a few tokens apart (the filler is cut after a word), keys of 1 to 5 digits, and a prompt a
+    segment and more longer, all in one batch, score as each does alone."""
+    model = tiny_model(rule, token_shift=True)
+    with torch.no_grad():  # the shift's zero init would hide a row mix-up in its carried embedding
+        model.token_shift.normal_(0, 0.5)
+    five, one = (10000, 50000), (1, 9)  # keys of 5 digits and of 1
+    layouts = [(400, 0.5, 2, five), (400, 0.0, 1, five), (400, 0.5, 3, five), (400, 0.5, 2, one), (400, 1.0, 4, five),
+               (400, 0.5, 3, one), (450, 0.3, 6, five)]
+    samples = [make_sample(n, d, seed=i, tokenizer=TOK, key_range=keys) for n, d, i, keys in layouts]
+    groups = Counter((len(s.input_ids), len(s.answer_ids)) for s in samples)
+    assert groups[401, 7] == groups[399, 7] == groups[398, 3] == 2 and len(groups) == 4  # pairs, rows interleaved
+    batched = evaluate_samples(model, samples, TOK, batch_size=7)
     single = [evaluate_batch(model, [s], TOK)[0] for s in samples]
-    assert [(o.generated, o.token_acc, o.segments_back) for o in batched] == \
-        [(o.generated, o.token_acc, o.segments_back) for o in single]
+    assert [(o.generated, o.segments_back) for o in batched] == [(o.generated, o.segments_back) for o in single]
+    assert [o.token_acc for o in batched] == pytest.approx([o.token_acc for o in single])
 
 
 class PeakTensorBytes(TorchDispatchMode):
