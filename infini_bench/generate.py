@@ -112,11 +112,28 @@ def feed(model: SegmentTransformer, ids: Tensor, state: DecodeState, last_only: 
 
 
 def prefill(model: SegmentTransformer, input_ids: Tensor) -> tuple[Tensor, DecodeState]:
-    """Encode a prompt (B, T) in constant memory; returns the last position's logits (B, V) and the state."""
-    if input_ids.shape[1] == 0:
+    """Encode a prompt (B, T) in constant memory; returns the last position's logits (B, V) and the state.
+
+    A search that feeds only the layers above it (Memorizing's kNN layer, `Memory.search_reach`) runs for the
+    prompt's last segments only, those that can change the last logits or anything decoded after them; earlier
+    segments are still written to the store. The logits and state returned are the same as with every search
+    (tests/test_generate.py), and a 1M-token prompt no longer searches a million-token store 1M / N times."""
+    t, n = input_ids.shape[1], model.cfg.segment_len
+    if t == 0:
         raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
     state = new_state(model, input_ids.shape[0])
-    return feed(model, input_ids, state)[:, -1], state
+    searching = [b.attn.memory for b in model.layers if b.attn.memory.search_reach() is not None]
+    reach = max((m.search_reach() for m in searching), default=None)
+    skip = max(0, (t - 1) // n - reach + 1) * n if reach is not None else 0  # whole segments, before the last `reach`
+    if skip:
+        for memory in searching:
+            memory.search = False
+        try:
+            feed(model, input_ids[:, :skip], state)
+        finally:
+            for memory in searching:
+                memory.search = True
+    return feed(model, input_ids[:, skip:], state)[:, -1], state
 
 
 @torch.inference_mode()

@@ -169,3 +169,48 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     counts = torch.bincount(draws, minlength=4).tolist()
     assert counts[0] == counts[2] == 0
     assert abs(counts[1] / 2000 - 0.5 / 0.8) < 0.05  # renormalised over the nucleus
+
+
+def memorizing(knn_layer, mem_len, n_layers=4):
+    torch.manual_seed(0)
+    args = {"knn_size": 1000, "top_k": 4, "knn_layer": knn_layer, "mem_len": mem_len}
+    model = build_model("tiny", memory="memorizing", memory_args=args, segment_len=N, n_layers=n_layers).eval()
+    with torch.no_grad():  # the gate open, the scores sharp: what the search returns shows in the logits
+        for layer in model.layers:
+            if layer.attn.gate is not None:
+                layer.attn.gate.fill_(2.0)
+                layer.attn.memory.scale.fill_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("knn_layer,mem_len,reach", [(3, None, 2), (1, None, 4), (2, 2 * N, 5), (4, None, 1)])
+def test_prefill_skips_only_the_searches_that_cannot_matter(knn_layer, mem_len, reach, monkeypatch):
+    """Memorizing's kNN search feeds only the layers above it, each of which carries its input on for
+    ceil(mem_len / N) segments: prefill searches the prompt's last `reach` segments only, and what it returns, and
+    every token decoded after it, is what searching every segment gives. Searching one segment fewer changes it."""
+    from infini_bench.memories import memorizing as module
+
+    model, ids = memorizing(knn_layer, mem_len), tokens(9 * N + 5)
+    prompt = 7 * N + 3  # 7 whole segments and 3 tokens; decoding then crosses two segment ends
+    assert [b.attn.memory.search_reach() for b in model.layers] == [reach if i == knn_layer - 1 else None
+                                                                    for i in range(4)]
+    searches = []
+
+    def run(reach_override=None):
+        with monkeypatch.context() as patch:
+            if reach_override is not None:
+                patch.setattr(module.MemorizingTransformer, "search_reach",
+                              lambda self: reach_override if self.knn else None)
+            real = module.knn_attention
+            patch.setattr(module, "knn_attention", lambda *a, **k: searches.append(1) or real(*a, **k))
+            last, state = prefill(model, ids[:, :prompt])
+            steps = [decode_step(model, ids[:, t], state) for t in range(prompt, ids.shape[1])]
+        return torch.cat([last[:, None], torch.stack(steps, 1)], dim=1)
+
+    skipping = run()
+    assert len(searches) == reach + (ids.shape[1] - prompt)  # the last `reach` segments, then one per token
+    everything = run(10**6)  # a reach past the prompt's start: every segment searched
+    assert len(searches) == reach + 8 + 2 * (ids.shape[1] - prompt)  # and then 8 segments, and every token
+    torch.testing.assert_close(skipping, everything, rtol=1e-5, atol=1e-5)
+    if reach > 1:
+        assert (run(reach - 1) - everything).abs().max() > 1e-3

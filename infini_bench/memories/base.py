@@ -107,6 +107,12 @@ class Memory(nn.Module):
         """Whether this layer carries anything between segments (a memory may sit at one layer only)."""
         return True
 
+    def search_reach(self) -> int | None:
+        """For a read that is a search whose result feeds only the layers above (Memorizing's kNN layer): how many
+        segments at the end of a prompt have searches that can change anything after them, so that a prefill may
+        skip the earlier ones (generate.prefill). None: no such search here."""
+        return None
+
     def reset_parameters(self) -> None:
         """Initialise the memory's own parameters (none here); also called after loading a pretrained model."""
 

@@ -132,6 +132,7 @@ class MemorizingTransformer(TransformerXL):
         super().__init__(cfg, layer, args)
         self.knn_size, self.top_k, knn_layer, self.knn_rope = self.resolve_knn(cfg, args)
         self.knn = layer == knn_layer - 1
+        self.search = True  # False: the kNN layer reads nothing (generate.prefill, far before a prompt's end)
         self.gated = self.knn  # the gate (Eq. 10) sits at the kNN layer only
         # |scale| multiplies the cosine scores, per query head (normalised keys need a learned temperature).
         self.scale = nn.Parameter(torch.ones(cfg.n_heads)) if self.knn else None
@@ -156,6 +157,15 @@ class MemorizingTransformer(TransformerXL):
 
     def active(self) -> bool:
         return self.knn or self.mem_len > 0
+
+    def search_reach(self) -> int | None:
+        """The store holds this layer's keys and values, made from its input, never from its search; the search
+        changes this layer's output in its own segment, and each layer above carries that output on for the
+        ceil(mem_len / N) segments its XL cache spans. So only the last 1 + (layers above) x ceil(mem_len / N)
+        segments' searches can change what follows."""
+        if not self.knn:
+            return None
+        return 1 + (self.cfg.n_layers - 1 - self.layer) * -(-self.mem_len // self.cfg.segment_len)
 
     def local_rotary(self, rotary):
         return no_rotary if self.knn and not self.knn_rope else rotary
@@ -233,6 +243,8 @@ class MemorizingTransformer(TransformerXL):
             local, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=n, rule="none", rotary=rot)
             cache = self._cache(None, k, v)
         new_state = self._with_cache(self._ring(state, k, v), cache)
+        if not self.search:  # written to the store, not searched (search_reach)
+            return mix(local, None, gate, self.empty_read), new_state
         if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
             return mix(local, self.read(q, state), gate, self.empty_read), new_state
         c = self.knn_size
