@@ -5,7 +5,8 @@
     python scripts/passkey_gpu_variants.py OUT --variant a=trainer.steps=800 -- trainer.log_every=10
     python scripts/passkey_gpu_variants.py OUT --experiment table2_mini --per-gpu 4 --variant none=memory=none ...
 
-A variant is `name=override override ...`; overrides after `--` go to every variant. Each variant runs
+A variant is `name=override override ...`; overrides after `--` go to every variant, before its own, so that a
+variant's value of a key wins over the shared one (Hydra takes the last). Each variant runs
 `run.py experiment=passkey_gpu ...` (`--experiment` picks another recipe, `none` none) with CUDA_VISIBLE_DEVICES set to its GPU and its run folder at OUT/<name>
 (results.json, metrics.jsonl, plots), and is stopped when it outlives --budget seconds. --per-gpu K runs K
 variants side by side on each GPU (small models leave one mostly idle); more variants than slots wait for a
@@ -100,7 +101,7 @@ def run_all(variants: dict[str, list[str]], common: list[str], slots: list[str],
         while queue and free:
             name, overrides = queue.pop(0)
             slot = free.pop(0)
-            proc = launch(name, overrides + common, slots[slot], out, python, experiment, threads)
+            proc = launch(name, common + overrides, slots[slot], out, python, experiment, threads)
             running[name] = (proc, slot, time.monotonic())
         time.sleep(poll)
         for name, (proc, slot, started) in list(running.items()):
@@ -111,7 +112,7 @@ def run_all(variants: dict[str, list[str]], common: list[str], slots: list[str],
             if timed_out:
                 stop(proc)
             del running[name]
-            rows.append(summary_row(name, variants[name] + common, slots[slot], elapsed, proc.returncode, timed_out,
+            rows.append(summary_row(name, common + variants[name], slots[slot], elapsed, proc.returncode, timed_out,
                                     out))
     rows.sort(key=lambda r: list(variants).index(r["variant"]))
     write_summary(rows, out)

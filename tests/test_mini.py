@@ -98,7 +98,7 @@ def test_variants_share_the_gpus_and_a_budget_stops_a_run(tmp_path):
     out = tmp_path / "variants"
     cmd = [sys.executable, "scripts/passkey_gpu_variants.py", str(out), "--gpus", "0,1", "--budget", "3",
            "--python", str(fake), "--variant", "quick=trainer.steps=1", "--variant", "slow=trainer.steps=9",
-           "--variant", "next=trainer.steps=1 memory=delta", "--", "task.samples=2"]
+           "--variant", "next=trainer.steps=1 memory=delta task.samples=3", "--", "task.samples=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr  # not every variant finished
     rows = {r["variant"]: r for r in json.loads((out / "summary.json").read_text())}
@@ -108,8 +108,10 @@ def test_variants_share_the_gpus_and_a_budget_stops_a_run(tmp_path):
     devices = {n: (out / n / "device.txt").read_text().split() for n in rows}
     assert devices["quick"][0] != devices["slow"][0]  # side by side on the two GPUs
     assert devices["next"][0] == devices["quick"][0]  # then on the GPU that quick freed
-    assert devices["next"][1:] == ["experiment=passkey_gpu", "trainer.steps=1", "memory=delta", "task.samples=2",
-                                   "logger=none", "trainer.progress=false", f"hydra.run.dir={out / 'next'}"]
+    # The shared overrides first: a variant's own value of a key comes last, and Hydra takes the last.
+    assert devices["next"][1:] == ["experiment=passkey_gpu", "task.samples=2", "trainer.steps=1", "memory=delta",
+                                   "task.samples=3", "logger=none", "trainer.progress=false",
+                                   f"hydra.run.dir={out / 'next'}"]
     table = (out / "summary.md").read_text()
     assert "| quick | ok |" in table and "| slow | timed out |" in table and "passkey/acc_earlier@32K" in table
 
