@@ -132,7 +132,8 @@ def test_experiments_keep_their_trainer():
     assert (table4.lr, table4.batch_size, table4.precision) == (1e-4, 1, "bf16")
     assert _trainer("experiment=lm_cpu") == dataclasses.replace(_trainer("task=lm"), eval_every=1000)
     gpu = _trainer("experiment=passkey_gpu")  # a tiny model: its own values over the tiny preset
-    assert (gpu.steps, gpu.lr, gpu.gate_lr, gpu.batch_size, gpu.precision) == (1500, 1e-3, 3e-2, 16, "bf16")
+    assert (gpu.steps, gpu.time_budget_s, gpu.lr, gpu.gate_lr, gpu.batch_size, gpu.precision) == \
+        (100000, 400, 1e-3, 3e-2, 128, "bf16")
 
 
 def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
