@@ -272,3 +272,23 @@ def test_top_k_attention_is_fp32_under_autocast():
     (ref_dq,) = torch.autograd.grad(ref.square().sum(), q)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(dq, ref_dq)
+
+
+def test_streamed_evaluation_writes_the_store_in_place_and_training_does_not():
+    """Under inference mode (prefill, decoding) each segment goes into the ring's own tensors, not into a copy of
+    every slot (most of the cost of a store that holds a 1M-token prompt); the result is checked against the
+    parallel forward by test_memories' decoding tests. Training keeps the functional write its gradient needs."""
+    from infini_bench.generate import feed, new_state
+
+    m = model(knn_size=1000).eval()
+    layer = next(i for i, b in enumerate(m.layers) if b.attn.memory.knn)
+    ids = torch.randint(0, 256, (B, 5 * N), generator=torch.Generator().manual_seed(0))
+    state = new_state(m, B)
+    feed(m, ids[:, :N], state)
+    ring = state.states[layer].knn_k
+    feed(m, ids[:, N:], state)
+    assert state.states[layer].knn_k.data_ptr() == ring.data_ptr() and int(state.states[layer].ptr[0]) == 5 * N
+    out = m(ids[:, :N])
+    again = m(ids[:, N: 2 * N], out.states)
+    assert again.states[layer].knn_k.data_ptr() != out.states[layer].knn_k.data_ptr()
+    assert int(out.states[layer].ptr[0]) == N  # the state the second call read is as it was

@@ -190,8 +190,10 @@ class MemorizingTransformer(TransformerXL):
         cache = super().write(KVCache(state.k, state.v, state.valid) if state is not None else None, k, v)
         return cache if cache is not None else _empty_cache(self.cfg, k.shape[0], 0, k.device, k.dtype)
 
-    def _ring(self, state: KNNState | None, k: Tensor, v: Tensor) -> KNNState:
-        """The ring after a FIFO append of k (B, H_kv, L, D), v: the last min(L, C) tokens, from slot ptr on."""
+    def _ring(self, state: KNNState | None, k: Tensor, v: Tensor, in_place: bool = False) -> KNNState:
+        """The ring after a FIFO append of k (B, H_kv, L, D), v: the last min(L, C) tokens, from slot ptr on.
+        in_place: written into `state`'s own tensors (streamed evaluation: a copy of every slot per segment is most
+        of the cost of a store that holds a 1M-token prompt); only after anything that reads `state` has."""
         if state is None:
             state = self.empty_state(k.shape[0], k.device, k.dtype)
         b, hk, length, d = k.shape
@@ -200,10 +202,12 @@ class MemorizingTransformer(TransformerXL):
         slots = (state.ptr[:, None] + torch.arange(length - take, length, device=k.device)) % c  # (B, take)
         keys = F.normalize(k[:, :, length - take:].detach().float(), dim=-1).to(state.knn_k.dtype)
         values = v[:, :, length - take:].detach().to(state.knn_v.dtype)
+        scatter = "scatter_" if in_place else "scatter"
         return KNNState(state.k, state.v, state.valid,
-                        state.knn_k.scatter(2, slots[:, None, :, None].expand(b, hk, take, d), keys),
-                        state.knn_v.scatter(2, slots[:, None, :, None].expand(b, hk, take, values.shape[-1]), values),
-                        state.knn_valid.scatter(1, slots, True), (state.ptr + length) % c)
+                        getattr(state.knn_k, scatter)(2, slots[:, None, :, None].expand(b, hk, take, d), keys),
+                        getattr(state.knn_v, scatter)(2, slots[:, None, :, None].expand(b, hk, take, values.shape[-1]),
+                                                      values),
+                        getattr(state.knn_valid, scatter)(1, slots, True), (state.ptr + length) % c)
 
     @staticmethod
     def _with_cache(ring: KNNState, cache: KVCache) -> KNNState:
@@ -215,7 +219,13 @@ class MemorizingTransformer(TransformerXL):
         """The XL cache shifted; at the kNN layer the segment also appended to the ring (after it was read)."""
         if not self.knn:
             return super().write(state, k, v)
-        return self._with_cache(self._ring(state, k, v), self._cache(state, k, v))
+        return self._with_cache(self._ring(state, k, v, self._in_place()), self._cache(state, k, v))
+
+    @staticmethod
+    def _in_place() -> bool:
+        """Whether ring writes go into the state's tensors: under inference mode (prefill, decoding), where a state
+        is carried forward and never reused (the passkey evaluation deep-copies one before teacher forcing)."""
+        return torch.is_inference_mode_enabled()
 
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache | KNNState | None:
         if not self.knn:
@@ -242,11 +252,14 @@ class MemorizingTransformer(TransformerXL):
         else:
             local, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=n, rule="none", rotary=rot)
             cache = self._cache(None, k, v)
-        new_state = self._with_cache(self._ring(state, k, v), cache)
         if not self.search:  # written to the store, not searched (search_reach)
-            return mix(local, None, gate, self.empty_read), new_state
+            return mix(local, None, gate, self.empty_read), self._with_cache(self._ring(state, k, v, self._in_place()),
+                                                                            cache)
         if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
-            return mix(local, self.read(q, state), gate, self.empty_read), new_state
+            read = self.read(q, state)  # before the segment's own write, which may be in place
+            return mix(local, read, gate, self.empty_read), self._with_cache(self._ring(state, k, v, self._in_place()),
+                                                                            cache)
+        new_state = self._with_cache(self._ring(state, k, v), cache)  # functional: the reads below need `state`
         c = self.knn_size
         keys = F.normalize(k.detach().float(), dim=-1).to(k.dtype)  # (B, H_kv, T, D)
         values = v.detach()
