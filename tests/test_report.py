@@ -581,3 +581,17 @@ def test_recall_capacity_figure_draws_each_memory_at_its_seeds_mean_beside_copyi
     assert lines["chance: 1 / vocab"][1] == pytest.approx([10.0, 10.0])
     section = text.split("## Associative recall")[1].split("\n## ")[0]
     assert "(report_img/recall_by_pairs_1.png)" in section
+
+
+def test_table3_reads_a_depth_sweep_at_its_start_middle_and_end():
+    """experiment=passkey_gpu sweeps five depths (0, 0.25, 0.5, 0.75, 1), named by value: the paper's three
+    columns take the rows at 0, 0.5 and 1."""
+    from infini_bench.report.tables import table3
+
+    grid = [{"length": 32768, "length_label": "32K", "depth": f"{d:.2f}", "depth_value": d, "acc": acc}
+            for d, acc in ((0.0, 0.11), (0.25, 0.9), (0.5, 0.22), (0.75, 0.9), (1.0, 0.33))]
+    run = {"path": "runs/pk", "config": {"task": {"name": "passkey"}, "model": {"name": "tiny", "segment_len": 256},
+                                         "memory": {"name": "linear"}},
+           "results": {"passkey/grid": grid, "train/steps": 900, "passkey/exact": 0.0, "passkey/chance": 0.125}}
+    row = next(line for line in table3([run]) if line.startswith("| ours"))
+    assert row.split(" | ")[1] == "11/22/33"

@@ -93,6 +93,12 @@ def table2(results: list[dict], out: Path | None = None) -> list[str]:
 # ---- Table 3 ---------------------------------------------------------------------------------------------------------
 
 
+def _depth_name(row: dict) -> str:
+    """A grid row's depth as the paper's column name: named (start, middle, end), or a depth sweep's 0, 0.5 and 1."""
+    named = {0.0: "start", 0.5: "middle", 1.0: "end"}
+    return row["depth"] if row["depth"] in DEPTHS else named.get(row.get("depth_value"), row["depth"])
+
+
 def _cell(grid: dict, label: str, key: str = "acc") -> str:
     values = [grid.get((label, d), {}).get(key) for d in DEPTHS]
     return "" if all(v is None for v in values) else "/".join(_fmt(_pct(v), 0) for v in values)
@@ -112,7 +118,7 @@ def table3(results: list[dict], out: Path | None = None) -> list[str]:
     for r in _by_task(results, "passkey"):
         c, res = r["config"], r["results"]
         rows = res.get("passkey/grid", [])
-        grid = {(row["length_label"], row["depth"]): row for row in rows}
+        grid = {(row["length_label"], _depth_name(row)): row for row in rows}
         labels = list(dict.fromkeys(row["length_label"] for row in rows))
         other = "; ".join(f"{lab}: {_cell(grid, lab)}" for lab in labels if lab not in TABLE3_LENGTHS)
         steps = res.get("train/steps") or 0
