@@ -178,3 +178,34 @@ def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds(varian
         build_model("tiny", segment_len=8, n_layers=1, gate_init=cfg.model.gate_init, **memory_fields(cfg))
     assert len(arms) >= 9 and all(seeds == [0, 1] for seeds in arms.values())
     assert {"linear-read_norm", "linear-fp32", "linear-detached", "linear-empty_local"} <= set(arms)
+
+
+def test_make_passkey_grid_runs_every_memory_with_two_seeds_and_stores_fit_the_prompts(variant_calls):
+    """`make passkey-grid` as it would run: Memorizing's store holds the longest prompt whole (else its key is
+    evicted before the question), and full attention stops at 32K."""
+    (words,) = variant_calls("passkey-grid")
+    assert words[words.index("--experiment") + 1] == "passkey_gpu" and "HF_HUB_OFFLINE=1" in words
+    variants = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--variant")
+    memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
+    assert sorted(variants) == [f"{m}-s{s}" for m in memories for s in (0, 1)]
+    for name, overrides in variants.items():
+        memory, seed = name.rsplit("-s", 1)
+        cfg = composed("experiment=passkey_gpu", *overrides.split())
+        assert (cfg.memory.name, cfg.seed) == (memory, int(seed))
+        if memory == "memorizing":
+            assert cfg.memory.knn_size >= longest_passkey_sample(cfg.task) and cfg.task.eval_batch <= 8
+        if memory == "full":
+            assert max(cfg.task.lengths) == 32768
+        else:
+            assert list(cfg.task.lengths) == [32768, 131072, 262144, 524288, 1048576]
+
+
+def longest_passkey_sample(t) -> int:
+    """Prompt and answer tokens of the longest evaluation sample the task config makes."""
+    from infini_bench.tokenizer import ByteTokenizer
+    from tasks.passkey_data import make_sample
+
+    depths = [i / (t.depth_sweep - 1) for i in range(t.depth_sweep)]
+    samples = [make_sample(max(t.lengths), d, t.seed + i, ByteTokenizer(), t.haystack, tuple(t.key_range))
+               for d in depths for i in range(t.samples)]
+    return max(len(s.input_ids) + len(s.answer_ids) for s in samples)
