@@ -147,8 +147,9 @@ def test_reproduce_mini_runs_every_memory_in_each_benchmark():
     assert proc.returncode == 0, proc.stderr
     runs = [line for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
     assert [r.split("--experiment ")[1].split()[0] for r in runs] == ["table2_mini", "passkey_gpu", "none"]
-    for line in runs[1:]:
-        assert "HF_HUB_OFFLINE=1" in line and all(f"--variant {m}=memory={m}" in line for m in memories)
+    assert "HF_HUB_OFFLINE=1" in runs[1] and all(f'--variant "{m}-s{s}=memory={m} seed={s}' in runs[1]
+                                                 for m in memories for s in (0, 1))  # make passkey-grid's runs
+    assert "HF_HUB_OFFLINE=1" in runs[2] and all(f"--variant {m}=memory={m}" in runs[2] for m in memories)
     seeds = {m: (0, 1, 2) if m in ("none", "linear") else (0, 1) for m in memories}  # Table 2 with its seeds
     assert runs[0].count("--variant") == sum(map(len, seeds.values())) and "--per-gpu 4" in runs[0]
     one_micro_batch = " trainer.batch_size=16 trainer.grad_accum=1"  # the same 16 sequences per step
