@@ -122,16 +122,15 @@ def prefill(model: SegmentTransformer, input_ids: Tensor) -> tuple[Tensor, Decod
     if t == 0:
         raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
     state = new_state(model, input_ids.shape[0])
-    searching = [b.attn.memory for b in model.layers if b.attn.memory.search_reach() is not None]
-    reach = max((m.search_reach() for m in searching), default=None)
-    skip = max(0, (t - 1) // n - reach + 1) * n if reach is not None else 0  # whole segments, before the last `reach`
+    reaches = {b.attn.memory: r for b in model.layers if (r := b.attn.memory.search_reach()) is not None}
+    skip = max(0, (t - 1) // n - max(reaches.values()) + 1) * n if reaches else 0  # whole segments before the last
     if skip:
-        for memory in searching:
+        for memory in reaches:
             memory.search = False
         try:
             feed(model, input_ids[:, :skip], state)
         finally:
-            for memory in searching:
+            for memory in reaches:
                 memory.search = True
     return feed(model, input_ids[:, skip:], state)[:, -1], state
 

@@ -64,9 +64,9 @@ def evaluate_batch(model: SegmentTransformer, samples: Sequence[PasskeySample], 
         forced_logits = torch.cat(forced, dim=1).float()  # (b, L, V)
         generated_ids = generate_from(model, last, state, answer.shape[1], greedy=True).tokens  # (b, L)
         for i, s, row_logits, gen in zip(rows, group, forced_logits, generated_ids):
-            outcomes[i] = Outcome(token_accuracy(row_logits, s.answer_ids, s.scored),
-                                  exact_match(tokenizer.decode(gen), s.passkey), tokenizer.decode(gen),
-                                  segments_back(s, model.cfg.segment_len))
+            text = tokenizer.decode(gen)
+            outcomes[i] = Outcome(token_accuracy(row_logits, s.answer_ids, s.scored), exact_match(text, s.passkey),
+                                  text, segments_back(s, model.cfg.segment_len))
     return outcomes
 
 
@@ -90,9 +90,9 @@ def evaluate_grid(model: SegmentTransformer, tokenizer: Tokenizer, lengths: Sequ
     key at every length and depth. The cells of one length are streamed together, `batch_size` samples at a time."""
     rows, everything = [], []
     for length in tqdm(lengths, desc="passkey", disable=not progress, dynamic_ncols=True):
-        cells = {name: [make_sample(length, depth, seed + i, tokenizer, haystack, key_range) for i in range(samples)]
-                 for name, depth in depths.items()}
-        outcomes = evaluate_samples(model, [s for batch in cells.values() for s in batch], tokenizer, batch_size)
+        batch = [make_sample(length, depth, seed + i, tokenizer, haystack, key_range)
+                 for depth in depths.values() for i in range(samples)]  # cell by cell
+        outcomes = evaluate_samples(model, batch, tokenizer, batch_size)
         for c, (name, depth) in enumerate(depths.items()):
             cell = outcomes[c * samples: (c + 1) * samples]
             everything += cell
@@ -261,10 +261,8 @@ class Passkey(Task):
 
     @property
     def final_step(self) -> int:
-        """The last step trained, the warm-up's counted: fewer than configured when trainer.time_budget_s ends a
-        phase first. `summary` is the last phase's, whose steps count from 0."""
-        if not self.steps:  # the warm-up alone, or nothing trained
-            return int(self.summary.get("train/steps", self.warmup))
+        """The last step trained, the warm-up's counted: fewer than configured when trainer.time_budget_s ends the
+        main phase first. `summary` is the main phase's, whose steps count from 0 (no training: no warm-up either)."""
         return self.warmup + int(self.summary.get("train/steps", self.steps))
 
     def evaluate(self, model: SegmentTransformer, summary: dict) -> dict:

@@ -252,11 +252,10 @@ class MemorizingTransformer(TransformerXL):
         else:
             local, _ = infini_attention(q, k, v, q.new_zeros(q.shape[1]), segment_len=n, rule="none", rotary=rot)
             cache = self._cache(None, k, v)
-        if not self.search:  # written to the store, not searched (search_reach)
-            return mix(local, None, gate, self.empty_read), self._with_cache(self._ring(state, k, v, self._in_place()),
-                                                                            cache)
-        if state is not None and t <= n:  # one segment (streaming): the carried store as it stands, unordered
-            read = self.read(q, state)  # before the segment's own write, which may be in place
+        if not self.search or (state is not None and t <= n):
+            # One segment (streaming): the carried store as it stands, unordered, read before the segment's own
+            # write, which may be in place; or, far before a prompt's end, written without a search (search_reach).
+            read = self.read(q, state) if self.search else None
             return mix(local, read, gate, self.empty_read), self._with_cache(self._ring(state, k, v, self._in_place()),
                                                                             cache)
         new_state = self._with_cache(self._ring(state, k, v), cache)  # functional: the reads below need `state`
