@@ -27,6 +27,12 @@ from infini_bench.model_config import FLAVOURS, ModelConfig
 RECOMPILE_LIMIT = 32  # traces the compiler keeps per code object (see SegmentTransformer.prepare_compile)
 
 
+def is_memory_parameter(name: str) -> bool:
+    """Whether a parameter (named as in state_dict) is one a memory adds to a plain decoder: a gate, a memory's own
+    weights, RMT's memory tokens."""
+    return name.endswith("attn.gate") or ".memory." in name or name.startswith("stack_memory.")
+
+
 class ModelOutput(NamedTuple):
     logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
     states: list  # one memory state per layer (None: nothing carried yet)
@@ -57,8 +63,7 @@ class SegmentTransformer(nn.Module):
 
     def memory_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters a memory adds to a plain decoder (named as in state_dict)."""
-        return [(name, p) for name, p in self.named_parameters()
-                if name.endswith("attn.gate") or ".memory." in name or name.startswith("stack_memory.")]
+        return [(name, p) for name, p in self.named_parameters() if is_memory_parameter(name)]
 
     def init_memory_parameters(self) -> None:
         """Gates at cfg.gate_init and the memory's own parameters: the weights a pretrained checkpoint lacks."""

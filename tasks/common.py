@@ -5,19 +5,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import logging
+
 import torch
 
 from infini_bench.errors import ConfigError
 from infini_bench.faults import fault
 from infini_bench.files import follow_umask
-from infini_bench.model import SegmentTransformer
+from infini_bench.model import SegmentTransformer, is_memory_parameter
 from infini_bench.model_config import ModelConfig
 from infini_bench.train import gate_metrics, gate_values
 
+log = logging.getLogger(__name__)
+
 
 def load_weights(model: SegmentTransformer, path: str) -> None:
-    """Weights from the model.safetensors an earlier run exported (a path, or relative to the repository)."""
-    from safetensors.torch import load_model
+    """Weights from the model.safetensors an earlier run exported (a path, or relative to the repository).
+
+    A run of another memory may start from them: the parameters this memory adds to the decoder (gates, memory
+    tokens, ...) keep their initial values when the file lacks them, as with model.pretrained; the file's own
+    memory parameters are left out. Every other weight must be in the file, and fit."""
+    from safetensors import safe_open
 
     found = Path(path).expanduser()
     if not found.exists() and not found.is_absolute():
@@ -26,11 +34,20 @@ def load_weights(model: SegmentTransformer, path: str) -> None:
         raise ConfigError("model.init_from", f"{path!r} is not a file; null starts from model.pretrained or random")
     from safetensors import SafetensorError
 
+    ours, own = model.state_dict(), {name for name, _ in model.memory_parameters()}
     try:
-        load_model(model, str(found), device=str(model.embed.weight.device))
-    except (RuntimeError, KeyError, SafetensorError) as err:  # not safetensors, or another model's
+        with safe_open(str(found), framework="pt", device=str(model.embed.weight.device)) as f:
+            sd = {name: f.get_tensor(name) for name in f.keys() if name in ours or not is_memory_parameter(name)}
+        for what, names in (("lacks", set(ours) - set(sd) - own), ("has unexpected", set(sd) - set(ours))):
+            if names:
+                raise ValueError(f"it {what} {len(names)} weights, e.g. {sorted(names)[0]!r}")
+        model.load_state_dict(sd, strict=False)  # a shape that does not fit fails here
+    except (RuntimeError, ValueError, SafetensorError) as err:  # not safetensors, or another model's
         raise ConfigError("model.init_from", f"{path!r} does not fit this model "
                           f"({str(err).splitlines()[0][:160]})") from None
+    if own - set(sd):
+        log.info("model.init_from: %d memory parameters not in %s keep their initial values", len(own - set(sd)),
+                 found.name)
 
 
 def export_weights(model: SegmentTransformer, run) -> Path:
