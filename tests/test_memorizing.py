@@ -122,6 +122,24 @@ def test_a_store_as_long_as_the_sample_reads_what_a_larger_one_does():
         assert not torch.allclose(short.stream(ids).logits, ref, rtol=1e-4, atol=1e-4)  # one token evicted shows
 
 
+def test_eval_knn_size_is_the_store_outside_training():
+    """memory.eval_knn_size: a store of knn_size slots in training and of eval_knn_size in eval mode, so a model
+    trained on short samples with a small store reads a long prompt whole. In eval mode it equals a model built with
+    knn_size = eval_knn_size (the same weights), and in training one with the training size."""
+    ids = torch.randint(0, 259, (B, 6 * N), generator=torch.Generator().manual_seed(3))
+    grown, small, big = model(knn_size=2 * N, eval_knn_size=500), model(knn_size=2 * N), model(knn_size=500)
+    mem = grown.layers[1].attn.memory
+    assert mem.empty_state(B, "cpu", torch.float32).knn_k.shape[2] == 500  # model() puts it in eval mode
+    with torch.no_grad():
+        for forward in ("__call__", "stream"):
+            torch.testing.assert_close(getattr(grown, forward)(ids).logits, getattr(big, forward)(ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(grown.stream(ids).logits, small.stream(ids).logits, rtol=1e-4, atol=1e-4)
+        grown.train(), small.train()
+        assert mem.empty_state(B, "cpu", torch.float32).knn_k.shape[2] == 2 * N
+        torch.testing.assert_close(grown(ids).logits, small(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def qkv(t: int, seed: int):
     return rand(B, H, t, D, seed=seed), rand(B, HK, t, D, seed=seed + 1), rand(B, HK, t, D, seed=seed + 2)
 
@@ -248,7 +266,7 @@ def test_footprint_counts_the_filled_store():
 
 
 @pytest.mark.parametrize("key, value", [("knn_layer", 0), ("knn_layer", 3), ("top_k", 0), ("knn_size", -5),
-                                        ("knn_rope", "yes"), ("mem_len", -1)])
+                                        ("knn_rope", "yes"), ("mem_len", -1), ("eval_knn_size", 0)])
 def test_bad_values_name_their_key(key, value):
     with pytest.raises(ConfigError, match=f"^memory.{key}: "):
         build_model("tiny", memory="memorizing", memory_args={key: value})

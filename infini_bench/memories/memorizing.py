@@ -125,12 +125,13 @@ def knn_attention(q: Tensor, keys: Tensor, values: Tensor, key_valid: Tensor | N
 @register_memory
 class MemorizingTransformer(TransformerXL):
     name = "memorizing"
-    defaults = {"mem_len": None, "cache": "input", "knn_size": 65000, "top_k": 32, "knn_layer": None,
-                "knn_rope": False}
+    defaults = {"mem_len": None, "cache": "input", "knn_size": 65000, "eval_knn_size": None, "top_k": 32,
+                "knn_layer": None, "knn_rope": False}
 
     def __init__(self, cfg, layer: int, args: dict[str, Any]):
         super().__init__(cfg, layer, args)
         self.knn_size, self.top_k, knn_layer, self.knn_rope = self.resolve_knn(cfg, args)
+        self.eval_knn_size = self.resolve_eval_size(args)
         self.knn = layer == knn_layer - 1
         self.search = True  # False: the kNN layer reads nothing (generate.prefill, far before a prompt's end)
         self.gated = self.knn  # the gate (Eq. 10) sits at the kNN layer only
@@ -149,6 +150,21 @@ class MemorizingTransformer(TransformerXL):
         if not isinstance(args["knn_rope"], bool):
             raise ConfigError("memory.knn_rope", f"{args['knn_rope']!r} must be true or false")
         return args["knn_size"], args["top_k"], knn_layer, args["knn_rope"]
+
+    @staticmethod
+    def resolve_eval_size(args: dict[str, Any]) -> int:
+        """The store's slots outside training: memory.eval_knn_size, or knn_size when it is null."""
+        if args.get("eval_knn_size") is None:
+            return args["knn_size"]
+        check_int("memory.eval_knn_size", args["eval_knn_size"], low=1)
+        return args["eval_knn_size"]
+
+    @property
+    def capacity(self) -> int:
+        """The store's slots: knn_size in training, eval_knn_size in eval mode. Memorizing Transformers' memory
+        can grow at test time (their models trained with 8K slots read 65K); while a sequence fits both, the two
+        give the same output, so training needs no more slots than its longest sequence."""
+        return self.knn_size if self.training else self.eval_knn_size
 
     def reset_parameters(self) -> None:
         if self.scale is not None:
@@ -183,7 +199,7 @@ class MemorizingTransformer(TransformerXL):
         if not self.knn:
             return None
         return knn_attention(self._queries(q), state.knn_k, state.knn_v, state.knn_valid, self.top_k, 0,
-                             self.knn_size)
+                             state.knn_k.shape[2])
 
     def _cache(self, state: KNNState | None, k: Tensor, v: Tensor) -> KVCache:
         """The XL cache part of the state after k, v (zero-length when mem_len = 0)."""
@@ -197,7 +213,7 @@ class MemorizingTransformer(TransformerXL):
         if state is None:
             state = self.empty_state(k.shape[0], k.device, k.dtype)
         b, hk, length, d = k.shape
-        c = self.knn_size
+        c = state.knn_k.shape[2]  # the store's own size: one made in eval mode keeps eval_knn_size
         take = min(length, c)
         slots = (state.ptr[:, None] + torch.arange(length - take, length, device=k.device)) % c  # (B, take)
         keys = F.normalize(k[:, :, length - take:].detach().float(), dim=-1).to(state.knn_k.dtype)
@@ -230,7 +246,7 @@ class MemorizingTransformer(TransformerXL):
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache | KNNState | None:
         if not self.knn:
             return super().empty_state(batch, device, dtype)
-        ring = _empty_cache(self.cfg, batch, self.knn_size, device, dtype)  # the same three fields, C slots
+        ring = _empty_cache(self.cfg, batch, self.capacity, device, dtype)  # the same three fields, C slots
         return KNNState(*_empty_cache(self.cfg, batch, self.mem_len, device, dtype), *ring,
                         torch.zeros(batch, dtype=torch.long, device=device))
 
@@ -259,7 +275,7 @@ class MemorizingTransformer(TransformerXL):
             return mix(local, read, gate, self.empty_read), self._with_cache(self._ring(state, k, v, self._in_place()),
                                                                             cache)
         new_state = self._with_cache(self._ring(state, k, v), cache)  # functional: the reads below need `state`
-        c = self.knn_size
+        c = new_state.knn_k.shape[2]
         keys = F.normalize(k.detach().float(), dim=-1).to(k.dtype)  # (B, H_kv, T, D)
         values = v.detach()
         if state is None:  # from a document start: the sequence's own keys only
@@ -282,10 +298,11 @@ class MemorizingTransformer(TransformerXL):
     # ---- Table 1 ---------------------------------------------------------------------------------------------
     @classmethod
     def footprint(cls, cfg, args: dict[str, Any], seq_len: int) -> Footprint:
-        """Table 1: the XL caches plus (d_key + d_value) H C for the store; the state counts what is filled."""
+        """Table 1: the XL caches plus (d_key + d_value) H C for the store (eval_knn_size slots where it is set);
+        the state counts what is filled."""
         args = {**cls.defaults, **args}
         xl = super().footprint(cfg, args, seq_len)
-        c = cls.resolve_knn(cfg, args)[0]
+        c = cls.resolve_eval_size(args)  # the store a sequence is evaluated with
         per_entry = 2 * cfg.head_dim
         state = xl.state_floats + per_entry * cfg.n_kv_heads * min(c, seq_len)
         return Footprint(xl.paper_floats + per_entry * cfg.n_heads * c, state, 2 * state)
