@@ -189,13 +189,17 @@ class Outcome(NamedTuple):
     token_acc: float
     exact: bool
     generated: str
-    segments_back: int  # segment of the prompt's last token minus that of the key's last token; 0 = same
+    segments_back: int  # segment where the last key digit is predicted minus that of the key's last token; 0 = same
 
 
 def segments_back(sample: PasskeySample, segment_len: int) -> int:
-    """How many segments before the question's last token the key's last token sits. 0: local attention can
-    see the key, so the sample tests local attention, not the memory (docs/PAPER_NOTES.md, pitfall 6)."""
-    return (len(sample.input_ids) - 1) // segment_len - (sample.key_end - 1) // segment_len
+    """How many segments before the last key digit is predicted the key's last token sits. 0: local attention can
+    see the key for every digit, so the sample tests local attention, not the memory (docs/PAPER_NOTES.md, pitfall
+    6). The answer follows the prompt: answer token j is predicted at position len(input_ids) - 1 + j, and when the
+    prompt ends just before a segment boundary (a prompt a few tokens short of a multiple of N) the later digits
+    are predicted in the next segment, where only the memory holds the key."""
+    last = max(j for j, scored in enumerate(sample.scored) if scored)
+    return (len(sample.input_ids) - 1 + last) // segment_len - (sample.key_end - 1) // segment_len
 
 
 def _mean(xs: Sequence[float]) -> float | None:

@@ -137,6 +137,18 @@ def test_segments_back_known_values():
     assert segments_back(s._replace(key_end=128, needle_end=140), 128) == 1  # the rest of the needle may not
 
 
+def test_segments_back_counts_from_where_the_last_digit_is_predicted():
+    """A prompt one token short of a segment boundary: its first digit is predicted in the key's segment, the
+    others in the next, where local attention no longer sees the key. Such a sample is not a same-segment one."""
+    tok = ByteTokenizer()
+    sample = make_sample(2048, 1.0, 1237, tok, "repeat", (1, 50000))  # a 4-digit key, the prompt 2,047 tokens
+    assert len(sample.input_ids) == 2047 and (sample.key_end - 1) // 256 == 7
+    assert segments_back(sample, 256) == 1
+    assert segments_back(sample, 512) == 1 and segments_back(sample, 4096) == 0
+    cut = sample._replace(scored=[c.isdigit() and i == 1 for i, c in enumerate(" " + sample.passkey + ".")])
+    assert segments_back(cut, 256) == 0  # only the first digit scored: predicted before the boundary
+
+
 def test_summary_splits_by_where_the_key_sat():
     outcomes = [Outcome(1.0, True, " 7.", 3), Outcome(0.0, False, " 1.", 0), Outcome(0.5, False, " 12.", 1)]
     s = summarise(outcomes)
