@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,6 +32,8 @@ from tasks.passkey_data import (
 )
 from tasks.passkey_plots import distance_plot, grid_heatmap
 from tasks.runner import Phase, Task, eval_count, train_config
+
+log = logging.getLogger(__name__)
 
 # ---- streaming evaluation -----------------------------------------------------------------------------------------
 
@@ -216,6 +219,12 @@ class Passkey(Task):
             model.compile_blocks()
         self.steps = 0 if t.zero_shot else tcfg.steps
         self.warmup = t.local_warmup_steps if self.steps else 0  # steps=0 or zero_shot: evaluation only, no warm-up
+        m, longest = self.cfg.model, _int_pair(t, "train_lengths", 1)[1]
+        if self.steps and not self.warmup and not (m.get("init_from") or m.get("pretrained")) \
+                and longest > model.cfg.segment_len:  # the key leaves local attention's view from the start
+            log.warning("passkey: random weights, no local warm-up and prompts longer than a segment: the model must "
+                        "first learn to copy a key it can see (docs/PASSKEY.md). Set task.local_warmup_steps, or "
+                        "model.init_from=<an experiment=passkey_gpu_base run>/model.safetensors")
         return tcfg
 
     def _grid(self, m: SegmentTransformer, lengths: Sequence[int], names: dict[str, float], n: int, progress: bool):
