@@ -595,3 +595,24 @@ def test_table3_reads_a_depth_sweep_at_its_start_middle_and_end():
            "results": {"passkey/grid": grid, "train/steps": 900, "passkey/exact": 0.0, "passkey/chance": 0.125}}
     row = next(line for line in table3([run]) if line.startswith("| ours"))
     assert row.split(" | ")[1] == "11/22/33"
+
+
+def test_a_recipes_runs_stay_one_setting_across_their_seeds_bases_and_evaluation_extent():
+    """make passkey-grid's runs: each seed starts from its own base (model.init_from), full attention is evaluated on
+    fewer lengths and Memorizing in smaller batches. They are still one recipe, drawn on one axis; a training
+    knob (the training prompt lengths) is another recipe."""
+    from infini_bench.report.seeds import by_setting
+
+    def run(memory: str, seed: int, **task) -> dict:
+        config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory},
+                  "model": {"name": "tiny", "segment_len": 256, "init_from": f"base/s{seed}/model.safetensors"},
+                  "task": {"name": "passkey", "lengths": [2048, 1048576], "eval_batch": 20,
+                           "train_lengths": [512, 1024], **task}, "trainer": {"seed": seed, "steps": 10},
+                  "hydra": {"overrides": [f"memory={memory}", f"seed={seed}"]}}
+        return {"config": config, "results": {}, "path": "."}
+
+    grid = [run("linear", 0), run("linear", 1), run("full", 0, lengths=[2048, 32768]),
+            run("memorizing", 1, eval_batch=10)]
+    groups = by_setting(grid)
+    assert len(groups) == 1 and sorted(next(iter(groups.values()))) == ["full", "linear", "memorizing"]
+    assert len(by_setting([*grid, run("linear", 0, train_lengths=[300, 600])])) == 2

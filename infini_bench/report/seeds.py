@@ -27,6 +27,9 @@ SEGMENT_BANDS = (("first segment", 0, 1), ("segments 8-15", 8, 16), ("segments 1
 # windows are cut from the corpus (the evaluation is the same for all of them).
 ARM_TASK_KEYS = ("train_documents", "window_start", "min_doc_tokens")
 ARM_OVERRIDES = ("memory.", "model.gate_init=", "trainer.gate_lr=", *(f"task.{k}=" for k in ARM_TASK_KEYS))
+# How an evaluation is batched and how far it reaches: a memory that affords less of it (full attention's prompts stop
+# at 32K in make passkey-grid) is still a row of its recipe.
+EVAL_EXTENT_KEYS = ("eval_batch", "lengths")
 
 
 def _setting(config: dict) -> str:
@@ -35,7 +38,8 @@ def _setting(config: dict) -> str:
     for key in ("seed", "memory", "name"):  # the run's name is made of its model and memory
         kept.pop(key, None)
     kept.get("model", {}).pop("gate_init", None)
-    for key in ARM_TASK_KEYS:
+    kept.get("model", {}).pop("init_from", None)  # the starting weights: in make passkey-grid, each seed's own base
+    for key in (*ARM_TASK_KEYS, *EVAL_EXTENT_KEYS):
         kept.get("task", {}).pop(key, None)
     trainer = kept.get("trainer", {})
     for key in ("seed", "gate_lr"):
