@@ -1,6 +1,6 @@
 """Run variants of experiment=passkey_gpu (or of any recipe) side by side, one per GPU, each under a budget.
 
-    python scripts/passkey_gpu_variants.py outputs/passkey_variants                 # the four built-in variants
+    python scripts/passkey_gpu_variants.py OUT -- model.init_from=BASE/model.safetensors   # the built-in variants
     python scripts/passkey_gpu_variants.py OUT --variant base= --variant delta=memory=delta --budget 600
     python scripts/passkey_gpu_variants.py OUT --variant a=trainer.steps=800 -- trainer.log_every=10
     python scripts/passkey_gpu_variants.py OUT --experiment table2_mini --per-gpu 4 --variant none=memory=none ...
@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# What docs/PASSKEY.md ("The one-GPU recipe") proposes to compare first.
+# Without --variant: the Infini-attention variants and Memorizing on experiment=passkey_gpu, which starts from a base
+# decoder: pass it to every variant after `--`, e.g. -- model.init_from=<experiment=passkey_gpu_base run>/model.safetensors
 VARIANTS = {
-    "linear": [],
+    "linear": ["memory=linear"],
     "delta": ["memory=delta"],
-    "linear-loss-all": ["task.loss_on=all"],
-    "linear-n2048": ["model.segment_len=2048", "task.local_warmup_segment_len=16384",
-                     "task.train_lengths=[4096,8192]",
-                     "task.train_lengths_end=[16384,32768]", "trainer.batch_size=8"],
+    "memorizing": ["memory=memorizing", "memory.knn_size=4096", "memory.eval_knn_size=1049000", "task.eval_batch=10"],
 }
 HEADLINE = ("passkey/acc/earlier_segment", "passkey/exact/earlier_segment", "passkey/acc", "passkey/exact",
             "passkey/chance", "val/ppl", "val/bpb", "test/ppl", "test/bpb", "train/steps", "train/seconds",

@@ -55,10 +55,19 @@ def test_table2_mini_runs_at_tiny_size(tmp_path):
 def test_passkey_gpu_is_the_papers_task_with_a_curriculum():
     cfg = composed("experiment=passkey_gpu", "memory=linear")
     t = cfg.task
-    assert list(t.key_range) == [1, 50000] and list(t.lengths) == [32768, 131072, 262144, 524288, 1048576]
-    assert t.samples * (t.depth_sweep or len(t.depths)) >= 32 and t.haystack == "repeat"
+    assert list(t.key_range) == [1, 50000] and list(t.lengths)[2:] == [32768, 131072, 262144, 524288, 1048576]
+    assert t.samples * (t.depth_sweep or len(t.depths)) >= 20 and t.haystack == "repeat"
     assert t.train_lengths_end[1] // cfg.model.segment_len >= 8  # training prompts span many segments
-    assert t.local_warmup_segment_len >= t.train_lengths[1] and t.key_ramp_steps > 0 and t.length_ramp_steps > 0
+    assert t.local_warmup_steps == 0 and t.key_ramp_steps > 0 and t.length_ramp_steps > 0  # it starts from the base
+
+
+def test_passkey_gpu_base_is_the_same_decoder_with_every_prompt_in_one_segment():
+    """The base every memory starts from: passkey_gpu's model without a memory, its segment as long as any prompt it
+    trains or is evaluated on, so that it learns to copy a key it can see."""
+    base, gpu = composed("experiment=passkey_gpu_base"), composed("experiment=passkey_gpu", "memory=linear")
+    assert base.memory.name == "none" and base.model.arch == gpu.model.arch
+    assert base.model.segment_len >= max(*base.task.train_lengths, *base.task.lengths)
+    assert list(base.task.key_range) == list(gpu.task.key_range) and base.task.local_warmup_steps == 0
 
 
 def test_passkey_gpu_runs_at_tiny_size_and_plots_accuracy_by_distance(tmp_path):
@@ -146,17 +155,19 @@ def test_reproduce_mini_runs_every_memory_in_each_benchmark():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     runs = [line for line in proc.stdout.splitlines() if "passkey_gpu_variants.py" in line]
-    assert [r.split("--experiment ")[1].split()[0] for r in runs] == ["table2_mini", "passkey_gpu", "none"]
-    assert "HF_HUB_OFFLINE=1" in runs[1] and all(f'--variant "{m}-s{s}=memory={m} seed={s}' in runs[1]
+    assert [r.split("--experiment ")[1].split()[0] for r in runs] == \
+        ["table2_mini", "passkey_gpu_base", "passkey_gpu", "none"]
+    assert "HF_HUB_OFFLINE=1" in runs[2] and all(f'--variant "{m}-s{s}=memory={m} seed={s} model.init_from=' in runs[2]
                                                  for m in memories for s in (0, 1))  # make passkey-grid's runs
-    assert "HF_HUB_OFFLINE=1" in runs[2] and all(f"--variant {m}=memory={m}" in runs[2] for m in memories)
+    runs = [runs[0], runs[3]]
+    assert "HF_HUB_OFFLINE=1" in runs[1] and all(f"--variant {m}=memory={m}" in runs[1] for m in memories)
     seeds = {m: (0, 1, 2) if m in ("none", "linear") else (0, 1) for m in memories}  # Table 2 with its seeds
     assert runs[0].count("--variant") == sum(map(len, seeds.values())) and "--per-gpu 4" in runs[0]
     one_micro_batch = " trainer.batch_size=16 trainer.grad_accum=1"  # the same 16 sequences per step
     micro = {"memorizing": one_micro_batch, "rmt": one_micro_batch}
     assert all(f'--variant "{m}-s{s}=memory={m} seed={s}{micro.get(m, "")}"' in runs[0]
                for m in memories for s in seeds[m])
-    assert "task=booksum" in runs[2] and "infini_bench.report" in proc.stdout.splitlines()[-1]
+    assert "task=booksum" in runs[1] and "infini_bench.report" in proc.stdout.splitlines()[-1]
 
 
 def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds(variant_calls):
@@ -182,23 +193,31 @@ def test_ablations_mini_runs_each_arm_with_two_seeds_and_every_arm_builds(varian
 
 
 def test_make_passkey_grid_runs_every_memory_with_two_seeds_and_stores_fit_the_prompts(variant_calls):
-    """`make passkey-grid` as it would run: Memorizing's store holds the longest prompt whole (else its key is
-    evicted before the question), and full attention stops at 32K."""
-    (words,) = variant_calls("passkey-grid")
-    assert words[words.index("--experiment") + 1] == "passkey_gpu" and "HF_HUB_OFFLINE=1" in words
-    variants = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--variant")
+    """`make passkey-grid` as it would run: a base per seed, then every memory from its seed's base. Memorizing's
+    store holds the longest training prompt while training and the longest evaluation prompt whole outside it (else
+    its key is evicted before the question), and full attention stops at 32K."""
+    bases, grid = variant_calls("passkey-grid")
+    assert bases[bases.index("--experiment") + 1] == "passkey_gpu_base" and "HF_HUB_OFFLINE=1" in bases
+    folder = Path(bases[bases.index("--experiment") - 1])
+    base_seeds = dict(bases[i + 1].split("=", 1) for i, w in enumerate(bases) if w == "--variant")
+    assert base_seeds == {"s0": "seed=0", "s1": "seed=1"}
+    assert grid[grid.index("--experiment") + 1] == "passkey_gpu" and "HF_HUB_OFFLINE=1" in grid
+    variants = dict(grid[i + 1].split("=", 1) for i, w in enumerate(grid) if w == "--variant")
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
     assert sorted(variants) == [f"{m}-s{s}" for m in memories for s in (0, 1)]
     for name, overrides in variants.items():
         memory, seed = name.rsplit("-s", 1)
         cfg = composed("experiment=passkey_gpu", *overrides.split())
         assert (cfg.memory.name, cfg.seed) == (memory, int(seed))
+        assert Path(cfg.model.init_from) == folder / f"s{seed}" / "model.safetensors"  # its own seed's base
         if memory == "memorizing":
-            assert cfg.memory.knn_size >= longest_passkey_sample(cfg.task) and cfg.task.eval_batch <= 8
+            longest_training = max(cfg.task.train_lengths_end) + len(" 50000.")
+            assert cfg.memory.knn_size >= longest_training
+            assert cfg.memory.eval_knn_size >= longest_passkey_sample(cfg.task) and cfg.task.eval_batch <= 10
         if memory == "full":
             assert max(cfg.task.lengths) == 32768
         else:
-            assert list(cfg.task.lengths) == [32768, 131072, 262144, 524288, 1048576]
+            assert list(cfg.task.lengths) == [2048, 8192, 32768, 131072, 262144, 524288, 1048576]
 
 
 def longest_passkey_sample(t) -> int:

@@ -132,8 +132,10 @@ def test_experiments_keep_their_trainer():
     assert (table4.lr, table4.batch_size, table4.precision) == (1e-4, 1, "bf16")
     assert _trainer("experiment=lm_cpu") == dataclasses.replace(_trainer("task=lm"), eval_every=1000)
     gpu = _trainer("experiment=passkey_gpu")  # a tiny model: its own values over the tiny preset
-    assert (gpu.steps, gpu.time_budget_s, gpu.lr, gpu.gate_lr, gpu.batch_size, gpu.precision) == \
-        (100000, 400, 1e-3, 3e-2, 128, "bf16")
+    assert (gpu.steps, gpu.time_budget_s, gpu.lr, gpu.gate_lr, gpu.batch_size * gpu.grad_accum, gpu.precision) == \
+        (100000, 330, 1e-3, 3e-2, 128, "bf16")
+    base = _trainer("experiment=passkey_gpu_base")  # the same optimiser on one micro-batch of 128
+    assert (base.time_budget_s, base.lr, base.batch_size, base.grad_accum) == (220, 1e-3, 128, 1)
 
 
 def test_the_start_line_shows_the_values_used_once(caplog, monkeypatch):
