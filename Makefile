@@ -129,7 +129,7 @@ booksum-grid: ## BookSum's length sweep (synthetic books, 512 to 32K tokens) for
 # Paper Table 3 at one-GPU scale (docs/PASSKEY.md). First a base decoder per seed (experiment=passkey_gpu_base: no
 # memory, trained to copy the key it can see; 220 s each, side by side), then every memory with seeds 0 and 1 on
 # experiment=passkey_gpu, each starting from its seed's base, seven runs side by side per GPU (330 s of training, then
-# the evaluation from 2K to 1M tokens; on one H200 each run took 430-490 s). Memorizing trains with a 4,096-slot store
+# the evaluation from 2K to 1M tokens; on one H200 each run took 370-490 s). Memorizing trains with a 4,096-slot store
 # (longer than any training prompt, so it loses nothing) and is evaluated with one that holds the whole 1M-token prompt
 # (memory.eval_knn_size), 10 prompts at a time; full attention is evaluated up to 32K, as far as its whole KV cache
 # and quadratic prefill reach.
