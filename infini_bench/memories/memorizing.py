@@ -161,9 +161,9 @@ class MemorizingTransformer(TransformerXL):
 
     @property
     def capacity(self) -> int:
-        """The store's slots: knn_size in training, eval_knn_size in eval mode. Memorizing Transformers' memory
-        can grow at test time (their models trained with 8K slots read 65K); while a sequence fits both, the two
-        give the same output, so training needs no more slots than its longest sequence."""
+        """The store's slots: knn_size in training, eval_knn_size in eval mode. The store holds keys and values,
+        no learned parameter, so its size may differ between the two; while a sequence fits both, they give the
+        same output, so training needs no more slots than its longest sequence."""
         return self.knn_size if self.training else self.eval_knn_size
 
     def reset_parameters(self) -> None:
