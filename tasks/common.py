@@ -2,10 +2,9 @@
 with each evaluation, Table 1's footprint, and the batch function of a run that trains nothing."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-
-import logging
 
 import torch
 
