@@ -34,10 +34,11 @@ def load_weights(model: SegmentTransformer, path: str) -> None:
     from safetensors import SafetensorError
 
     ours, own = model.state_dict(), {name for name, _ in model.memory_parameters()}
+    tied = {"lm_head.weight"} if model.lm_head.weight is model.embed.weight else set()  # export_weights stores it once
     try:
         with safe_open(str(found), framework="pt", device=str(model.embed.weight.device)) as f:
             sd = {name: f.get_tensor(name) for name in f.keys() if name in ours or not is_memory_parameter(name)}
-        for what, names in (("lacks", set(ours) - set(sd) - own), ("has unexpected", set(sd) - set(ours))):
+        for what, names in (("lacks", set(ours) - set(sd) - own - tied), ("has unexpected", set(sd) - set(ours))):
             if names:
                 raise ValueError(f"it {what} {len(names)} weights, e.g. {sorted(names)[0]!r}")
         model.load_state_dict(sd, strict=False)  # a shape that does not fit fails here

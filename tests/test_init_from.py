@@ -54,3 +54,17 @@ def test_a_file_that_lacks_a_decoder_weight_or_does_not_fit_is_one_line(tmp_path
     with pytest.raises(ConfigError, match="does not fit this model"):
         load_weights(src, str(tmp_path / "wider.safetensors"))
     assert all(torch.equal(v, before[k]) for k, v in src.state_dict().items())  # nothing half-loaded
+
+
+def test_tied_embeddings_load_from_a_file_that_stores_them_once(tmp_path):
+    """export_weights stores a tied output matrix once (as embed.weight): loading restores both names, still tied."""
+    from types import SimpleNamespace
+
+    from tasks.common import export_weights
+
+    torch.manual_seed(0)
+    src = build_model("tiny", memory="none", segment_len=16, tie_embeddings=True)
+    path = export_weights(src, SimpleNamespace(out_dir=tmp_path, is_main=True))
+    dst = build_model("tiny", memory="linear", segment_len=16, tie_embeddings=True)
+    load_weights(dst, str(path))
+    assert dst.lm_head.weight is dst.embed.weight and torch.equal(dst.embed.weight, src.embed.weight)
