@@ -5,13 +5,20 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+from infini_bench.errors import ConfigError
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 @lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score.rouge_scorer import RougeScorer
-
+def rouge_scorer():
+    """The ROUGE scorer; called when a task that scores with it starts, so that a missing package stops the run
+    before training rather than after it."""
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError:
+        raise ConfigError("task", "booksum scores summaries with ROUGE, and the rouge-score package is missing "
+                                  "(pip install rouge-score)") from None
     return RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
@@ -25,7 +32,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
-    scorer = _scorer()
+    scorer = rouge_scorer()
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, refs in zip(predictions, references):
         refs = [refs] if isinstance(refs, str) else list(refs)

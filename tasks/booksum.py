@@ -33,7 +33,7 @@ from infini_bench.errors import ConfigError, check_choice, check_positive
 from infini_bench.evaluate import streamed_nll
 from infini_bench.generate import generate
 from infini_bench.hub import prepare_hub
-from infini_bench.metrics import rouge
+from infini_bench.metrics import rouge, rouge_scorer
 from infini_bench.model import SegmentTransformer
 from infini_bench.paper import length_label
 from infini_bench.plots import line_plot
@@ -325,6 +325,7 @@ class BookSum(Task):
     def setup(self) -> TrainConfig:
         t, tokenizer = self.t, self.tokenizer
         tcfg = train_config(self.cfg)
+        rouge_scorer()  # the evaluation's ROUGE: a missing package stops the run here, not after training
         train_pairs, self.eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # steps=0: evaluation only
         self.tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt),
                        "eos_id": tokenizer.eos_id, "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}

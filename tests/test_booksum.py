@@ -299,3 +299,19 @@ def test_the_variants_summary_shows_rouge_and_the_oracle_by_input_length(tmp_pat
     table = (tmp_path / "summary.md").read_text()
     assert ("| booksum/overall | booksum/overall@512 | booksum/overall@32K | booksum/oracle_memory/overall@512 | "
             "booksum/oracle_local/overall@512 | booksum/events_beyond_window@512 |") in table
+
+
+def test_without_rouge_score_the_run_stops_before_training_with_one_line(tmp_path):
+    """The package that scores the summaries is checked at the start: a machine without it (an offline GPU node, say)
+    learns so in a second, not after the whole training."""
+    blocked = tmp_path / "site" / "rouge_score"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'rouge_score'\")\n")
+    out = tmp_path / "run"
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"), ENV.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "run.py", "task=booksum", "trainer.steps=2", "logger=none",
+                           "trainer.progress=false", f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: task: booksum scores summaries with ROUGE" in proc.stderr and "pip install rouge-score" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "metrics.jsonl").exists()  # no step was trained
