@@ -117,14 +117,20 @@ EACH_MEMORY_RECALL = $(foreach m,$(MEMORIES),$(foreach s,$(RECALL_SEEDS),--varia
 recall-grid: ## associative recall (pairs x gap) for every memory, seeds 0 and 1, on one GPU's budget (docs/RECALL.md)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/recall --experiment recall_gpu --per-gpu 7 --budget $(RECALL_BUDGET) $(EACH_MEMORY_RECALL) -- $(ARGS)
 
-# Figure 4's direction at one-GPU scale: every memory in conf/memory/ (full too: the 4-layer model's whole KV cache
-# at 32K is 128 MiB) with seeds 0 and 1 on experiment=booksum_gpu, three runs side by side per GPU, each stopped at
-# 20 minutes (about 10 expected); each writes ROUGE at 512 to 32K tokens beside the oracle rows (docs/BOOKSUM.md).
+# Figure 4's direction at one-GPU scale (docs/BOOKSUM.md). First a base decoder per seed (experiment=booksum_gpu_base:
+# no memory, trained to copy the events of a short book it sees whole into its summary; 200 s each, side by side), then
+# every memory in conf/memory/ (full too: the 4-layer model's whole KV cache at 32K is 128 MiB) with seeds 0 and 1 on
+# experiment=booksum_gpu, each starting from its seed's base, seven runs side by side per GPU (330 s of training on
+# whole 32K-token books, then summaries from 512 to 32K tokens beside the oracle rows).
 BOOKSUM_SEEDS ?= 0 1
-EACH_MEMORY_BOOKSUM = $(foreach m,$(MEMORIES),$(foreach s,$(BOOKSUM_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s)"))
+BOOKSUM_BUDGET ?= 560
+BOOKSUM_BASE = $(MINI)/booksum_gpu_base
+EACH_MEMORY_BOOKSUM = $(foreach m,$(MEMORIES),$(foreach s,$(BOOKSUM_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s) model.init_from=$(BOOKSUM_BASE)/s$(s)/model.safetensors"))
+EACH_BOOKSUM_BASE = $(foreach s,$(BOOKSUM_SEEDS),--variant "s$(s)=seed=$(s)")
 
 booksum-grid: ## BookSum's length sweep (synthetic books, 512 to 32K tokens) for every memory, seeds 0 and 1, on one GPU (docs/BOOKSUM.md)
-	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu --experiment booksum_gpu --per-gpu 3 --budget 1200 $(EACH_MEMORY_BOOKSUM) -- $(ARGS)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(BOOKSUM_BASE) --experiment booksum_gpu_base --per-gpu 3 --budget 280 $(EACH_BOOKSUM_BASE) -- $(ARGS)
+	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu --experiment booksum_gpu --per-gpu 7 --budget $(BOOKSUM_BUDGET) $(EACH_MEMORY_BOOKSUM) -- $(ARGS)
 
 # Paper Table 3 at one-GPU scale (docs/PASSKEY.md). First a base decoder per seed (experiment=passkey_gpu_base: no
 # memory, trained to copy the key it can see; 220 s each, side by side), then every memory with seeds 0 and 1 on

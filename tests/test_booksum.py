@@ -16,8 +16,9 @@ from infini_bench.metrics import rouge
 from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
+from tasks import booksum
 from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, group_by_book, make_batch, oracle,
-                           summary_loss, synthetic_books, truncate)
+                           summarise_books, summary_loss, synthetic_books, truncate)
 from tasks.runner import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,39 @@ def test_streamed_summary_loss_equals_a_parallel_forward():
         expected = F.cross_entropy(model(batch["input_ids"]).logits[0], batch["labels"][0], ignore_index=-100)
     streamed = summary_loss(model, examples, tokens, torch.device("cpu"), "fp32")
     assert streamed == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["linear", "memorizing"])
+def test_greedy_summaries_of_equal_length_inputs_are_decoded_as_one_batch_and_equal_one_at_a_time(memory, monkeypatch):
+    """Greedy decoding needs no seed, so books of the same input length go through generate together; each summary
+    is the one that book gets alone. Books of other lengths (the shortest input here reads one book whole) go alone."""
+    from omegaconf import OmegaConf
+
+    from infini_bench.generate import generate
+
+    torch.manual_seed(0)
+    model, tok = build_model("tiny", memory=memory, segment_len=16).eval(), ByteTokenizer()
+    books = [Book(str(i), "b", text, ("r",)) for i, text in enumerate(
+        ["a short book", "the second book is longer than the shortest input", "a third book, also a long one"])]
+    tokens = dict(prefix=[tok.bos_id], prompt=tok.encode("|"), eos_id=tok.eos_id, pad_id=tok.pad_id)
+    t = OmegaConf.create({"truncate": "head", "max_new_tokens": 20, "temperature": 0.5, "top_p": 0.95,
+                          "greedy": True, "seed": 0})
+    tcfg = OmegaConf.create({"progress": False, "precision": "fp32"})
+    calls = []
+    monkeypatch.setattr(booksum, "generate", lambda model, prompt, *a, **k: calls.append(prompt.shape[0])
+                        or generate(model, prompt, *a, **k))
+    got, used = summarise_books(model, tok, books, [20, 40], tokens, t, torch.device("cpu"), tcfg)
+    assert sorted(calls) == [1, 1, 1, 1, 2] and used == {20: [12, 20, 20], 40: [12, 40, 29]}
+    for n in (20, 40):
+        for i, b in enumerate(books):
+            ids = truncate(tok.encode(b.text), n, "head")
+            alone = generate(model, torch.tensor([tokens["prefix"] + ids + tokens["prompt"]]), 20, greedy=True,
+                             eos_id=tok.eos_id)
+            assert got[n][i] == tok.decode(alone.tokens[0]).strip()
+    t.greedy = False  # sampling: one book a batch, each with its own seed
+    calls.clear()
+    summarise_books(model, tok, books, [20], tokens, t, torch.device("cpu"), tcfg)
+    assert calls == [1, 1, 1]
 
 
 def test_batch_fn_is_a_function_of_the_index():
@@ -255,6 +289,26 @@ def test_booksum_gpu_reads_whole_books_at_its_longest_input_and_more_events_beyo
     assert rows["events beyond the window"] == [f"{got[x]['events_beyond_window']:.2f}" for x in lengths]
 
 
+def test_booksum_gpu_base_sees_each_book_and_its_summary_in_one_segment_with_the_recipe_s_model():
+    """The base learns to copy events it can see: book, prompt and summary in one segment, no memory, and the same
+    decoder as booksum_gpu, so that every memory of the recipe can start from its weights."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        base = compose("config", overrides=["experiment=booksum_gpu_base"])
+        recipe = compose("config", overrides=["experiment=booksum_gpu"])
+    t, s = base.task, base.task.synthetic
+    assert base.memory.name == "none" and base.model.arch == recipe.model.arch
+    assert base.model.tokenizer == recipe.model.tokenizer == "byte" and base.trainer.time_budget_s
+    tok = ByteTokenizer()
+    books = synthetic_books("train", 64, s.book_chars, s.n_events, s.seed) + \
+        synthetic_books(t.eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
+    prompt = len(tok.encode(t.prompt))
+    for b in books:
+        book, summary = len(tok.encode(b.text)), len(tok.encode(b.references[0]))
+        assert book <= t.train_input_len and summary <= min(t.summary_max_tokens, t.max_new_tokens)
+        assert 1 + book + prompt + summary + 1 <= base.model.segment_len  # BOS, book, prompt, summary, EOS
+    assert list(t.eval_input_lens) == [t.train_input_len]
+
+
 def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
     out = tmp_path / "run"
     args = ["experiment=booksum_gpu", "model.segment_len=32",
@@ -275,13 +329,18 @@ def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
     assert r["booksum/events_beyond_window@64"] <= r["booksum/events_beyond_window@512"]
 
 
-def test_make_booksum_grid_runs_every_memory_with_two_seeds_on_booksum_gpu(variant_calls):
-    (words,) = variant_calls("booksum-grid")
-    assert words[words.index("--experiment") + 1] == "booksum_gpu" and "HF_HUB_OFFLINE=1" in words
-    assert int(words[words.index("--per-gpu") + 1]) <= 3 and float(words[words.index("--budget") + 1]) >= 600
-    variants = sorted(words[i + 1] for i, w in enumerate(words) if w == "--variant")
+def test_make_booksum_grid_trains_a_base_per_seed_then_every_memory_from_it(variant_calls):
+    bases, grid = variant_calls("booksum-grid")
+    for words in (bases, grid):
+        assert "HF_HUB_OFFLINE=1" in words and float(words[words.index("--budget") + 1]) >= 200
+    assert bases[bases.index("--experiment") + 1] == "booksum_gpu_base"
+    assert sorted(bases[i + 1] for i, w in enumerate(bases) if w == "--variant") == ["s0=seed=0", "s1=seed=1"]
+    base_dir = next(bases[i + 1] for i, w in enumerate(bases) if w.endswith("passkey_gpu_variants.py"))
+    assert grid[grid.index("--experiment") + 1] == "booksum_gpu" and int(grid[grid.index("--per-gpu") + 1]) <= 7
+    variants = sorted(grid[i + 1] for i, w in enumerate(grid) if w == "--variant")
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
-    assert variants == [f"{m}-s{s}=memory={m} seed={s}" for m in memories for s in (0, 1)]
+    assert variants == [f"{m}-s{s}=memory={m} seed={s} model.init_from={base_dir}/s{s}/model.safetensors"
+                        for m in memories for s in (0, 1)]
 
 
 def test_the_variants_summary_shows_rouge_and_the_oracle_by_input_length(tmp_path):
