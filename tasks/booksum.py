@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,20 +160,39 @@ def events_read(n_tokens: int, spans: Sequence[tuple[int, int]], n: int, mode: s
 def oracle(tokenizer, books: Sequence[Book], lengths: Sequence[int], mode: str, window: int) -> dict[int, dict]:
     """Per input length: ROUGE of the memory oracle (every event the input holds, joined as the reference is),
     of the local oracle (the events in the last `window` tokens only), and the mean fraction of each book's
-    events that are in the input but beyond the local window. Needs books with `events` (synthetic)."""
+    events that are in the input, and in it but beyond the local window. Needs books with `events` (synthetic)."""
     spans = [(len(tokenizer.encode(b.text)), event_spans(tokenizer, b.text, b.events)) for b in books]
     refs = [list(b.references) for b in books]
     out = {}
     for n in lengths:
-        memory, local, beyond = [], [], []
+        memory, local, beyond, read = [], [], [], []
         for b, (n_tokens, sp) in zip(books, spans):
             inside, near = events_read(n_tokens, sp, n, mode, window)
             memory.append(" ".join(b.events[e] for e in inside))
             local.append(" ".join(b.events[e] for e in near))
             beyond.append((len(inside) - len(near)) / len(b.events))
+            read.append(len(inside) / len(b.events))
         out[n] = {"memory": rouge(memory, refs), "local": rouge(local, refs),
-                  "events_beyond_window": sum(beyond) / len(beyond)}
+                  "events_beyond_window": sum(beyond) / len(beyond), "events_in_input": sum(read) / len(read)}
     return out
+
+
+def events_recalled(prediction: str, events: Sequence[str]) -> float:
+    """The share of a book's events that a summary states word for word, each as a sentence of its own (an event
+    stated twice in the book must be stated twice). ROUGE also rewards a summary for the names, verbs and places
+    it shares with the reference by chance; this counts only the events themselves."""
+    stated = Counter(s.strip() for s in re.findall(r"[^.]*\.", prediction))
+    wanted = Counter(events)
+    return sum(min(n, stated[e]) for e, n in wanted.items()) / max(len(events), 1)
+
+
+def guess(books: Sequence[Book], seed: int) -> dict[str, float]:
+    """ROUGE of summaries that list as many events as each reference, each drawn from the events' vocabulary (the
+    template and its words, without reading the book): what a model scores without any memory of the book."""
+    rng = random.Random(f"{seed}/guess")
+    preds = [" ".join(f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+                      for _ in b.events) for b in books]
+    return rouge(preds, [list(b.references) for b in books])
 
 
 # --- BookSum from the hub --------------------------------------------------------------------------------------
@@ -370,6 +390,11 @@ class BookSum(Task):
             results[f"booksum/oracle_memory/overall@{length_label(n)}"] = o["memory"]["overall"]
             results[f"booksum/oracle_local/overall@{length_label(n)}"] = o["local"]["overall"]
             results[f"booksum/events_beyond_window@{length_label(n)}"] = o["events_beyond_window"]
+            results[f"booksum/events_in_input@{length_label(n)}"] = o["events_in_input"]
+            results[f"booksum/events_recalled@{length_label(n)}"] = sum(
+                events_recalled(p, b.events) for p, b in zip(self.per_length[n], books)) / len(books)
+        if self.oracle:
+            results["booksum/guess/overall"] = guess(books, t.synthetic.seed)["overall"]
         results.update({"val/summary_loss": val_loss,
                         "train/loss": summary.get("train/loss"), "train/steps": self.final_step, "data/source": t.source,
                         "booksum/books": len(books)})
@@ -383,7 +408,9 @@ class BookSum(Task):
             "metrics": results,
             "length_sweep": [{"input_len": n, **scores[n], **({
                 "oracle_memory": self.oracle[n]["memory"], "oracle_local": self.oracle[n]["local"],
-                "events_beyond_window": self.oracle[n]["events_beyond_window"]} if n in self.oracle else {})}
+                "events_beyond_window": self.oracle[n]["events_beyond_window"],
+                "events_in_input": self.oracle[n]["events_in_input"],
+                "events_recalled": results[f"booksum/events_recalled@{length_label(n)}"]} if n in self.oracle else {})}
                 for n in lengths],
             "books": [{"bid": b.bid, "title": b.title, "references": list(b.references),
                        "predictions": {str(n): per_length[n][i] for n in lengths}} for i, b in enumerate(books)],
@@ -394,6 +421,7 @@ class BookSum(Task):
                          ymin=0, memories={memory: memory}, references={
                              "oracle: perfect memory": [self.oracle[n]["memory"]["overall"] for n in lengths],
                              "oracle: local attention alone": [self.oracle[n]["local"]["overall"] for n in lengths],
+                             "guess: random events, no reading": [results["booksum/guess/overall"]] * len(lengths),
                          } if self.oracle else None)
         run.log_image("booksum/length_sweep", plot, step=self.final_step)
         # Tables last: W&B steps them past the final step, and it drops anything logged at an earlier step afterwards.

@@ -17,8 +17,8 @@ from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
 from tasks import booksum
-from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, group_by_book, make_batch, oracle,
-                           summarise_books, summary_loss, synthetic_books, truncate)
+from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, events_recalled, group_by_book, guess,
+                           make_batch, oracle, summarise_books, summary_loss, synthetic_books, truncate)
 from tasks.runner import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +187,12 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     assert 0 <= results["booksum/oracle_local/overall@512"] < 100
     assert 0 <= results["booksum/oracle_memory/overall@128"] <= 100
     assert 0 <= results["booksum/events_beyond_window@128"] <= results["booksum/events_beyond_window@512"] <= 1
+    assert results["booksum/events_in_input@512"] == 1.0 and 0 <= results["booksum/events_in_input@128"] < 1
+    for n in ("128", "512"):  # the events stated word for word, recomputed from the saved predictions
+        events = [[e.strip() + "." for e in b["references"][0].split(".") if e.strip()] for b in saved["books"]]
+        assert results[f"booksum/events_recalled@{n}"] == pytest.approx(sum(
+            events_recalled(b["predictions"][n], e) for b, e in zip(saved["books"], events)) / len(events))
+    assert 0 < results["booksum/guess/overall"] < 100
     assert results["booksum/rouge1"] == pytest.approx(saved["length_sweep"][1]["rouge1"])
     table = json.loads((tmp_path / "tables" / "booksum_samples.json").read_text())
     assert len(table["rows"]) == 2 and table["columns"][3] == "prediction"
@@ -204,6 +210,23 @@ def known_book():
     fill = lambda k: ("x" * (k - 1)) + " "  # noqa: E731
     text = "\n\n".join([fill(100), EVENTS[0], fill(300), EVENTS[1], fill(300), EVENTS[2], fill(60)])
     return Book("k", "known", text, (" ".join(EVENTS),), EVENTS)
+
+
+def test_events_recalled_counts_only_events_stated_word_for_word():
+    events = EVENTS + (EVENTS[0],)  # the first event happens twice
+    assert events_recalled(" ".join(events), events) == 1.0
+    once = f"{EVENTS[0]} {EVENTS[1]} Ingrid hid the old map at the mill. Corvin sold"  # one place wrong, one cut off
+    assert events_recalled(once, events) == pytest.approx(2 / 4)
+    assert events_recalled(f"{EVENTS[0]} {EVENTS[0]} {EVENTS[0]}", events) == pytest.approx(2 / 4)  # at most twice
+    assert events_recalled("", events) == 0.0
+
+
+def test_a_guess_from_the_vocabulary_scores_above_zero_and_far_below_the_reference():
+    books = synthetic_books("validation", 8, 1800, 4, 1234)
+    floor = guess(books, 1234)
+    assert floor == guess(books, 1234) and floor != guess(books, 1235)  # seeded
+    assert 10 < floor["overall"] < 60 and rouge([b.references[0] for b in books],
+                                                [list(b.references) for b in books])["overall"] == pytest.approx(100)
 
 
 def test_event_spans_are_the_events_token_positions():
@@ -327,6 +350,20 @@ def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
                                          "events_beyond_window") for x in (64, 512)} <= set(r)
     assert r["booksum/oracle_memory/overall@512"] == pytest.approx(100.0)  # a book of about 490 bytes, read whole
     assert r["booksum/events_beyond_window@64"] <= r["booksum/events_beyond_window@512"]
+    # A run scored before the event counts existed gets the same ones from its saved predictions.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from booksum_rescore import rescore
+
+    counted = {k: v for k, v in r.items() if k.startswith(("booksum/events_recalled", "booksum/events_in_input",
+                                                           "booksum/guess"))}
+    assert len(counted) == 5
+    saved = json.loads((out / "results.json").read_text())
+    saved["results"] = {k: v for k, v in r.items() if k not in counted}
+    (out / "results.json").write_text(json.dumps(saved))
+    assert set(rescore(out)) == {*counted, "booksum/rescored_from"}
+    again = json.loads((out / "results.json").read_text())["results"]
+    assert {k: again[k] for k in counted} == pytest.approx(counted)
+    assert rescore(out) == {}  # nothing left to add
 
 
 def test_make_booksum_grid_trains_a_base_per_seed_then_every_memory_from_it(variant_calls):

@@ -231,7 +231,7 @@ def test_filters_keep_runs_out_of_the_csv_and_the_report(three_runs, monkeypatch
 
 @pytest.mark.parametrize("args, line", [
     (["--task", "lmm"], "error: --task: 'lmm' is not one of booksum, lm, passkey"),
-    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of booksum_gpu, continual_1b, continual_8b,"),
+    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of booksum_gpu, booksum_gpu_base, continual_1b,"),
     (["--only", "nowhere"], "error: no run under "),
 ])
 def test_a_bad_filter_is_one_line(args, line, three_runs, monkeypatch, capsys):

@@ -1,0 +1,54 @@
+"""Add the event counts of docs/BOOKSUM.md to booksum runs that were scored before the task reported them.
+
+    python scripts/booksum_rescore.py RUN_DIR [RUN_DIR ...]
+
+Each run's `booksum_predictions.json` holds every summary it wrote; its `results.json` holds its config. From
+them this recomputes, with the task's own functions, `booksum/events_recalled@<len>` (events stated word for
+word), `booksum/events_in_input@<len>` and `booksum/guess/overall`, and adds the missing ones to `results.json`
+(written atomically), with `booksum/rescored_from` naming the predictions file. Keys a run already has are kept.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infini_bench.paper import length_label  # noqa: E402
+from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
+from infini_bench.tracking import write_json  # noqa: E402
+from tasks.booksum import events_recalled, guess, oracle, synthetic_books  # noqa: E402
+
+
+def rescore(run: Path) -> dict:
+    saved = json.loads((run / "results.json").read_text())
+    cfg, results = saved["config"], saved["results"]
+    t, s = cfg["task"], cfg["task"]["synthetic"]
+    if t["source"] != "synthetic" or cfg["model"]["tokenizer"] != "byte":
+        raise SystemExit(f"error: {run}: only synthetic books read as bytes have events to count")
+    preds = json.loads((run / "booksum_predictions.json").read_text())["books"]
+    books = synthetic_books(t["eval_split"], len(preds), s["book_chars"], s["n_events"], s["seed"])
+    assert [b.bid for b in books] == [p["bid"] for p in preds], f"{run}: not the books this run scored"
+    lengths = sorted(t["eval_input_lens"])
+    read = oracle(ByteTokenizer(), books, lengths, t["truncate"], cfg["model"]["segment_len"])
+    added = {"booksum/guess/overall": guess(books, s["seed"])["overall"],
+             "booksum/rescored_from": "booksum_predictions.json"}
+    for n in lengths:
+        label = length_label(n)
+        added[f"booksum/events_in_input@{label}"] = read[n]["events_in_input"]
+        added[f"booksum/events_recalled@{label}"] = sum(
+            events_recalled(p["predictions"][str(n)], b.events) for p, b in zip(preds, books)) / len(books)
+    new = {k: v for k, v in added.items() if k not in results}
+    if len(new) > 1:
+        saved["results"] = {**results, **new}
+        write_json(run / "results.json", saved)
+    return new
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    for arg in sys.argv[1:]:
+        got = rescore(Path(arg))
+        print(arg, {k: round(v, 3) for k, v in got.items() if isinstance(v, float) and "recalled" in k})
