@@ -332,6 +332,21 @@ def test_booksum_gpu_base_sees_each_book_and_its_summary_in_one_segment_with_the
     assert list(t.eval_input_lens) == [t.train_input_len]
 
 
+def test_booksum_gpu_short_cuts_the_base_s_books_into_segments_and_reads_them_whole_at_its_longest_input():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        short = compose("config", overrides=["experiment=booksum_gpu_short"])
+        base = compose("config", overrides=["experiment=booksum_gpu_base"])
+    t, n = short.task, short.model.segment_len
+    assert t.synthetic == base.task.synthetic and short.model.arch == base.model.arch and n < base.model.segment_len
+    lengths = list(t.eval_input_lens)
+    assert [x // n for x in lengths] == [2, 4, 8] and t.train_input_len == lengths[-1]
+    books = synthetic_books(t.eval_split, t.eval_books, t.synthetic.book_chars, t.synthetic.n_events, t.synthetic.seed)
+    got = oracle(ByteTokenizer(), books, lengths, t.truncate, n)
+    assert got[lengths[-1]]["events_in_input"] == 1.0 and got[lengths[0]]["events_in_input"] < 1
+    beyond = [got[x]["events_beyond_window"] for x in lengths]
+    assert beyond == sorted(beyond) and beyond[-1] > 0.5  # most events lie before the last segment
+
+
 def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
     out = tmp_path / "run"
     args = ["experiment=booksum_gpu", "model.segment_len=32",
@@ -366,18 +381,30 @@ def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
     assert rescore(out) == {}  # nothing left to add
 
 
-def test_make_booksum_grid_trains_a_base_per_seed_then_every_memory_from_it(variant_calls):
+def test_make_booksum_grid_trains_the_base_then_every_memory_and_seed_from_it(variant_calls):
     bases, grid = variant_calls("booksum-grid")
     for words in (bases, grid):
         assert "HF_HUB_OFFLINE=1" in words and float(words[words.index("--budget") + 1]) >= 200
     assert bases[bases.index("--experiment") + 1] == "booksum_gpu_base"
-    assert sorted(bases[i + 1] for i, w in enumerate(bases) if w == "--variant") == ["s0=seed=0", "s1=seed=1"]
-    base_dir = next(bases[i + 1] for i, w in enumerate(bases) if w.endswith("passkey_gpu_variants.py"))
-    assert grid[grid.index("--experiment") + 1] == "booksum_gpu" and int(grid[grid.index("--per-gpu") + 1]) <= 7
-    variants = sorted(grid[i + 1] for i, w in enumerate(grid) if w == "--variant")
+    assert [bases[i + 1] for i, w in enumerate(bases) if w == "--variant"] == ["s1=seed=1"]
+    base = next(bases[i + 1] for i, w in enumerate(bases) if w.endswith("passkey_gpu_variants.py")) + "/s1/model.safetensors"
+    assert grid[grid.index("--experiment") + 1] == "booksum_gpu" and int(grid[grid.index("--per-gpu") + 1]) == 7
+    variants = [grid[i + 1] for i, w in enumerate(grid) if w == "--variant"]
     memories = sorted(p.stem for p in (ROOT / "conf" / "memory").glob("*.yaml"))
-    assert variants == [f"{m}-s{s}=memory={m} seed={s} model.init_from={base_dir}/s{s}/model.safetensors"
-                        for m in memories for s in (0, 1)]
+    assert variants == [f"{m}-s{s}=memory={m} seed={s} model.init_from={base}"
+                        + (" memory.bptt_depth=16" if m == "rmt" else "") for s in (0, 1) for m in memories]
+    assert len(memories) == 7  # one seed's runs side by side: each wave of seven is every memory once
+
+
+def test_make_booksum_short_runs_four_memories_with_two_seeds_from_the_base(variant_calls):
+    calls = variant_calls("booksum-short")
+    short = calls[-1]
+    assert short[short.index("--experiment") + 1] == "booksum_gpu_short"
+    variants = [short[i + 1] for i, w in enumerate(short) if w == "--variant"]
+    assert [v.split("=")[0] for v in variants] == [f"{m}-s{s}" for m in ("none", "linear", "full", "memorizing")
+                                                   for s in (0, 1)]
+    assert all("model.init_from=outputs/mini/booksum_gpu_base/s1/model.safetensors" in v for v in variants)
+    assert len(variants) <= int(short[short.index("--per-gpu") + 1])  # all at once, as measured
 
 
 def test_the_variants_summary_shows_rouge_and_the_oracle_by_input_length(tmp_path):
