@@ -22,6 +22,9 @@ from tasks.booksum import events_recalled, guess, oracle, synthetic_books  # noq
 
 
 def rescore(run: Path) -> dict:
+    for name in ("results.json", "booksum_predictions.json"):
+        if not (run / name).is_file():
+            raise SystemExit(f"error: {run}: no {name} (a run that did not finish has nothing to count)")
     saved = json.loads((run / "results.json").read_text())
     cfg, results = saved["config"], saved["results"]
     t, s = cfg["task"], cfg["task"]["synthetic"]

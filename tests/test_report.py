@@ -231,7 +231,7 @@ def test_filters_keep_runs_out_of_the_csv_and_the_report(three_runs, monkeypatch
 
 @pytest.mark.parametrize("args, line", [
     (["--task", "lmm"], "error: --task: 'lmm' is not one of booksum, lm, passkey"),
-    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of booksum_gpu, booksum_gpu_base, continual_1b,"),
+    (["--experiment", "nope"], "error: --experiment: 'nope' is not one of booksum_gpu, booksum_gpu_base, booksum_gpu_short,"),
     (["--only", "nowhere"], "error: no run under "),
 ])
 def test_a_bad_filter_is_one_line(args, line, three_runs, monkeypatch, capsys):
@@ -513,6 +513,22 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     assert linear["runs"] == "[s0](../syn/linear-s0), [s1](../syn/linear-s1)"
     none = cells(section, header, "| none |")
     assert (none["seeds"], none["512"], none["2K"]) == ("0", "2.5", "2.0")
+    assert "guess" not in section and "word for word" not in section  # runs scored before these were counted
+    # The guess row and the events stated word for word, where the runs have them.
+    for folder, recalled in (("syn/linear-s1", {512: 0.0, 2048: 0.25}), ("syn/linear-s0", {512: 0.0, 2048: 0.75}),
+                             ("syn/none-s0", {512: 0.0, 2048: 0.0})):
+        saved = json.loads((tmp_path / folder / "results.json").read_text())
+        saved["results"].update({"booksum/guess/overall": 49.3, "booksum/events_in_input@512": 0.02,
+                                 "booksum/events_in_input@2K": 0.125,
+                                 **{f"booksum/events_recalled@{k}": v for k, v in zip(("512", "2K"), recalled.values())}})
+        (tmp_path / folder / "results.json").write_text(json.dumps(saved))
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    guess = cells(section, header, "| guess:")
+    assert (guess["512"], guess["2K"]) == ("49.3", "49.3")
+    words = section.split("word for word")[1]
+    assert cells(words, header, "| oracle: events wholly")["2K"] == "0.12"
+    assert cells(words, header, "| linear |")["2K"] == "0.50 ± 0.25" and cells(words, header, "| none |")["512"] == "0.00"
     # A hub recipe with two seeds gets its table too, with no oracle rows.
     _booksum_run(tmp_path, "hub/linear-s1", "linear", 1, {512: 21.0}, source="hub")
     text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")

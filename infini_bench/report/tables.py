@@ -253,14 +253,37 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
                 lines.append(f"| {name} | | " + " | ".join(
                     _agreed([r["results"][f"{key}@{n}"] for r in every if f"{key}@{n}" in r["results"]], digits)
                     for n in labels) + " | |")
-        for label in arms_in_order(by_arm):
-            group = sorted(by_arm[label], key=lambda r: r["config"].get("seed", 0))
-            key = "booksum/overall"
-            links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
-                              if out is not None else f"s{r['config'].get('seed', 0)}" for r in group)
-            lines.append(f"| {label} | {', '.join(str(r['config'].get('seed', 0)) for r in group)} | " + " | ".join(
-                _mean_spread([r["results"][f"{key}@{n}"] for r in group if f"{key}@{n}" in r["results"]], 1)
-                for n in labels) + f" | {links} |")
+            guesses = [r["results"][GUESS_KEY] for r in every if GUESS_KEY in r["results"]]
+            if guesses:  # the same books give the same guess at every length
+                lines.append(f"| {GUESS_ROW} | | " + " | ".join(_agreed(guesses, 1) for _ in labels) + " | |")
+        lines += _memory_rows(by_arm, labels, "booksum/overall", 1, out)
+        if any(k.startswith(RECALLED_KEY + "@") for r in every for k in r["results"]):
+            lines += ["", "Events stated word for word (the share of each book's events its summary states as a "
+                      "sentence of its own, averaged over books); the first row is what a perfect memory could "
+                      "state, the share of the events wholly in the input.", "",
+                      "| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|",
+                      f"| {IN_INPUT_ROW} | | " + " | ".join(_agreed(
+                          [r["results"][f"{IN_INPUT_KEY}@{n}"] for r in every if f"{IN_INPUT_KEY}@{n}" in r["results"]],
+                          2) for n in labels) + " | |"]
+            lines += _memory_rows(by_arm, labels, RECALLED_KEY, 2, out)
+    return lines
+
+
+GUESS_KEY, GUESS_ROW = "booksum/guess/overall", "guess: as many events, each drawn from the events' words, no reading"
+RECALLED_KEY, IN_INPUT_KEY = "booksum/events_recalled", "booksum/events_in_input"
+IN_INPUT_ROW = "oracle: events wholly in the input"
+
+
+def _memory_rows(by_arm: dict[str, list[dict]], labels: list[str], key: str, digits: int, out: Path | None) -> list[str]:
+    """One row per memory (or arm): its mean over seeds ± half the range of `key@<length>` at each length."""
+    lines = []
+    for label in arms_in_order(by_arm):
+        group = sorted(by_arm[label], key=lambda r: r["config"].get("seed", 0))
+        links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
+                          if out is not None else f"s{r['config'].get('seed', 0)}" for r in group)
+        lines.append(f"| {label} | {', '.join(str(r['config'].get('seed', 0)) for r in group)} | " + " | ".join(
+            _mean_spread([r["results"][f"{key}@{n}"] for r in group if f"{key}@{n}" in r["results"]], digits)
+            for n in labels) + f" | {links} |")
     return lines
 
 
