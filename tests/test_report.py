@@ -476,7 +476,7 @@ def _booksum_run(root: Path, folder: str, memory: str, seed: int, overall: dict[
     from infini_bench.paper import length_label
 
     results = {"booksum/overall": overall[max(overall)], "booksum/input_len": max(overall), "data/source": source,
-               **{f"booksum/overall@{length_label(n)}": v for n, v in overall.items()}}
+               "train/steps": 10, **{f"booksum/overall@{length_label(n)}": v for n, v in overall.items()}}
     for key, values in (oracle or {}).items():
         results.update({f"booksum/{key}@{length_label(n)}": v for n, v in values.items()})
     config = {"seed": seed, "name": f"tiny-{memory}", "memory": {"name": memory},
@@ -498,6 +498,7 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
     section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
     assert section.count("\n#### ") == 1 and "#### synthetic books (validation)" in section
+    assert "#### synthetic books (validation): tiny, 8 x 128 tokens, 10 steps" in section  # every run: 10 steps
     header = "| row | seeds |"
     rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["row", "oracle: perfect memory (every event read)",
@@ -514,6 +515,9 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     none = cells(section, header, "| none |")
     assert (none["seeds"], none["512"], none["2K"]) == ("0", "2.5", "2.0")
     assert "guess" not in section and "word for word" not in section  # runs scored before these were counted
+    steps = json.loads((tmp_path / "syn/none-s0" / "results.json").read_text())
+    steps["results"]["train/steps"] = 40  # an equal time budget: memories train different numbers of steps
+    (tmp_path / "syn/none-s0" / "results.json").write_text(json.dumps(steps))
     # The guess row and the events stated word for word, where the runs have them.
     for folder, recalled in (("syn/linear-s1", {512: 0.0, 2048: 0.25}), ("syn/linear-s0", {512: 0.0, 2048: 0.75}),
                              ("syn/none-s0", {512: 0.0, 2048: 0.0})):
@@ -524,6 +528,7 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
         (tmp_path / folder / "results.json").write_text(json.dumps(saved))
     text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
     section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    assert "tiny, 8 x 128 tokens, 10-40 steps" in section
     guess = cells(section, header, "| guess:")
     assert (guess["512"], guess["2K"]) == ("49.3", "49.3")
     words = section.split("word for word")[1]

@@ -181,7 +181,8 @@ def _link(r: dict, out: Path | None) -> str:
     return f"[{'W&B offline' if w.get('dir') else 'run'}]({rel})"
 
 
-def _scale(r: dict) -> str:
+def _scale(r: dict, steps: str | None = None) -> str:
+    """Model, its size, the training sequence in segments, and the steps (`steps` in place of r's own: a range)."""
     c, res = r["config"], r["results"]
     seq = c["task"].get("seq_len") or c["task"].get("train_input_len")
     n = c["model"].get("segment_len")
@@ -190,7 +191,7 @@ def _scale(r: dict) -> str:
         parts.append(f"{res['model/params'] / 1e6:.1f}M params")
     if seq and n:
         parts.append(f"{seq // n} x {n} tokens")
-    parts.append(f"{res.get('train/steps') or 0} steps")
+    parts.append(f"{steps or res.get('train/steps') or 0} steps")
     if r.get("merged", 1) > 1:
         parts.append(f"latest of {r['merged']} runs")
     return ", ".join(parts)

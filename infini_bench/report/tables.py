@@ -246,7 +246,9 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
                       "memory can carry (docs/BOOKSUM.md)."]
         first = every[0]
         source = first["results"].get("data/source") or first["config"]["task"].get("source")
-        lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first)}", "",
+        steps = sorted({int(r["results"].get("train/steps") or 0) for r in every})
+        span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else None  # an equal time budget: steps differ by memory
+        lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first, span)}", "",
                   "| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|"]
         if oracle:
             for name, key, digits in ORACLE_ROWS:
