@@ -251,15 +251,40 @@ def make_batch(examples: Sequence[Example], prefix: list[int], prompt: list[int]
 
 
 class BatchFn:
-    """Micro-batch i: batch_size examples drawn with a generator seeded by (seed, i), so resume is exact."""
+    """Micro-batch i: batch_size examples drawn with a generator seeded by (seed, i), so resume is exact. With `cut`,
+    each drawn example is made by cut(index of the example, that generator) instead (`CutAtRandom`)."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, **tokens):
-        self.examples, self.batch_size, self.seed, self.tokens = examples, batch_size, seed, tokens
+    def __init__(self, examples: Sequence, batch_size: int, seed: int, cut: Callable | None = None, **tokens):
+        self.examples, self.batch_size, self.seed, self.cut, self.tokens = examples, batch_size, seed, cut, tokens
 
     def __call__(self, index: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         pick = torch.randint(0, len(self.examples), (self.batch_size,), generator=g).tolist()
-        return make_batch([self.examples[i] for i in pick], **self.tokens)
+        rows = [self.cut(i, g) for i in pick] if self.cut is not None else [self.examples[i] for i in pick]
+        return make_batch(rows, **self.tokens)
+
+
+class CutAtRandom:
+    """Synthetic training books cut at a random length: book i of `books`, cut (by `mode`) to a length drawn
+    uniformly from [low, high], with a summary that lists the events wholly inside the cut, in order (what the
+    memory oracle lists). So the model learns to summarise what it has read at every length, as the evaluation asks
+    of it, not only a whole book (`task.synthetic.train_cut_min`)."""
+
+    def __init__(self, books: Sequence[Book], tokenizer, low: int, high: int, mode: str, summary_max_tokens: int):
+        self.books = [(tokenizer.encode(b.text), event_spans(tokenizer, b.text, b.events), b.events) for b in books]
+        self.encode, self.low, self.high, self.mode = tokenizer.encode, low, high, mode
+        self.summary_max_tokens = summary_max_tokens
+
+    def __len__(self) -> int:
+        return len(self.books)
+
+    def __call__(self, i: int, g: torch.Generator) -> Example:
+        ids, spans, events = self.books[i]
+        n = int(torch.randint(self.low, self.high + 1, (1,), generator=g))
+        inside, _ = events_read(len(ids), spans, n, self.mode, 0)
+        summary = self.encode(" ".join(events[e] for e in inside)) if inside else []
+        return Example(torch.tensor(truncate(ids, n, self.mode), dtype=torch.long),
+                       torch.tensor(summary[: self.summary_max_tokens], dtype=torch.long))
 
 
 def _examples(pairs: list[tuple[str, str]], tokenizer, t: DictConfig) -> list[Example]:
@@ -286,19 +311,27 @@ def _check(t: DictConfig) -> list[int]:
     if t.source == "synthetic":
         for key in ("train_books", "book_chars", "n_events"):
             check_positive(f"task.synthetic.{key}", t.synthetic[key])
+    cut = t.synthetic.get("train_cut_min")
+    if cut is not None:
+        if t.source != "synthetic":
+            raise ConfigError("task.synthetic.train_cut_min", "cuts synthetic books only (their events are known); "
+                              "set it to null with task.source=hub")
+        if not isinstance(cut, int) or not 0 < cut <= t.train_input_len:
+            raise ConfigError("task.synthetic.train_cut_min", f"{cut!r} must be a token count in "
+                              f"[1, task.train_input_len={t.train_input_len}], or null")
     return sorted(set(lens))
 
 
-def _load(t: DictConfig, eval_split: str, train: bool = True) -> tuple[list[tuple[str, str]], list[Book]]:
-    """(book text, summary) training pairs (none unless `train`) and the evaluation books."""
+def _load(t: DictConfig, eval_split: str, train: bool = True) -> tuple[list[Book], list[Book]]:
+    """The training books (none unless `train`; from the hub, one per row and summary) and the evaluation books."""
     n_books = eval_count(t)
     if t.source == "hub":
-        train_pairs = [(r["book"], r["summary"]) for r in hub_rows("train")] if train else []
-        return train_pairs, group_by_book(hub_rows(eval_split))[:n_books]
+        train_books = [Book(str(r["bid"]), r["title"], r["book"], (r["summary"],)) for r in hub_rows("train")] \
+            if train else []
+        return train_books, group_by_book(hub_rows(eval_split))[:n_books]
     s = t.synthetic
     train_books = synthetic_books("train", s.train_books, s.book_chars, s.n_events, s.seed) if train else []
-    eval_books = synthetic_books(eval_split, n_books, s.book_chars, s.n_events, s.seed)
-    return [(b.text, b.references[0]) for b in train_books], eval_books
+    return train_books, synthetic_books(eval_split, n_books, s.book_chars, s.n_events, s.seed)
 
 
 def summary_loss(model, examples: list[Example], tokens: dict, device: torch.device, precision: str) -> float:
@@ -351,16 +384,21 @@ class BookSum(Task):
         t, tokenizer = self.t, self.tokenizer
         tcfg = train_config(self.cfg)
         rouge_scorer()  # the evaluation's ROUGE: a missing package stops the run here, not after training
-        train_pairs, self.eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # steps=0: evaluation only
+        train_books, self.eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # steps=0: evaluation only
         self.tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt),
                        "eos_id": tokenizer.eos_id, "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
-        self.train_examples = _examples(train_pairs, tokenizer, t)
+        cut = t.synthetic.get("train_cut_min") if t.source == "synthetic" else None
+        self.cut = CutAtRandom(train_books, tokenizer, cut, t.train_input_len, t.truncate, t.summary_max_tokens) \
+            if cut is not None and train_books else None
+        self.train_examples = self.cut if self.cut is not None else \
+            _examples([(b.text, b.references[0]) for b in train_books], tokenizer, t)
         self.val_examples = _examples([(b.text, b.references[0]) for b in self.eval_books], tokenizer, t)
         return tcfg
 
     def batches(self) -> Callable[[int], dict]:
         tcfg = self.tcfg
-        return BatchFn(self.train_examples, tcfg.batch_size, tcfg.seed, **self.tokens) if tcfg.steps else no_batches
+        return BatchFn(self.train_examples, tcfg.batch_size, tcfg.seed, cut=self.cut, **self.tokens) \
+            if tcfg.steps else no_batches
 
     def validate(self, model: SegmentTransformer) -> dict[str, float]:
         return {"val/summary_loss": summary_loss(model, self.val_examples, self.tokens, self.run.device,

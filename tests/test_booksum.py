@@ -17,7 +17,7 @@ from infini_bench.model import build_model
 from infini_bench.tokenizer import ByteTokenizer
 from infini_bench.tracking import Run
 from tasks import booksum
-from tasks.booksum import (BatchFn, Book, Example, event_spans, events_read, events_recalled, group_by_book, guess,
+from tasks.booksum import (BatchFn, Book, CutAtRandom, Example, event_spans, events_read, events_recalled, group_by_book, guess,
                            make_batch, oracle, summarise_books, summary_loss, synthetic_books, truncate)
 from tasks.runner import run_task
 
@@ -141,6 +141,42 @@ def test_batch_fn_is_a_function_of_the_index():
     fn = BatchFn(examples, 4, seed=3, prefix=[256], prompt=[10], eos_id=257, pad_id=258)
     assert torch.equal(fn(5)["input_ids"], fn(5)["input_ids"])
     assert not torch.equal(fn(5)["input_ids"], fn(6)["input_ids"])
+
+
+def test_books_cut_at_random_are_summarised_by_the_events_inside_the_cut():
+    """task.synthetic.train_cut_min: each drawn book is cut at its own length, and its summary lists exactly the
+    events whose sentences the cut keeps whole (found here in the decoded text, not from the token spans)."""
+    tok = ByteTokenizer()
+    books = synthetic_books("train", 6, 900, 4, 7)
+    cut = CutAtRandom(books, tok, 60, 1100, "head", 1000)
+    tokens = dict(prefix=[tok.bos_id], prompt=tok.encode("|"), eos_id=tok.eos_id, pad_id=tok.pad_id)
+    fn = BatchFn(cut, 16, seed=3, cut=cut, **tokens)
+    batch = fn(5)
+    assert torch.equal(batch["input_ids"], BatchFn(cut, 16, seed=3, cut=cut, **tokens)(5)["input_ids"])  # by index
+    lengths, counts = set(), set()
+    for row, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        text = tok.decode(row[1:]).split("|")[0]  # the book part: after BOS, before the prompt
+        book = next(b for b in books if b.text.startswith(text))
+        summary = tok.decode([x for x in labels if x != -100 and x != tok.eos_id])
+        assert summary == " ".join(e for e in book.events if e in text)
+        lengths.add(len(text))
+        counts.add(len([e for e in book.events if e in text]))
+    assert len(lengths) > 8 and 0 in counts and len(counts) >= 3  # cuts differ; some hold no event (EOS alone)
+    assert not torch.equal(batch["input_ids"], fn(6)["input_ids"])
+
+
+def test_a_run_trains_on_cut_books(tmp_path):
+    cfg = config("trainer.steps=2", "trainer.batch_size=2", "trainer.progress=false", "task.train_input_len=192",
+                 "task.synthetic.train_cut_min=64", "task.eval_books=1", "task.eval_input_lens=[128]",
+                 "task.max_new_tokens=4", "task.synthetic.train_books=4", "task.synthetic.book_chars=400")
+    results = run_task(cfg, Run(tmp_path, {}, device="cpu"))
+    assert results["train/steps"] == 2 and "booksum/events_recalled@128" in results
+
+
+@pytest.mark.parametrize("override", ["task.synthetic.train_cut_min=0", "task.synthetic.train_cut_min=513"])
+def test_a_cut_outside_the_training_length_names_the_key(override, tmp_path):
+    with pytest.raises(ConfigError, match="task.synthetic.train_cut_min"):
+        run_task(config("trainer.steps=1", override), Run(tmp_path, {}, device="cpu"))
 
 
 def test_references_are_grouped_per_book_and_scored_by_max():
