@@ -109,7 +109,7 @@ def test_report_aligns_our_runs_with_the_papers_columns(runs):
     assert sweep["16K"] == "" and f"256: {bs['booksum/overall@256']:.2f}" in sweep["other lengths"]
 
     # Figures next to the report, and each run's own.
-    for name in ("loss_by_segment", "rouge_by_length", "lm_loss_curves", "passkey_loss_curves"):
+    for name in ("loss_by_segment", "rouge_by_length", "events_by_length", "lm_loss_curves", "passkey_loss_curves"):
         assert (out.parent / "report_img" / f"{name}.png").stat().st_size > 1000, name
     assert "](../outputs/passkey/passkey_heatmap.png)" in text and "](../outputs/again/gates.png)" in text
     assert not (root / "outputs" / "lm-pg19" / "gates.png").exists()  # a memory=none run: no gates to draw
@@ -539,6 +539,22 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
     hub = text.split("#### hub books (validation)")[1].split("\n#### ")[0].split("\n## ")[0]
     assert cells(hub, header, "| linear |")["512"] == "20.5 ± 0.5" and "oracle" not in hub
+
+
+def test_booksum_figures_draw_each_memory_as_its_mean_over_seeds(tmp_path):
+    from infini_bench.report.figures import _label, _seed_means
+
+    oracle = {"oracle_memory/overall": {512: 4.2, 2048: 11.3}, "events_in_input": {512: 0.02, 2048: 0.125}}
+    _booksum_run(tmp_path, "syn/linear-s0", "linear", 0, {512: 3.0, 2048: 8.0},
+                 {**oracle, "events_recalled": {512: 0.0, 2048: 0.5}})
+    _booksum_run(tmp_path, "syn/linear-s1", "linear", 1, {512: 5.0, 2048: 9.0},
+                 {**oracle, "events_recalled": {512: 0.0, 2048: 0.25}})
+    runs = find_results([tmp_path])
+    xs = {_label(r): [512, 2048] for r in runs}
+    assert _seed_means(runs, xs, "booksum/overall") == {"tiny linear N=128": [4.0, 8.5]}
+    assert _seed_means(runs, xs, "booksum/events_recalled") == {"tiny linear N=128": [0.0, 0.375]}
+    build_report(runs, tmp_path / "docs" / "REPORT.md")
+    assert (tmp_path / "docs" / "report_img" / "events_by_length.png").stat().st_size > 1000
 
 
 def test_distance_figure_tick_labels_never_touch_and_its_title_gives_the_range_of_steps(tmp_path, monkeypatch):

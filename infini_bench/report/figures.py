@@ -265,6 +265,18 @@ def _oracles(books: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
             for i, (x, y, n) in enumerate(lines)}
 
 
+def _seed_means(runs: list[dict], xs: dict[str, list[int]], key: str) -> dict[str, list[float | None]]:
+    """{a run's `_label`: the mean over its runs (seeds) of `key@<length>` at each of its lengths}."""
+    by_label: dict[str, list[dict]] = {}
+    for r in runs:
+        by_label.setdefault(_label(r), []).append(r)
+    series = {}
+    for label, group in by_label.items():
+        values = [[r["results"].get(f"{key}@{length_label(n)}") for r in group] for n in xs[label]]
+        series[label] = [sum(v) / len(v) if (v := [x for x in vs if x is not None]) else None for vs in values]
+    return series
+
+
 def _memories(runs: list[dict]) -> dict[str, str]:
     """{a run's `_label`: its memory}, which picks its colour in a figure."""
     return {_label(r): r["config"]["memory"]["name"] for r in runs}
@@ -331,14 +343,30 @@ def figures(results: list[dict], out: Path) -> list[str]:
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
     if books:
         xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
-        series = {_label(r): [r["results"].get(f"booksum/overall@{length_label(n)}") for n in xs[_label(r)]]
-                  for r in books}
+        series = _seed_means(books, xs, "booksum/overall")
         oracles = _oracles(books)
         xs.update({label: x for label, (x, _) in oracles.items()})
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
-                                               "overall ROUGE", "Summary quality against input length (Figure 4)",
+                                               "overall ROUGE (mean over seeds)",
+                                               "Summary quality against input length (Figure 4)",
                                                x=xs, logx=True, ymin=0, memories=_memories(books),
                                                references={label: ys for label, (_, ys) in oracles.items()}))
+        counted = [r for r in books if any(k.startswith("booksum/events_recalled@") for k in r["results"])]
+        if counted:
+            xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in counted}
+            inputs = {}
+            for r in counted:  # the share of events in the input: one line per distinct sweep, as for the oracle
+                ys = tuple(r["results"].get(f"booksum/events_in_input@{length_label(n)}") for n in xs[_label(r)])
+                inputs.setdefault((tuple(xs[_label(r)]), ys, r["config"]["model"].get("segment_len")), None)
+            refs = {"events in the input" + (f" ({i + 1}, N={n})" if len(inputs) > 1 else ""): (list(x), list(y))
+                    for i, (x, y, n) in enumerate(inputs)}
+            series = _seed_means(counted, xs, "booksum/events_recalled")
+            xs.update({label: x for label, (x, _) in refs.items()})
+            add("events stated by input length", line_plot(
+                series, img / "events_by_length.png", "input length (tokens)",
+                "share of a book's events stated word for word (mean over seeds)",
+                "Events a summary states against input length", x=xs, logx=True, ymin=-0.02, ymax=1.02,
+                memories=_memories(counted), references={label: ys for label, (_, ys) in refs.items()}))
     for task in ("lm", "passkey", "booksum"):
         curves, runs = {}, _by_task(results, task)
         for r in runs:
