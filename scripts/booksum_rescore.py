@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infini_bench.paper import length_label  # noqa: E402
 from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
 from infini_bench.tracking import write_json  # noqa: E402
-from tasks.booksum import events_recalled, guess, oracle, synthetic_books  # noqa: E402
+from tasks.booksum import guess, oracle, share_recalled, synthetic_books  # noqa: E402
 
 
 def rescore(run: Path) -> dict:
@@ -32,7 +32,8 @@ def rescore(run: Path) -> dict:
         raise SystemExit(f"error: {run}: only synthetic books read as bytes have events to count")
     preds = json.loads((run / "booksum_predictions.json").read_text())["books"]
     books = synthetic_books(t["eval_split"], len(preds), s["book_chars"], s["n_events"], s["seed"])
-    assert [b.bid for b in books] == [p["bid"] for p in preds], f"{run}: not the books this run scored"
+    if [b.bid for b in books] != [p["bid"] for p in preds]:
+        raise SystemExit(f"error: {run}: its predictions are not of the books its config makes")
     lengths = sorted(t["eval_input_lens"])
     read = oracle(ByteTokenizer(), books, lengths, t["truncate"], cfg["model"]["segment_len"])
     added = {"booksum/guess/overall": guess(books, s["seed"])["overall"],
@@ -40,8 +41,7 @@ def rescore(run: Path) -> dict:
     for n in lengths:
         label = length_label(n)
         added[f"booksum/events_in_input@{label}"] = read[n]["events_in_input"]
-        added[f"booksum/events_recalled@{label}"] = sum(
-            events_recalled(p["predictions"][str(n)], b.events) for p, b in zip(preds, books)) / len(books)
+        added[f"booksum/events_recalled@{label}"] = share_recalled([p["predictions"][str(n)] for p in preds], books)
     new = {k: v for k, v in added.items() if k not in results}
     if len(new) > 1:
         saved["results"] = {**results, **new}

@@ -91,6 +91,11 @@ def _paragraphs(split: str) -> list[list[str]]:
     return out
 
 
+def random_event(rng: random.Random) -> str:
+    """One event sentence: a name, a verb, an object and a place, each drawn from its list."""
+    return f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+
+
 def make_book(rng: random.Random, novels: list[list[str]], n_chars: int, n_events: int, bid: str) -> Book:
     """A synthetic book: n_chars characters of filler (to a word) and one event in each of n_events equal slices."""
     paras = novels[rng.randrange(len(novels))]
@@ -101,8 +106,7 @@ def make_book(rng: random.Random, novels: list[list[str]], n_chars: int, n_event
         i += 1
     text = "\n\n".join(filler)
     text = text[: text.rfind(" ", 0, n_chars + 1) if len(text) > n_chars else None].rstrip()  # end on a word
-    events = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
-              for _ in range(n_events)]
+    events = [random_event(rng) for _ in range(n_events)]
     sentence_starts = [m.end() for m in re.finditer(r"(?<=[.!?\"'])\s+(?=\S)", text)]
     parts, prev = [], 0
     for e, event in enumerate(events):  # event e goes at a sentence start inside slice e of the filler
@@ -186,12 +190,16 @@ def events_recalled(prediction: str, events: Sequence[str]) -> float:
     return sum(min(n, stated[e]) for e, n in wanted.items()) / max(len(events), 1)
 
 
+def share_recalled(predictions: Sequence[str], books: Sequence[Book]) -> float:
+    """`events_recalled` of each book's summary, averaged over the books."""
+    return sum(events_recalled(p, b.events) for p, b in zip(predictions, books, strict=True)) / len(books)
+
+
 def guess(books: Sequence[Book], seed: int) -> dict[str, float]:
     """ROUGE of summaries that list as many events as each reference, each drawn from the events' vocabulary (the
     template and its words, without reading the book): what a model scores without any memory of the book."""
     rng = random.Random(f"{seed}/guess")
-    preds = [" ".join(f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
-                      for _ in b.events) for b in books]
+    preds = [" ".join(random_event(rng) for _ in b.events) for b in books]
     return rouge(preds, [list(b.references) for b in books])
 
 
@@ -429,8 +437,7 @@ class BookSum(Task):
             results[f"booksum/oracle_local/overall@{length_label(n)}"] = o["local"]["overall"]
             results[f"booksum/events_beyond_window@{length_label(n)}"] = o["events_beyond_window"]
             results[f"booksum/events_in_input@{length_label(n)}"] = o["events_in_input"]
-            results[f"booksum/events_recalled@{length_label(n)}"] = sum(
-                events_recalled(p, b.events) for p, b in zip(self.per_length[n], books)) / len(books)
+            results[f"booksum/events_recalled@{length_label(n)}"] = share_recalled(self.per_length[n], books)
         if self.oracle:
             results["booksum/guess/overall"] = guess(books, t.synthetic.seed)["overall"]
         results.update({"val/summary_loss": val_loss,

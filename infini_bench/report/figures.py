@@ -252,16 +252,18 @@ def _label(r: dict) -> str:
     return f"{c['model']['name']} {c['memory']['name']} N={c['model'].get('segment_len')}"
 
 
-def _oracles(books: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
-    """The perfect-memory oracle of each distinct sweep among synthetic-book runs, {label: (lengths, overall)}: runs
-    of one recipe score the same books, so they share one line; recipes that differ get one line each."""
+def _oracles(books: list[dict], key: str = "booksum/oracle_memory/overall",
+             name: str = "oracle: perfect memory") -> dict[str, tuple[list[int], list[float]]]:
+    """A reference line (`key@<length>`, the perfect-memory oracle by default) for each distinct sweep among
+    synthetic-book runs, {label: (lengths, values)}: runs of one recipe score the same books, so they share one
+    line; recipes that differ get one line each."""
     lines: dict[tuple, None] = {}
     for r in books:
         lengths = list(r["config"]["task"]["eval_input_lens"])
-        ys = [r["results"].get(f"booksum/oracle_memory/overall@{length_label(n)}") for n in lengths]
+        ys = [r["results"].get(f"{key}@{length_label(n)}") for n in lengths]
         if all(y is not None for y in ys):
             lines[(tuple(lengths), tuple(ys), r["config"]["model"].get("segment_len"))] = None
-    return {"oracle: perfect memory" + (f" ({i + 1}, N={n})" if len(lines) > 1 else ""): (list(x), list(y))
+    return {name + (f" ({i + 1}, N={n})" if len(lines) > 1 else ""): (list(x), list(y))
             for i, (x, y, n) in enumerate(lines)}
 
 
@@ -354,12 +356,7 @@ def figures(results: list[dict], out: Path) -> list[str]:
         counted = [r for r in books if any(k.startswith("booksum/events_recalled@") for k in r["results"])]
         if counted:
             xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in counted}
-            inputs = {}
-            for r in counted:  # the share of events in the input: one line per distinct sweep, as for the oracle
-                ys = tuple(r["results"].get(f"booksum/events_in_input@{length_label(n)}") for n in xs[_label(r)])
-                inputs.setdefault((tuple(xs[_label(r)]), ys, r["config"]["model"].get("segment_len")), None)
-            refs = {"events in the input" + (f" ({i + 1}, N={n})" if len(inputs) > 1 else ""): (list(x), list(y))
-                    for i, (x, y, n) in enumerate(inputs)}
+            refs = _oracles(counted, "booksum/events_in_input", "events in the input")
             series = _seed_means(counted, xs, "booksum/events_recalled")
             xs.update({label: x for label, (x, _) in refs.items()})
             add("events stated by input length", line_plot(

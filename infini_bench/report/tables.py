@@ -249,7 +249,7 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
         steps = sorted({int(r["results"].get("train/steps") or 0) for r in every})
         span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else None  # an equal time budget: steps differ by memory
         lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first, span)}", "",
-                  "| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|"]
+                  *_sweep_header(labels)]
         if oracle:
             for name, key, digits in ORACLE_ROWS:
                 lines.append(f"| {name} | | " + " | ".join(
@@ -263,8 +263,7 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
             lines += ["", "Events stated word for word (the share of each book's events its summary states as a "
                       "sentence of its own, averaged over books); the first row is what a perfect memory could "
                       "state, the share of the events wholly in the input.", "",
-                      "| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|",
-                      f"| {IN_INPUT_ROW} | | " + " | ".join(_agreed(
+                      *_sweep_header(labels), f"| {IN_INPUT_ROW} | | " + " | ".join(_agreed(
                           [r["results"][f"{IN_INPUT_KEY}@{n}"] for r in every if f"{IN_INPUT_KEY}@{n}" in r["results"]],
                           2) for n in labels) + " | |"]
             lines += _memory_rows(by_arm, labels, RECALLED_KEY, 2, out)
@@ -274,6 +273,10 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
 GUESS_KEY, GUESS_ROW = "booksum/guess/overall", "guess: as many events, each drawn from the events' words, no reading"
 RECALLED_KEY, IN_INPUT_KEY = "booksum/events_recalled", "booksum/events_in_input"
 IN_INPUT_ROW = "oracle: events wholly in the input"
+
+
+def _sweep_header(labels: list[str]) -> list[str]:
+    return ["| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|"]
 
 
 def _memory_rows(by_arm: dict[str, list[dict]], labels: list[str], key: str, digits: int, out: Path | None) -> list[str]:
