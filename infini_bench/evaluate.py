@@ -14,16 +14,18 @@ from infini_bench.train import autocast
 
 
 @torch.no_grad()
-def streamed_logits(model: nn.Module, input_ids: Tensor, precision: str = "auto") -> Iterator[Tensor]:
+def streamed_logits(model: nn.Module, input_ids: Tensor, precision: str = "auto",
+                    carry: bool = True) -> Iterator[Tensor]:
     """Per segment, its logits (B, n, V), the sequence streamed one segment at a time: the model never holds more
     than one segment of activations, and segment k is predicted from local attention plus the memory of segments
-    < k. The one loop behind every teacher-forced score (`streamed_nll`, `streamed_hits`)."""
+    < k. The one loop behind every teacher-forced score (`streamed_nll`, `streamed_hits`). With carry=False every
+    segment starts from an empty memory, as a document's first does: the ablation that shows what the memory adds."""
     n = model.cfg.segment_len
     states = None
     for start in range(0, input_ids.shape[1], n):
         with autocast(input_ids.device, precision):
             out = model(input_ids[:, start: start + n], states)
-        states = out.states
+        states = out.states if carry else None
         yield out.logits
 
 

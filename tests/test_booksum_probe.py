@@ -1,0 +1,75 @@
+"""scripts/booksum_memory_probe.py: which summary tokens need the memory, and the loss with it carried and wiped."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from tasks.runner import build_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from booksum_memory_probe import load_run, main, probe, token_classes  # noqa: E402
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["task=booksum", "logger=none", "model.segment_len=32",
+                                            "task.eval_books=2", "task.synthetic.book_chars=150",
+                                            "task.synthetic.n_events=2", "task.train_input_len=256",
+                                            "task.summary_max_tokens=64", *overrides])
+
+
+def test_each_summary_token_is_classed_by_where_its_event_lies():
+    # Segments of 32, the book after one prefix token. Event 0 at book tokens 0-2 (segment 0), event 1 at 28-35
+    # (positions 29-36: across the boundary), event 2 at 40-42 (segment 1). The summary's token j is predicted
+    # from position 49 + j: segment 1 throughout.
+    got = token_classes([(0, 3), (28, 36), (40, 43)], [(0, 3), (4, 8), (9, 12)], first_summary=50, n_summary=12,
+                        offset=1, segment_len=32)
+    assert got == ["memory"] * 3 + ["other"] + ["split"] * 4 + ["other"] + ["local"] * 3 + ["other"]
+    # An event cut out of the book has no span: its tokens are in no event's class.
+    got = token_classes([(0, 3), None, (40, 43)], [(0, 3), (4, 8), (9, 12)], 50, 12, 1, 32)
+    assert got[4:8] == ["other"] * 4 and got[:3] == ["memory"] * 3
+    # Segments of 8: the summary (positions 49-61) lies three or more segments after every event.
+    assert set(token_classes([(0, 3), (28, 36), (40, 43)], [(0, 3), (4, 8), (9, 12)], 50, 12, 1, 8)) == \
+        {"memory", "other"}
+
+
+@pytest.mark.parametrize("memory", ["none", "linear"])
+def test_wiping_changes_nothing_without_a_memory_and_the_memory_class_with_one(memory):
+    cfg = config(f"memory={memory}")
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    got = probe(cfg, model.eval(), tokenizer)
+    assert got["memory"]["tokens"] > 0 and sum(c["tokens"] for c in got.values()) > got["memory"]["tokens"]
+    for c, row in got.items():
+        if not row["tokens"]:
+            continue
+        if memory == "none":  # nothing crosses a segment boundary: the same logits either way
+            assert row["loss_carried"] == row["loss_wiped"] and row["acc_carried"] == row["acc_wiped"], c
+    if memory == "linear":  # a random gate of 0.5 mixes in what the memory returns
+        assert abs(got["memory"]["loss_carried"] - got["memory"]["loss_wiped"]) > 1e-4
+
+
+def test_the_script_reads_a_run_folder_and_refuses_another_task(tmp_path, capsys):
+    cfg = config("memory=linear")
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.lm_head.weight is model.embed.weight:
+        state.pop("lm_head.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "results.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+    assert main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 0
+    saved = json.loads((tmp_path / "probe.json").read_text())[str(tmp_path)]
+    assert saved["memory"] == "linear" and saved["segment_len"] == 32
+    direct = probe(cfg, model.eval(), tokenizer)  # the weights the run folder holds: the same numbers
+    assert {c: row["tokens"] for c, row in saved["classes"].items()} == {c: row["tokens"] for c, row in direct.items()}
+    assert saved["classes"]["memory"]["loss_wiped"] == pytest.approx(direct["memory"]["loss_wiped"], rel=1e-5)
+    assert saved["classes"]["memory"]["loss_carried"] == pytest.approx(direct["memory"]["loss_carried"], rel=1e-5)
+    assert "memory" in capsys.readouterr().out
+    other = OmegaConf.to_container(config("memory=linear", "task.truncate=tail"), resolve=True)
+    (tmp_path / "results.json").write_text(json.dumps({"config": other}))
+    with pytest.raises(SystemExit, match="cut at the head"):
+        load_run(tmp_path)
