@@ -15,6 +15,12 @@ summary token is put in one class by where the event it belongs to lies, seen fr
 Per class: the token count, the mean loss (nats) and the share of tokens the argmax predicts, carried and wiped.
 A memory that carries events makes the memory class's carried loss lower than its wiped loss; a memory that
 carries nothing leaves them equal (for memory=none they are equal by construction).
+
+For Infini-attention's linear memory it also says where each read draws from. Its read at a query q is
+sum_i w_i v_i over every earlier segment's tokens i, with w_i = sigma(q) sigma(k_i) / sum_j sigma(q) sigma(k_j)
+(Eq. 7 written out, `kernel_weights`). For each memory-class token, per layer and head: the weight on its event's
+tokens divided by their share of the tokens written (`read_focus`). 1 is a read that does not single the event out
+among the filler; a read focused on the event scores up to 1 / share.
 """
 from __future__ import annotations
 
@@ -26,9 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infini_bench.compressive import sigma  # noqa: E402
 from infini_bench.evaluate import streamed_logits  # noqa: E402
 from infini_bench.tracking import write_json  # noqa: E402
 from tasks.booksum import Example, event_spans, make_batch, synthetic_books, truncate  # noqa: E402
@@ -61,6 +69,39 @@ def token_classes(book_spans: list[tuple[int, int]], summary_spans: list[tuple[i
     return classes
 
 
+def kernel_weights(q: Tensor, k: Tensor) -> Tensor:
+    """The linear memory's read as weights over the tokens it holds: q (H, D) un-rotated queries, k (H_kv, P, D)
+    the un-rotated keys of P tokens written -> (H, P), each row summing to 1 (query heads grouped onto kv heads)."""
+    h, hk = q.shape[0], k.shape[0]
+    w = torch.einsum("hd,hpd->hp", sigma(q.float()), sigma(k.float()).repeat_interleave(h // hk, dim=0))
+    return w / w.sum(-1, keepdim=True)
+
+
+class QKRecorder:
+    """The un-rotated queries and keys each layer's memory receives, per streamed segment (forward pre-hooks)."""
+
+    def __init__(self, model):
+        self.q, self.k = [[] for _ in model.layers], [[] for _ in model.layers]
+        self.hooks = [layer.attn.memory.register_forward_pre_hook(self._hook(i))
+                      for i, layer in enumerate(model.layers)]
+
+    def _hook(self, i):
+        def record(module, args):
+            self.q[i].append(args[0][0].float().cpu())  # (H, L, D) of the batch's one row
+            self.k[i].append(args[1][0].float().cpu())
+        return record
+
+    def take(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer, (H, T, D) queries and (H_kv, T, D) keys of the sequence streamed since the last take."""
+        out = [torch.cat(x, dim=1) for x in self.q], [torch.cat(x, dim=1) for x in self.k]
+        self.q, self.k = [[] for _ in self.q], [[] for _ in self.k]
+        return out
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 def run_config(run: Path):
     """The config a finished booksum run on synthetic books saved; anything else stops with one line."""
     for name in ("results.json", "model.safetensors"):
@@ -84,16 +125,19 @@ def load_run(run: Path, device: str = "cpu"):
 
 
 @torch.no_grad()
-def probe(cfg, model, tokenizer) -> dict:
+def probe(cfg, model, tokenizer) -> tuple[dict, list | None]:
     """Per class: tokens, and the loss and argmax accuracy with the memory carried and wiped, over the
-    evaluation books' reference summaries given each whole book (truncated to task.train_input_len)."""
+    evaluation books' reference summaries given each whole book (truncated to task.train_input_len); and for the
+    linear memory, the read focus on the event per layer and head (else None)."""
     t = cfg.task
     s = t.synthetic
     books = synthetic_books(t.eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
     tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt), "eos_id": tokenizer.eos_id,
               "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
     sums = {(c, how): [0, 0.0, 0] for c in CLASSES for how in ("carried", "wiped")}
-    n = model.cfg.segment_len
+    n, prefix = model.cfg.segment_len, len(tokens["prefix"])
+    recorder = QKRecorder(model) if model.cfg.memory == "linear" else None
+    focus, focus_count, ceiling = None, 0, 0.0
     for book in books:
         ids = truncate(tokenizer.encode(book.text), t.train_input_len, t.truncate)
         summary = tokenizer.encode(book.references[0])[: t.summary_max_tokens]
@@ -104,20 +148,41 @@ def probe(cfg, model, tokenizer) -> dict:
         input_ids, labels = batch["input_ids"].to(model.embed.weight.device), batch["labels"][0]
         scored = (labels != -100).nonzero().flatten()  # positions predicting the summary and EOS
         first = int(scored[0]) + 1
-        classes = token_classes(book_spans, summary_spans, first, len(summary), len(tokens["prefix"]), n)
+        classes = token_classes(book_spans, summary_spans, first, len(summary), prefix, n)
         for how, carry in (("carried", True), ("wiped", False)):
             logits = torch.cat(list(streamed_logits(model, input_ids, "auto", carry=carry)), dim=1)[0].cpu()
+            if recorder is not None and carry:
+                qs, ks = recorder.take()
+                for j, c in enumerate(classes):
+                    if c != "memory":
+                        continue
+                    pos = first + j - 1  # the position that predicts summary token j
+                    written = pos // n * n  # the tokens of every earlier segment
+                    e = next(e for e, (a, b) in enumerate(summary_spans) if a <= j < b)
+                    a, b = book_spans[e]
+                    mass = torch.stack([kernel_weights(q[:, pos], k[:, :written])[:, prefix + a: prefix + b].sum(-1)
+                                        for q, k in zip(qs, ks)])  # (layers, H)
+                    ratio = mass / ((b - a) / written)
+                    focus, focus_count = (ratio if focus is None else focus + ratio), focus_count + 1
+                    ceiling += written / (b - a)  # a read on the event's tokens alone
+            elif recorder is not None:
+                recorder.take()
             nll = F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
             hit = logits[scored].argmax(-1) == labels[scored]
             for c, loss, h in zip(classes, nll.tolist(), hit.tolist()):
                 row = sums[c, how]
                 row[0], row[1], row[2] = row[0] + 1, row[1] + loss, row[2] + int(h)
+    if recorder is not None:
+        recorder.remove()
     out = {}
     for c in CLASSES:
         count = sums[c, "carried"][0]
         out[c] = {"tokens": count, **{f"{k}_{how}": (sums[c, how][i] / count if count else None)
                                       for how in ("carried", "wiped") for k, i in (("loss", 1), ("acc", 2))}}
-    return out
+    # the read focus per layer and head, the mean over the memory-class tokens, and its ceiling (linear memory only)
+    if focus is not None:
+        out["memory"]["read_focus_ceiling"] = ceiling / focus_count
+    return out, (focus / focus_count).tolist() if focus is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for run in args.runs:
         cfg, model, tokenizer = load_run(run, args.device)
+        classes, focus = probe(cfg, model, tokenizer)
         results[str(run)] = got = {"memory": cfg.memory.name, "segment_len": model.cfg.segment_len,
-                                   "classes": probe(cfg, model, tokenizer)}
+                                   "classes": classes, "read_focus": focus}
         print(f"{run} ({got['memory']}, N={got['segment_len']})")
-        for c, row in got["classes"].items():
+        for c, row in classes.items():
             if row["tokens"]:
                 print(f"  {c:7s} {row['tokens']:5d} tokens  loss carried {row['loss_carried']:.3f} wiped "
                       f"{row['loss_wiped']:.3f}  acc carried {row['acc_carried']:.3f} wiped {row['acc_wiped']:.3f}")
+        if focus is not None:
+            print(f"  read focus on the event (1: none, {classes['memory']['read_focus_ceiling']:.1f}: the event "
+                  "alone), per layer, heads:", "; ".join(" ".join(f"{x:.2f}" for x in layer) for layer in focus))
     if args.out:
         write_json(args.out, results)
     return 0

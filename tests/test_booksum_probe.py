@@ -4,15 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from infini_bench.compressive import memory_read, memory_write
 from tasks.runner import build_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from booksum_memory_probe import load_run, main, probe, token_classes  # noqa: E402
+from booksum_memory_probe import kernel_weights, load_run, main, probe, token_classes  # noqa: E402
 
 
 def config(*overrides):
@@ -42,7 +44,10 @@ def test_each_summary_token_is_classed_by_where_its_event_lies():
 def test_wiping_changes_nothing_without_a_memory_and_the_memory_class_with_one(memory):
     cfg = config(f"memory={memory}")
     model, tokenizer = build_model_and_tokenizer(cfg)
-    got = probe(cfg, model.eval(), tokenizer)
+    got, focus = probe(cfg, model.eval(), tokenizer)
+    assert (focus is None) == (memory == "none")
+    if focus is not None:  # one weight per layer and head, each a ratio of shares
+        assert len(focus) == model.cfg.n_layers and all(len(f) == model.cfg.n_heads and min(f) > 0 for f in focus)
     assert got["memory"]["tokens"] > 0 and sum(c["tokens"] for c in got.values()) > got["memory"]["tokens"]
     for c, row in got.items():
         if not row["tokens"]:
@@ -64,7 +69,9 @@ def test_the_script_reads_a_run_folder_and_refuses_another_task(tmp_path, capsys
     assert main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 0
     saved = json.loads((tmp_path / "probe.json").read_text())[str(tmp_path)]
     assert saved["memory"] == "linear" and saved["segment_len"] == 32
-    direct = probe(cfg, model.eval(), tokenizer)  # the weights the run folder holds: the same numbers
+    direct, focus = probe(cfg, model.eval(), tokenizer)  # the weights the run folder holds: the same numbers
+    assert [row for layer in saved["read_focus"] for row in layer] == \
+        pytest.approx([row for layer in focus for row in layer], rel=1e-5)
     assert {c: row["tokens"] for c, row in saved["classes"].items()} == {c: row["tokens"] for c, row in direct.items()}
     assert saved["classes"]["memory"]["loss_wiped"] == pytest.approx(direct["memory"]["loss_wiped"], rel=1e-5)
     assert saved["classes"]["memory"]["loss_carried"] == pytest.approx(direct["memory"]["loss_carried"], rel=1e-5)
@@ -73,3 +80,16 @@ def test_the_script_reads_a_run_folder_and_refuses_another_task(tmp_path, capsys
     (tmp_path / "results.json").write_text(json.dumps({"config": other}))
     with pytest.raises(SystemExit, match="cut at the head"):
         load_run(tmp_path)
+
+
+def test_the_kernel_weights_give_the_linear_memorys_read():
+    # Eq. 7 computed by the memory's own write and read, against the weighted sum of the values it was written.
+    g = torch.Generator().manual_seed(0)
+    h, hk, p, d = 4, 2, 37, 8
+    q, k, v = torch.randn(h, d, generator=g), torch.randn(hk, p, d, generator=g), torch.randn(hk, p, d, generator=g)
+    w = kernel_weights(q, k)
+    assert w.shape == (h, p) and torch.allclose(w.sum(-1), torch.ones(h)) and (w > 0).all()
+    by_weights = torch.einsum("hp,hpd->hd", w, v.repeat_interleave(h // hk, dim=0))
+    state = memory_write(k[None], v[None], "linear", None)
+    read = memory_read(q[None, :, None], state)[0, :, 0]
+    assert torch.allclose(by_weights, read, atol=1e-5)
