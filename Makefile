@@ -133,15 +133,20 @@ EACH_MEMORY_BOOKSUM = $(foreach s,$(BOOKSUM_SEEDS),$(foreach m,$(MEMORIES),--var
 BOOKSUM_BASES = HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu_base --experiment booksum_gpu_base --per-gpu 3 --budget 280 --variant "s$(BOOKSUM_BASE_SEED)=seed=$(BOOKSUM_BASE_SEED)" -- $(ARGS)
 # Does a memory carry an event across 2-8 segments? none, linear, full and Memorizing with seeds 0 and 1 on
 # experiment=booksum_gpu_short (the base's short books in segments of 256), eight runs side by side, 240 s each.
+# Then scripts/booksum_memory_probe.py on every run that finished: what each memory adds to the summary's tokens
+# (carried against wiped) and where the linear memory reads from, in <folder>/probe.json.
+BOOKSUM_PROBE = $(BENCH_PYTHON) scripts/booksum_memory_probe.py $$(for d in $(1)/*/; do [ -f $$d/model.safetensors ] && echo $$d; done) --out $(1)/probe.json
 EACH_MEMORY_BOOKSUM_SHORT = $(foreach m,none linear full memorizing,$(foreach s,$(BOOKSUM_SEEDS),--variant "$(m)-s$(s)=memory=$(m) seed=$(s) model.init_from=$(BOOKSUM_BASE)"))
 
 booksum-grid: ## BookSum's length sweep (synthetic books, 512 to 32K tokens) for every memory, seeds 0 and 1, on one GPU (docs/BOOKSUM.md)
 	-$(BOOKSUM_BASES)
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu --experiment booksum_gpu --per-gpu 7 --budget $(BOOKSUM_BUDGET) $(EACH_MEMORY_BOOKSUM) -- $(ARGS)
+	-$(call BOOKSUM_PROBE,$(MINI)/booksum_gpu)
 
 booksum-short: ## BookSum on books of 8 segments: does a memory carry an event a few segments? (docs/BOOKSUM.md)
 	-$(if $(wildcard $(BOOKSUM_BASE)),,$(BOOKSUM_BASES))
 	-HF_HUB_OFFLINE=1 $(VARIANTS) $(MINI)/booksum_gpu_short --experiment booksum_gpu_short --per-gpu 8 --budget 320 $(EACH_MEMORY_BOOKSUM_SHORT) -- $(ARGS)
+	-$(call BOOKSUM_PROBE,$(MINI)/booksum_gpu_short)
 
 # Paper Table 3 at one-GPU scale (docs/PASSKEY.md). First a base decoder per seed (experiment=passkey_gpu_base: no
 # memory, trained to copy the key it can see; 220 s each, side by side), then every memory with seeds 0 and 1 on

@@ -1,5 +1,7 @@
 """scripts/booksum_memory_probe.py: which summary tokens need the memory, and the loss with it carried and wiped."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,14 +60,21 @@ def test_wiping_changes_nothing_without_a_memory_and_the_memory_class_with_one(m
         assert abs(got["memory"]["loss_carried"] - got["memory"]["loss_wiped"]) > 1e-4
 
 
-def test_the_script_reads_a_run_folder_and_refuses_another_task(tmp_path, capsys):
-    cfg = config("memory=linear")
+def fake_run(folder: Path, cfg):
+    """A run folder as a finished run leaves it, for the probe: the config in results.json and the weights."""
     model, tokenizer = build_model_and_tokenizer(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.lm_head.weight is model.embed.weight:
         state.pop("lm_head.weight")
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "results.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "results.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True)}))
+    return model, tokenizer
+
+
+def test_the_script_reads_a_run_folder_and_refuses_another_task(tmp_path, capsys):
+    cfg = config("memory=linear")
+    model, tokenizer = fake_run(tmp_path, cfg)
     assert main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 0
     saved = json.loads((tmp_path / "probe.json").read_text())[str(tmp_path)]
     assert saved["memory"] == "linear" and saved["segment_len"] == 32
@@ -93,3 +102,17 @@ def test_the_kernel_weights_give_the_linear_memorys_read():
     state = memory_write(k[None], v[None], "linear", None)
     read = memory_read(q[None, :, None], state)[0, :, 0]
     assert torch.allclose(by_weights, read, atol=1e-5)
+
+
+def test_make_booksum_grid_probes_the_runs_that_finished(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "booksum-grid", f"MINI={tmp_path}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "booksum_memory_probe.py" in x)
+    fake_run(tmp_path / "booksum_gpu" / "none-s0", config("memory=none"))
+    (tmp_path / "booksum_gpu" / "linear-s0").mkdir()  # cut short: no weights, left out
+    done = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads((tmp_path / "booksum_gpu" / "probe.json").read_text())
+    assert [Path(k).name for k in saved] == ["none-s0"] and saved[next(iter(saved))]["memory"] == "none"
