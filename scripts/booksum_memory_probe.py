@@ -39,10 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infini_bench.compressive import sigma  # noqa: E402
 from infini_bench.evaluate import streamed_logits  # noqa: E402
 from infini_bench.tracking import write_json  # noqa: E402
-from tasks.booksum import Example, event_spans, make_batch, synthetic_books, truncate  # noqa: E402
+from tasks.booksum import Example, event_spans, framing_tokens, make_batch, synthetic_books, truncate  # noqa: E402
 from tasks.runner import build_model_and_tokenizer  # noqa: E402
 
 CLASSES = ("memory", "local", "split", "other")
+
+
+def event_of(summary_spans: list[tuple[int, int]], j: int) -> int | None:
+    """The event whose span in the summary holds its token j, or None (a space between events, or EOS)."""
+    return next((e for e, (a, b) in enumerate(summary_spans) if a <= j < b), None)
 
 
 def token_classes(book_spans: list[tuple[int, int]], summary_spans: list[tuple[int, int]], first_summary: int,
@@ -55,7 +60,7 @@ def token_classes(book_spans: list[tuple[int, int]], summary_spans: list[tuple[i
     classes = []
     for j in range(n_summary + 1):
         seg = (first_summary + j - 1) // segment_len  # the segment of the position that predicts token j
-        e = next((e for e, (a, b) in enumerate(summary_spans) if a <= j < b), None)
+        e = event_of(summary_spans, j)
         if e is None or book_spans[e] is None:
             classes.append("other")
             continue
@@ -77,16 +82,28 @@ def kernel_weights(q: Tensor, k: Tensor) -> Tensor:
     return w / w.sum(-1, keepdim=True)
 
 
+def event_focus(qs: list[Tensor], ks: list[Tensor], pos: int, start: int, end: int, written: int) -> Tensor:
+    """Per layer and head (layers, H), the linear memory's read at position pos on the tokens [start, end), over
+    their share of the `written` tokens before it: 1 when the read weighs them as the rest, written / (end - start)
+    when it reads them alone. qs, ks: per layer, (H, T, D) queries and (H_kv, T, D) keys of the sequence."""
+    mass = torch.stack([kernel_weights(q[:, pos], k[:, :written])[:, start:end].sum(-1) for q, k in zip(qs, ks)])
+    return mass * written / (end - start)
+
+
 class QKRecorder:
-    """The un-rotated queries and keys each layer's memory receives, per streamed segment (forward pre-hooks)."""
+    """The un-rotated queries and keys each layer's memory receives, per streamed segment (forward pre-hooks),
+    while `on`."""
 
     def __init__(self, model):
+        self.on = False
         self.q, self.k = [[] for _ in model.layers], [[] for _ in model.layers]
         self.hooks = [layer.attn.memory.register_forward_pre_hook(self._hook(i))
                       for i, layer in enumerate(model.layers)]
 
     def _hook(self, i):
         def record(module, args):
+            if not self.on:
+                return
             self.q[i].append(args[0][0].float().cpu())  # (H, L, D) of the batch's one row
             self.k[i].append(args[1][0].float().cpu())
         return record
@@ -132,8 +149,7 @@ def probe(cfg, model, tokenizer) -> tuple[dict, list | None]:
     t = cfg.task
     s = t.synthetic
     books = synthetic_books(t.eval_split, t.eval_books, s.book_chars, s.n_events, s.seed)
-    tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt), "eos_id": tokenizer.eos_id,
-              "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
+    tokens = framing_tokens(tokenizer, t.prompt)
     sums = {(c, how): [0, 0.0, 0] for c in CLASSES for how in ("carried", "wiped")}
     n, prefix = model.cfg.segment_len, len(tokens["prefix"])
     recorder = QKRecorder(model) if model.cfg.memory == "linear" else None
@@ -150,6 +166,8 @@ def probe(cfg, model, tokenizer) -> tuple[dict, list | None]:
         first = int(scored[0]) + 1
         classes = token_classes(book_spans, summary_spans, first, len(summary), prefix, n)
         for how, carry in (("carried", True), ("wiped", False)):
+            if recorder is not None:
+                recorder.on = carry  # the read focus is of the memory as carried
             logits = torch.cat(list(streamed_logits(model, input_ids, "auto", carry=carry)), dim=1)[0].cpu()
             if recorder is not None and carry:
                 qs, ks = recorder.take()
@@ -158,15 +176,10 @@ def probe(cfg, model, tokenizer) -> tuple[dict, list | None]:
                         continue
                     pos = first + j - 1  # the position that predicts summary token j
                     written = pos // n * n  # the tokens of every earlier segment
-                    e = next(e for e, (a, b) in enumerate(summary_spans) if a <= j < b)
-                    a, b = book_spans[e]
-                    mass = torch.stack([kernel_weights(q[:, pos], k[:, :written])[:, prefix + a: prefix + b].sum(-1)
-                                        for q, k in zip(qs, ks)])  # (layers, H)
-                    ratio = mass / ((b - a) / written)
+                    a, b = book_spans[event_of(summary_spans, j)]
+                    ratio = event_focus(qs, ks, pos, prefix + a, prefix + b, written)
                     focus, focus_count = (ratio if focus is None else focus + ratio), focus_count + 1
                     ceiling += written / (b - a)  # a read on the event's tokens alone
-            elif recorder is not None:
-                recorder.take()
             nll = F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")
             hit = logits[scored].argmax(-1) == labels[scored]
             for c, loss, h in zip(classes, nll.tolist(), hit.tolist()):

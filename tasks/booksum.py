@@ -240,6 +240,13 @@ class Example:
     summary: Tensor  # (S,) reference tokens, capped at summary_max_tokens
 
 
+def framing_tokens(tokenizer, prompt: str) -> dict:
+    """What make_batch puts around each book and summary: BOS before the book, the prompt after it, EOS after the
+    summary, and the padding token."""
+    return {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(prompt), "eos_id": tokenizer.eos_id,
+            "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
+
+
 def make_batch(examples: Sequence[Example], prefix: list[int], prompt: list[int], eos_id: int,
                pad_id: int) -> dict[str, Tensor]:
     """prefix + book + prompt + summary + EOS per row, right-padded; the loss falls on summary and EOS only."""
@@ -393,8 +400,7 @@ class BookSum(Task):
         tcfg = train_config(self.cfg)
         rouge_scorer()  # the evaluation's ROUGE: a missing package stops the run here, not after training
         train_books, self.eval_books = _load(t, t.eval_split, train=tcfg.steps > 0)  # steps=0: evaluation only
-        self.tokens = {"prefix": [tokenizer.bos_id], "prompt": tokenizer.encode(t.prompt),
-                       "eos_id": tokenizer.eos_id, "pad_id": getattr(tokenizer, "pad_id", tokenizer.eos_id)}
+        self.tokens = framing_tokens(tokenizer, t.prompt)
         cut = t.synthetic.get("train_cut_min") if t.source == "synthetic" else None
         self.cut = CutAtRandom(train_books, tokenizer, cut, t.train_input_len, t.truncate, t.summary_max_tokens) \
             if cut is not None and train_books else None

@@ -16,7 +16,7 @@ from tasks.runner import build_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from booksum_memory_probe import kernel_weights, load_run, main, probe, token_classes  # noqa: E402
+from booksum_memory_probe import event_focus, kernel_weights, load_run, main, probe, token_classes  # noqa: E402
 
 
 def config(*overrides):
@@ -116,3 +116,18 @@ def test_make_booksum_grid_probes_the_runs_that_finished(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((tmp_path / "booksum_gpu" / "probe.json").read_text())
     assert [Path(k).name for k in saved] == ["none-s0"] and saved[next(iter(saved))]["memory"] == "none"
+
+
+def test_the_read_focus_is_one_for_equal_keys_and_the_ceiling_for_keys_on_the_event_alone():
+    # One layer, two query heads on one kv head, 10 tokens written, the event at tokens 4-5, read at position 12.
+    t, written = 13, 10
+    q = torch.zeros(2, t, 2)
+    q[:, 12] = torch.tensor([3.0, -30.0])
+    equal = torch.zeros(1, t, 2)
+    assert event_focus([q], [equal], 12, 4, 6, written) == pytest.approx(torch.ones(1, 2))
+    # Keys that sigma maps to ~0 in the query's direction except on the event: the read is the event's alone.
+    alone = torch.full((1, t, 2), -30.0)
+    alone[0, 4:6] = torch.tensor([2.0, 0.0])
+    got = event_focus([q], [alone], 12, 4, 6, written)
+    assert got == pytest.approx(torch.full((1, 2), written / 2), rel=1e-6)
+    assert event_focus([q], [alone], 12, 5, 7, written) == pytest.approx(torch.full((1, 2), written / 4), rel=1e-6)
