@@ -368,6 +368,29 @@ def test_booksum_gpu_base_sees_each_book_and_its_summary_in_one_segment_with_the
     assert list(t.eval_input_lens) == [t.train_input_len]
 
 
+def test_booksum_gpu_base_is_the_base_that_was_measured():
+    """Every memory of the recipe starts from the seed-1 base measured on one H200 (docs/BOOKSUM.md, "The base"):
+    experiment=booksum_gpu_base must still compose to the config that run saved, or make booksum-grid trains
+    another base (booksum_gpu's two micro-batches, inherited, once doubled its books a step and halved its steps)."""
+    from omegaconf import OmegaConf
+
+    run = ROOT / "docs/bench/booksum-gpu-base-h200-2026-12-04/base/s1/results.json"
+    saved = json.loads(run.read_text())["config"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        now = OmegaConf.to_container(compose("config", overrides=saved["hydra"]["overrides"]), resolve=True)
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    for section in ("model", "memory", "task", "trainer"):
+        a, b = flat(now[section]), flat(saved[section])
+        # a key added since, off by default (None), is the run's behaviour too
+        assert {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {}, section
+
+
 def test_booksum_gpu_short_cuts_the_base_s_books_into_segments_and_reads_them_whole_at_its_longest_input():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         short = compose("config", overrides=["experiment=booksum_gpu_short"])
