@@ -82,12 +82,24 @@ def kernel_weights(q: Tensor, k: Tensor) -> Tensor:
     return w / w.sum(-1, keepdim=True)
 
 
-def event_focus(qs: list[Tensor], ks: list[Tensor], pos: int, start: int, end: int, written: int) -> Tensor:
+def key_sums(ks: list[Tensor]) -> list[Tensor]:
+    """Per layer, the running sums of sigma(k) over the sequence: (H_kv, T + 1, D) float64, [:, p] the sum over the
+    first p tokens. With them the read's weight on any span is two lookups, not a pass over everything written."""
+    return [F.pad(sigma(k.double()).cumsum(1), (0, 0, 1, 0)) for k in ks]
+
+
+def event_focus(qs: list[Tensor], sums: list[Tensor], pos: int, start: int, end: int, written: int) -> Tensor:
     """Per layer and head (layers, H), the linear memory's read at position pos on the tokens [start, end), over
     their share of the `written` tokens before it: 1 when the read weighs them as the rest, written / (end - start)
-    when it reads them alone. qs, ks: per layer, (H, T, D) queries and (H_kv, T, D) keys of the sequence."""
-    mass = torch.stack([kernel_weights(q[:, pos], k[:, :written])[:, start:end].sum(-1) for q, k in zip(qs, ks)])
-    return mass * written / (end - start)
+    when it reads them alone. qs: per layer, (H, T, D) queries; sums: `key_sums` of the keys. Equal to summing
+    `kernel_weights(q[:, pos], k[:, :written])[:, start:end]`, since every weight shares the denominator."""
+    mass = []
+    for q, s in zip(qs, sums):
+        sq = sigma(q[:, pos].double())  # (H, D)
+        group = q.shape[0] // s.shape[0]
+        span, total = (s[:, end] - s[:, start]), s[:, written]  # (H_kv, D)
+        mass.append((sq * span.repeat_interleave(group, 0)).sum(-1) / (sq * total.repeat_interleave(group, 0)).sum(-1))
+    return torch.stack(mass).float() * written / (end - start)
 
 
 class QKRecorder:
@@ -171,13 +183,14 @@ def probe(cfg, model, tokenizer) -> tuple[dict, list | None]:
             logits = torch.cat(list(streamed_logits(model, input_ids, "auto", carry=carry)), dim=1)[0].cpu()
             if recorder is not None and carry:
                 qs, ks = recorder.take()
+                running = key_sums(ks)
                 for j, c in enumerate(classes):
                     if c != "memory":
                         continue
                     pos = first + j - 1  # the position that predicts summary token j
                     written = pos // n * n  # the tokens of every earlier segment
                     a, b = book_spans[event_of(summary_spans, j)]
-                    ratio = event_focus(qs, ks, pos, prefix + a, prefix + b, written)
+                    ratio = event_focus(qs, running, pos, prefix + a, prefix + b, written)
                     focus, focus_count = (ratio if focus is None else focus + ratio), focus_count + 1
                     ceiling += written / (b - a)  # a read on the event's tokens alone
             nll = F.cross_entropy(logits[scored].float(), labels[scored], reduction="none")

@@ -16,7 +16,7 @@ from tasks.runner import build_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from booksum_memory_probe import event_focus, kernel_weights, load_run, main, probe, token_classes  # noqa: E402
+from booksum_memory_probe import event_focus, kernel_weights, key_sums, load_run, main, probe, token_classes  # noqa: E402
 
 
 def config(*overrides):
@@ -124,10 +124,22 @@ def test_the_read_focus_is_one_for_equal_keys_and_the_ceiling_for_keys_on_the_ev
     q = torch.zeros(2, t, 2)
     q[:, 12] = torch.tensor([3.0, -30.0])
     equal = torch.zeros(1, t, 2)
-    assert event_focus([q], [equal], 12, 4, 6, written) == pytest.approx(torch.ones(1, 2))
+    assert event_focus([q], key_sums([equal]), 12, 4, 6, written) == pytest.approx(torch.ones(1, 2))
     # Keys that sigma maps to ~0 in the query's direction except on the event: the read is the event's alone.
     alone = torch.full((1, t, 2), -30.0)
     alone[0, 4:6] = torch.tensor([2.0, 0.0])
-    got = event_focus([q], [alone], 12, 4, 6, written)
+    got = event_focus([q], key_sums([alone]), 12, 4, 6, written)
     assert got == pytest.approx(torch.full((1, 2), written / 2), rel=1e-6)
-    assert event_focus([q], [alone], 12, 5, 7, written) == pytest.approx(torch.full((1, 2), written / 4), rel=1e-6)
+    assert event_focus([q], key_sums([alone]), 12, 5, 7, written) == pytest.approx(torch.full((1, 2), written / 4), rel=1e-6)
+
+
+def test_the_read_focus_from_running_key_sums_is_the_kernel_weights_summed_over_the_event():
+    # Two layers, four query heads on two kv heads: the two-lookup focus against the weights of every token written.
+    torch.manual_seed(0)
+    t = 40
+    qs, ks = [torch.randn(4, t, 8) for _ in range(2)], [torch.randn(2, t, 8) for _ in range(2)]
+    sums = key_sums(ks)
+    for pos, start, end, written in ((39, 3, 9, 32), (20, 0, 1, 16), (35, 10, 30, 30)):
+        direct = torch.stack([kernel_weights(q[:, pos], k[:, :written])[:, start:end].sum(-1) for q, k in zip(qs, ks)])
+        assert event_focus(qs, sums, pos, start, end, written) == pytest.approx(direct * written / (end - start),
+                                                                                rel=1e-5)
