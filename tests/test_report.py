@@ -541,6 +541,20 @@ def test_booksum_sweep_by_recipe_shows_the_oracle_rows_and_each_memory_over_seed
     assert cells(hub, header, "| linear |")["512"] == "20.5 ± 0.5" and "oracle" not in hub
 
 
+def test_a_booksum_run_recorded_before_a_synthetic_key_existed_is_a_seed_of_the_same_recipe(tmp_path):
+    # task.synthetic.train_cut_min came after seed 0 was run; its default (None: whole books) is what seed 0 did.
+    for seed, overall in ((0, {512: 3.0}), (1, {512: 5.0})):
+        _booksum_run(tmp_path, f"syn/linear-s{seed}", "linear", seed, overall)
+        path = tmp_path / f"syn/linear-s{seed}" / "results.json"
+        data = json.loads(path.read_text())
+        data["config"]["task"]["synthetic"] = {"book_chars": 400, "n_events": 2, **({"train_cut_min": None} if seed else {})}
+        path.write_text(json.dumps(data))
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    assert section.count("\n#### ") == 1
+    assert cells(section, "| row | seeds |", "| linear |")["512"] == "4.0 ± 1.0"
+
+
 def test_booksum_figures_draw_each_memory_as_its_mean_over_seeds(tmp_path):
     from infini_bench.report.figures import _label, _seed_means
 

@@ -17,17 +17,29 @@ _NOT_IDENTITY = {"hydra", "logger", "device", "cache_dir"}
 _NOT_IDENTITY_TRAINER = {"progress", "resume"}
 # Keys added after some runs were recorded, each with the value that does what those runs did: a run recorded
 # without the key is the same run as one with this value.
-_ADDED_KEYS = {("task", "window_start"): "any", ("task", "limit"): None, ("task", "train_documents"): "package"}
+# Each key is its path in the config; it is added only where its parent section was recorded.
+_ADDED_KEYS = {("task", "window_start"): "any", ("task", "limit"): None, ("task", "train_documents"): "package",
+               ("task", "synthetic", "train_cut_min"): None}
 CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _with_default(config: dict, path: tuple[str, ...], value) -> dict:
+    """config with the key at `path` set to `value` where its parent section exists and lacks it (a copy: the run's
+    own config is left as recorded)."""
+    head, *rest = path
+    if not rest:
+        return config if head in config else {**config, head: value}
+    if not isinstance(config.get(head), dict):
+        return config
+    return {**config, head: _with_default(config[head], tuple(rest), value)}
 
 
 def _identity(config: dict) -> str:
     kept = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
     if isinstance(kept.get("trainer"), dict):
         kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in _NOT_IDENTITY_TRAINER}
-    for (section, key), value in _ADDED_KEYS.items():
-        if isinstance(kept.get(section), dict) and key not in kept[section]:
-            kept[section] = {**kept[section], key: value}
+    for path, value in _ADDED_KEYS.items():
+        kept = _with_default(kept, path, value)
     # Runs recorded when the tiny/paper choice was `task.setting` (with `model.scale`, and the values of both
     # scales under `presets` in task and trainer) name it `scale` now; the values themselves are unchanged.
     if isinstance(kept.get("task"), dict) and "setting" in kept["task"]:
