@@ -555,6 +555,27 @@ def test_a_booksum_run_recorded_before_a_synthetic_key_existed_is_a_seed_of_the_
     assert cells(section, "| row | seeds |", "| linear |")["512"] == "4.0 ± 1.0"
 
 
+def test_each_booksum_recipe_names_the_overrides_all_its_runs_share(tmp_path):
+    # Two recipes alike but for one override: their headings match, so each says what its runs were run with.
+    for folder, extra in (("plain", []), ("shift", ["+model.arch.token_shift=true"])):
+        for seed in (0, 1):
+            _booksum_run(tmp_path, f"{folder}/none-s{seed}", "none", seed, {512: 3.0 + seed})
+            path = tmp_path / f"{folder}/none-s{seed}" / "results.json"
+            data = json.loads(path.read_text())
+            data["config"]["model"]["arch"] = {"token_shift": bool(extra)}
+            data["config"]["hydra"] = {"overrides": ["experiment=booksum_gpu", "model.init_from=base.safetensors", *extra,
+                                                     "memory=none", f"seed={seed}", "logger=none",
+                                                     f"hydra.run.dir=/tmp/{folder}{seed}"]}
+            path.write_text(json.dumps(data))
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    shared = [line for line in section.splitlines() if line.startswith("Every run: ")]
+    assert sorted(shared) == ["Every run: `experiment=booksum_gpu model.init_from=base.safetensors "
+                              "+model.arch.token_shift=true`, with its memory and seed.",
+                              "Every run: `experiment=booksum_gpu model.init_from=base.safetensors`, with its memory "
+                              "and seed."]
+
+
 def test_booksum_figures_draw_each_memory_as_its_mean_over_seeds(tmp_path):
     from infini_bench.report.figures import _label, _seed_means
 

@@ -15,7 +15,7 @@ from infini_bench.paper import (
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
 from infini_bench.report.figures import distance_figures, recall_axis, recall_by_pairs
-from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, sources
+from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, overrides, sources
 from infini_bench.report.seeds import _mean_spread, _setting, arm, arms_in_order
 
 DEPTHS = ("start", "middle", "end")
@@ -222,6 +222,17 @@ def _recipe(config: dict) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
+# Overrides that say where a run wrote and how it logged, not what it ran.
+_NOT_RECIPE_OVERRIDES = ("seed=", "memory=", "logger=", "trainer.progress=", "hydra.")
+
+
+def _shared_overrides(runs: list[dict]) -> list[str]:
+    """The command-line overrides every run of a recipe was made with, in the first run's order, leaving out its
+    seed, memory and where it wrote."""
+    first = [a for a in overrides(runs[0]) if not a.startswith(_NOT_RECIPE_OVERRIDES)]
+    return [a for a in first if all(a in overrides(r) for r in runs[1:])]
+
+
 def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
     """Figure 4 by recipe: booksum runs that differ only in seed and memory (or an ablation arm) grouped into one
     table, a row per memory with its mean over seeds ± half the range at each input length, under the oracle rows
@@ -248,8 +259,11 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
         source = first["results"].get("data/source") or first["config"]["task"].get("source")
         steps = sorted({int(r["results"].get("train/steps") or 0) for r in every})
         span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else None  # an equal time budget: steps differ by memory
-        lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first, span)}", "",
-                  *_sweep_header(labels)]
+        lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first, span)}", ""]
+        shared = _shared_overrides(every)
+        if shared:  # recipes whose headings match differ here
+            lines += [f"Every run: `{' '.join(shared)}`, with its memory and seed.", ""]
+        lines += _sweep_header(labels)
         if oracle:
             for name, key, digits in ORACLE_ROWS:
                 lines.append(f"| {name} | | " + " | ".join(
