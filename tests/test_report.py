@@ -592,6 +592,31 @@ def test_booksum_figures_draw_each_memory_as_its_mean_over_seeds(tmp_path):
     assert (tmp_path / "docs" / "report_img" / "events_by_length.png").stat().st_size > 1000
 
 
+def test_booksum_figures_keep_recipes_that_share_a_model_memory_and_segment_apart(tmp_path, monkeypatch):
+    # Two recipes of tiny at N=128, one with the token shift (and delta): a line per recipe and memory.
+    from infini_bench import plots
+
+    for folder, extra, base, memories in (("plain", [], 3.0, ["none"]),
+                                          ("shift", ["+model.arch.token_shift=true"], 7.0, ["none", "delta"])):
+        for seed, memory in ((s, m) for s in (0, 1) for m in memories):
+            _booksum_run(tmp_path, f"{folder}/{memory}-s{seed}", memory, seed, {512: base + seed, 2048: base})
+            path = tmp_path / f"{folder}/{memory}-s{seed}" / "results.json"
+            data = json.loads(path.read_text())
+            data["config"]["model"]["arch"] = {"token_shift": bool(extra)}
+            data["config"]["hydra"] = {"overrides": ["experiment=booksum_gpu", f"model.init_from={folder}.safetensors",
+                                                     *extra, f"memory={memory}", f"seed={seed}"]}
+            path.write_text(json.dumps(data))
+    drawn, save = {}, plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.setdefault(Path(path).name, {
+        line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}) and save(fig, path))
+    build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    lines = drawn["rouge_by_length.png"]
+    assert lines["tiny none N=128"] == [3.5, 3.0]
+    assert lines["tiny none N=128 (+model.arch.token_shift=true)"] == [7.5, 7.0]
+    # a memory only the second recipe ran is still named by it
+    assert lines["tiny delta N=128 (+model.arch.token_shift=true)"] == [7.5, 7.0] and "tiny delta N=128" not in lines
+
+
 def test_distance_figure_tick_labels_never_touch_and_its_title_gives_the_range_of_steps(tmp_path, monkeypatch):
     """Seven memories put the legend beside the axes; eight bins up to 64-127 must still read one by one."""
     from infini_bench import plots

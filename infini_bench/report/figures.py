@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from infini_bench.paper import length_label
-from infini_bench.report.runs import _by_task, _split, overrides, sources
-from infini_bench.report.seeds import arms_in_order, by_setting, final_gates, gate_trajectory, seed_groups
+from infini_bench.report.runs import _by_task, _split, overrides, shared_overrides, sources
+from infini_bench.report.seeds import arms_in_order, booksum_recipe, by_setting, final_gates, gate_trajectory, seed_groups
 from infini_bench.tracking import read_metrics
 
 
@@ -267,11 +267,35 @@ def _oracles(books: list[dict], key: str = "booksum/oracle_memory/overall",
             for i, (x, y, n) in enumerate(lines)}
 
 
-def _seed_means(runs: list[dict], xs: dict[str, list[int]], key: str) -> dict[str, list[float | None]]:
-    """{a run's `_label`: the mean over its runs (seeds) of `key@<length>` at each of its lengths}."""
+def booksum_labels(runs: list[dict]) -> dict[str, str]:
+    """{a booksum run's path: its line's label}: `_label`, and where several recipes (`booksum_recipe`) have runs of
+    one model and segment length, the overrides that set the run's recipe apart, so that each line is the mean over
+    one recipe's seeds alone."""
+    sweeps: dict[tuple, dict[str, list[dict]]] = {}
+    for r in runs:
+        model = r["config"]["model"]
+        sweeps.setdefault((model["name"], model.get("segment_len")), {}).setdefault(
+            booksum_recipe(r["config"]), []).append(r)
+    labels = {}
+    for recipes in sweeps.values():
+        shared = {key: [a for a in shared_overrides(group) if not a.startswith("model.init_from=")]
+                  for key, group in recipes.items()}
+        common = set.intersection(*(set(v) for v in shared.values()))
+        own = {key: " ".join(a for a in v if a not in common) for key, v in shared.items()}
+        for i, (key, group) in enumerate(recipes.items()):
+            alike = sum(o == own[key] for o in own.values()) > 1  # nothing on the command line tells them apart
+            suffix = f"recipe {i + 1}" if alike else own[key]
+            labels.update({r["path"]: f"{_label(r)} ({suffix})" if suffix else _label(r) for r in group})
+    return labels
+
+
+def _seed_means(runs: list[dict], xs: dict[str, list[int]], key: str,
+                labels: dict[str, str] | None = None) -> dict[str, list[float | None]]:
+    """{a run's label (`labels` by path, else `_label`): the mean over its runs (seeds) of `key@<length>` at each
+    of its lengths}."""
     by_label: dict[str, list[dict]] = {}
     for r in runs:
-        by_label.setdefault(_label(r), []).append(r)
+        by_label.setdefault(labels[r["path"]] if labels else _label(r), []).append(r)
     series = {}
     for label, group in by_label.items():
         values = [[r["results"].get(f"{key}@{length_label(n)}") for r in group] for n in xs[label]]
@@ -279,9 +303,9 @@ def _seed_means(runs: list[dict], xs: dict[str, list[int]], key: str) -> dict[st
     return series
 
 
-def _memories(runs: list[dict]) -> dict[str, str]:
-    """{a run's `_label`: its memory}, which picks its colour in a figure."""
-    return {_label(r): r["config"]["memory"]["name"] for r in runs}
+def _memories(runs: list[dict], labels: dict[str, str] | None = None) -> dict[str, str]:
+    """{a run's label (`labels` by path, else `_label`): its memory}, which picks its colour in a figure."""
+    return {labels[r["path"]] if labels else _label(r): r["config"]["memory"]["name"] for r in runs}
 
 
 def segment_group(r: dict) -> str:
@@ -344,26 +368,27 @@ def figures(results: list[dict], out: Path) -> list[str]:
             add(f"seed table {i + 1}: gates of {label}", path)
     books = [r for r in _by_task(results, "booksum") if r["config"]["task"].get("eval_input_lens")]
     if books:
-        xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in books}
-        series = _seed_means(books, xs, "booksum/overall")
+        labels = booksum_labels(books)
+        xs = {labels[r["path"]]: list(r["config"]["task"]["eval_input_lens"]) for r in books}
+        series = _seed_means(books, xs, "booksum/overall", labels)
         oracles = _oracles(books)
         xs.update({label: x for label, (x, _) in oracles.items()})
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
                                                "overall ROUGE (mean over seeds)",
                                                "Summary quality against input length (Figure 4)",
-                                               x=xs, logx=True, ymin=0, memories=_memories(books),
+                                               x=xs, logx=True, ymin=0, memories=_memories(books, labels),
                                                references={label: ys for label, (_, ys) in oracles.items()}))
         counted = [r for r in books if any(k.startswith("booksum/events_recalled@") for k in r["results"])]
         if counted:
-            xs = {_label(r): list(r["config"]["task"]["eval_input_lens"]) for r in counted}
+            xs = {labels[r["path"]]: list(r["config"]["task"]["eval_input_lens"]) for r in counted}
             refs = _oracles(counted, "booksum/events_in_input", "events in the input")
-            series = _seed_means(counted, xs, "booksum/events_recalled")
+            series = _seed_means(counted, xs, "booksum/events_recalled", labels)
             xs.update({label: x for label, (x, _) in refs.items()})
             add("events stated by input length", line_plot(
                 series, img / "events_by_length.png", "input length (tokens)",
                 "share of a book's events stated word for word (mean over seeds)",
                 "Events a summary states against input length", x=xs, logx=True, ymin=-0.02, ymax=1.02,
-                memories=_memories(counted), references={label: ys for label, (_, ys) in refs.items()}))
+                memories=_memories(counted, labels), references={label: ys for label, (_, ys) in refs.items()}))
     for task in ("lm", "passkey", "booksum"):
         curves, runs = {}, _by_task(results, task)
         for r in runs:

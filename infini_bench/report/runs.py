@@ -100,6 +100,17 @@ def overrides(r: dict) -> list[str]:
     return [str(a) for a in yaml.safe_load(path.read_text()) or []] if path.exists() else []
 
 
+# Overrides that say where a run wrote and how it logged, not what it ran.
+NOT_RECIPE_OVERRIDES = ("seed=", "memory=", "logger=", "trainer.progress=", "hydra.")
+
+
+def shared_overrides(runs: list[dict]) -> list[str]:
+    """The command-line overrides every run of a recipe was made with, in the first run's order, leaving out its
+    seed, memory and where it wrote."""
+    first = [a for a in overrides(runs[0]) if not a.startswith(NOT_RECIPE_OVERRIDES)]
+    return [a for a in first if all(a in overrides(r) for r in runs[1:])]
+
+
 def experiment_of(r: dict) -> str | None:
     """The experiment a run was made with (Hydra's choice, else its experiment= override), or None."""
     choices = (r["config"].get("hydra") or {}).get("choices") or {}

@@ -49,6 +49,14 @@ def _setting(config: dict) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
+def booksum_recipe(config: dict) -> str:
+    """A booksum run's setting without its seed, memory and arm (`seeds._setting`), nor the sampling seed of its
+    summaries, which follows the run's seed."""
+    kept = json.loads(_setting(config))
+    kept.get("task", {}).pop("seed", None)
+    return json.dumps(kept, sort_keys=True)
+
+
 def arm(run: dict) -> str:
     """The row of a seed table a run belongs to: its memory, then the knobs it turned (`ARM_OVERRIDES`), e.g.
     `linear memory.read_norm=rms`; a run that turned none is its memory's name alone."""

@@ -5,7 +5,6 @@ Table 2 across seeds is in `seeds`; Figure 4 by recipe (seeds averaged, beside t
 is `sweep_tables`."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from infini_bench.paper import (
     TABLE2_XL_CACHE, TABLE3, TABLE3_LENGTHS, TABLE4, length_label,
 )
 from infini_bench.report.figures import distance_figures, recall_axis, recall_by_pairs
-from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, overrides, sources
-from infini_bench.report.seeds import _mean_spread, _setting, arm, arms_in_order
+from infini_bench.report.runs import _by_task, _fmt, _link, _ours, _pct, _scale, fallbacks, footprint, shared_overrides, sources
+from infini_bench.report.seeds import _mean_spread, arm, arms_in_order, booksum_recipe
 
 DEPTHS = ("start", "middle", "end")
 HUB_COLUMNS = {"pg19": "PG19", "arxiv_math": "Arxiv-math"}
@@ -214,32 +213,13 @@ def _agreed(values: list[float], digits: int) -> str:
     return _mean_spread(values, digits)
 
 
-def _recipe(config: dict) -> str:
-    """A booksum run's setting without its seed, memory and arm (`seeds._setting`), nor the sampling seed of its
-    summaries, which follows the run's seed."""
-    kept = json.loads(_setting(config))
-    kept.get("task", {}).pop("seed", None)
-    return json.dumps(kept, sort_keys=True)
-
-
-# Overrides that say where a run wrote and how it logged, not what it ran.
-_NOT_RECIPE_OVERRIDES = ("seed=", "memory=", "logger=", "trainer.progress=", "hydra.")
-
-
-def _shared_overrides(runs: list[dict]) -> list[str]:
-    """The command-line overrides every run of a recipe was made with, in the first run's order, leaving out its
-    seed, memory and where it wrote."""
-    first = [a for a in overrides(runs[0]) if not a.startswith(_NOT_RECIPE_OVERRIDES)]
-    return [a for a in first if all(a in overrides(r) for r in runs[1:])]
-
-
 def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
     """Figure 4 by recipe: booksum runs that differ only in seed and memory (or an ablation arm) grouped into one
     table, a row per memory with its mean over seeds ± half the range at each input length, under the oracle rows
     of synthetic books. Recipes with no oracle (hub data) and one seed per memory keep their rows above alone."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for r in runs:
-        groups.setdefault(_recipe(r["config"]), {}).setdefault(arm(r), []).append(r)
+        groups.setdefault(booksum_recipe(r["config"]), {}).setdefault(arm(r), []).append(r)
     lines: list[str] = []
     for by_arm in groups.values():
         every = [r for group in by_arm.values() for r in group]
@@ -260,7 +240,7 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
         steps = sorted({int(r["results"].get("train/steps") or 0) for r in every})
         span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else None  # an equal time budget: steps differ by memory
         lines += ["", f"#### {source} books ({first['config']['task'].get('eval_split', '')}): {_scale(first, span)}", ""]
-        shared = _shared_overrides(every)
+        shared = shared_overrides(every)
         if shared:  # recipes whose headings match differ here
             lines += [f"Every run: `{' '.join(shared)}`, with its memory and seed.", ""]
         lines += _sweep_header(labels)
