@@ -1,11 +1,13 @@
-"""Add the event counts of docs/BOOKSUM.md to booksum runs that were scored before the task reported them.
+"""Add the event counts of docs/BOOKSUM.md and ROUGE by input length to booksum runs scored before the task
+reported them.
 
     python scripts/booksum_rescore.py RUN_DIR [RUN_DIR ...]
 
 Each run's `booksum_predictions.json` holds every summary it wrote; its `results.json` holds its config. From
 them this recomputes, with the task's own functions, `booksum/events_recalled@<len>` (events stated word for
-word), `booksum/events_in_input@<len>` and `booksum/guess/overall`, and adds the missing ones to `results.json`
-(written atomically), with `booksum/rescored_from` naming the predictions file. Keys a run already has are kept.
+word), `booksum/events_in_input@<len>`, `booksum/guess/overall` and `booksum/rouge1@<len>` (and rouge2, rougeL),
+and adds the missing ones to `results.json` (written atomically), with `booksum/rescored_from` naming the
+predictions file. Keys a run already has are kept.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infini_bench.paper import length_label  # noqa: E402
 from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
 from infini_bench.tracking import write_json  # noqa: E402
+from infini_bench.metrics import rouge  # noqa: E402
 from tasks.booksum import guess, oracle, share_recalled, synthetic_books  # noqa: E402
 
 
@@ -41,7 +44,10 @@ def rescore(run: Path) -> dict:
     for n in lengths:
         label = length_label(n)
         added[f"booksum/events_in_input@{label}"] = read[n]["events_in_input"]
-        added[f"booksum/events_recalled@{label}"] = share_recalled([p["predictions"][str(n)] for p in preds], books)
+        written = [p["predictions"][str(n)] for p in preds]
+        added[f"booksum/events_recalled@{label}"] = share_recalled(written, books)
+        scores = rouge(written, [list(b.references) for b in books])
+        added.update({f"booksum/{k}@{label}": scores[k] for k in ("rouge1", "rouge2", "rougeL")})
     new = {k: v for k, v in added.items() if k not in results}
     if len(new) > 1:
         saved["results"] = {**results, **new}

@@ -432,7 +432,7 @@ class BookSum(Task):
         results["booksum/input_len"] = main
         results.update(footprint_results(model.cfg, main))
         for n in lengths:
-            results[f"booksum/overall@{length_label(n)}"] = scores[n]["overall"]
+            results.update({f"booksum/{k}@{length_label(n)}": v for k, v in scores[n].items()})  # R-L, overall
             results[f"booksum/input_tokens@{length_label(n)}"] = sum(used[n]) / len(used[n])
         # The oracle (synthetic books only: it needs the events): what a perfect memory / local attention alone
         # could score at each length, with the same truncation and scorer.

@@ -424,13 +424,19 @@ def test_booksum_gpu_runs_end_to_end_shrunk_and_writes_the_oracle(tmp_path):
                                          "events_beyond_window") for x in (64, 512)} <= set(r)
     assert r["booksum/oracle_memory/overall@512"] == pytest.approx(100.0)  # a book of about 490 bytes, read whole
     assert r["booksum/events_beyond_window@64"] <= r["booksum/events_beyond_window@512"]
-    # A run scored before the event counts existed gets the same ones from its saved predictions.
+    # ROUGE-1, -2 and -L at each length, as the length sweep beside the predictions has them
+    sweep = json.loads((out / "booksum_predictions.json").read_text())["length_sweep"]
+    assert [[r[f"booksum/{k}@{row['input_len']}"] for k in ("rouge1", "rouge2", "rougeL")] for row in sweep] == \
+        [[row[k] for k in ("rouge1", "rouge2", "rougeL")] for row in sweep]
+    assert r["booksum/rouge1@512"] == r["booksum/rouge1"]  # the longest input is the run's headline score
+    # A run scored before the event counts and ROUGE by length existed gets the same ones from its predictions.
     sys.path.insert(0, str(ROOT / "scripts"))
     from booksum_rescore import rescore
 
     counted = {k: v for k, v in r.items() if k.startswith(("booksum/events_recalled", "booksum/events_in_input",
-                                                           "booksum/guess"))}
-    assert len(counted) == 5
+                                                           "booksum/guess", "booksum/rouge1@", "booksum/rouge2@",
+                                                           "booksum/rougeL@"))}
+    assert len(counted) == 11
     saved = json.loads((out / "results.json").read_text())
     saved["results"] = {k: v for k, v in r.items() if k not in counted}
     (out / "results.json").write_text(json.dumps(saved))

@@ -576,6 +576,20 @@ def test_each_booksum_recipe_names_the_overrides_all_its_runs_share(tmp_path):
                               "and seed."]
 
 
+def test_the_booksum_recipe_table_gives_rouge_1_2_and_l_by_length_as_seed_means(tmp_path):
+    for seed, (r1, r2, rl) in enumerate(((40.0, 20.0, 30.0), (44.0, 22.0, 34.0))):
+        _booksum_run(tmp_path, f"syn/linear-s{seed}", "linear", seed, {512: 3.0, 2048: 8.0})
+        path = tmp_path / f"syn/linear-s{seed}" / "results.json"
+        data = json.loads(path.read_text())
+        data["results"].update({"booksum/rouge1@2K": r1, "booksum/rouge2@2K": r2, "booksum/rougeL@2K": rl})
+        path.write_text(json.dumps(data))
+    text = build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
+    section = text.split("### Summary quality against input length by recipe")[1].split("\n## ")[0]
+    parts = section.split("ROUGE-1 / ROUGE-2 / ROUGE-L")[1]
+    row = cells(parts, "| row | seeds |", "| linear |")
+    assert (row["512"], row["2K"]) == ("-", "42.0 / 21.0 / 32.0")
+
+
 def test_booksum_figures_draw_each_memory_as_its_mean_over_seeds(tmp_path):
     from infini_bench.report.figures import _label, _seed_means
 
