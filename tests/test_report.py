@@ -626,6 +626,7 @@ def test_booksum_figures_keep_recipes_that_share_a_model_memory_and_segment_apar
     build_report(find_results([tmp_path]), tmp_path / "docs" / "REPORT.md")
     lines = drawn["rouge_by_length.png"]
     assert lines["tiny none N=128"] == [3.5, 3.0]
+    assert lines["paper: 8B on BookSum, about 17 at 16K to 20 at 500K (ends only)"] == [17.0, 20.0]  # beside ours
     assert lines["tiny none N=128 (+model.arch.token_shift=true)"] == [7.5, 7.0]
     # a memory only the second recipe ran is still named by it
     assert lines["tiny delta N=128 (+model.arch.token_shift=true)"] == [7.5, 7.0] and "tiny delta N=128" not in lines

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from infini_bench.paper import length_label
+from infini_bench.paper import FIGURE4_ENDS, length_label
 from infini_bench.report.runs import _by_task, _split, overrides, shared_overrides, sources
 from infini_bench.report.seeds import arms_in_order, booksum_recipe, by_setting, final_gates, gate_trajectory, seed_groups
 from infini_bench.tracking import read_metrics
@@ -267,6 +267,10 @@ def _oracles(books: list[dict], key: str = "booksum/oracle_memory/overall",
             for i, (x, y, n) in enumerate(lines)}
 
 
+# The paper's Figure 4 beside ours: its two ends only (the points between are not given), on real books and 8B.
+PAPER_FIGURE4 = "paper: 8B on BookSum, about 17 at 16K to 20 at 500K (ends only)"
+
+
 def booksum_labels(runs: list[dict]) -> dict[str, str]:
     """{a booksum run's path: its line's label}: `_label`, and where several recipes (`booksum_recipe`) have runs of
     one model and segment length, the overrides that set the run's recipe apart, so that each line is the mean over
@@ -372,6 +376,7 @@ def figures(results: list[dict], out: Path) -> list[str]:
         xs = {labels[r["path"]]: list(r["config"]["task"]["eval_input_lens"]) for r in books}
         series = _seed_means(books, xs, "booksum/overall", labels)
         oracles = _oracles(books)
+        oracles[PAPER_FIGURE4] = ([n for n, _ in FIGURE4_ENDS], [y for _, y in FIGURE4_ENDS])
         xs.update({label: x for label, (x, _) in oracles.items()})
         add("ROUGE by input length", line_plot(series, img / "rouge_by_length.png", "input length (tokens)",
                                                "overall ROUGE (mean over seeds)",
