@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from infini_bench.metrics import rouge  # noqa: E402
 from infini_bench.paper import length_label  # noqa: E402
 from infini_bench.tokenizer import ByteTokenizer  # noqa: E402
 from infini_bench.tracking import write_json  # noqa: E402
-from infini_bench.metrics import rouge  # noqa: E402
 from tasks.booksum import guess, oracle, share_recalled, synthetic_books  # noqa: E402
 
 

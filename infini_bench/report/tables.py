@@ -6,6 +6,7 @@ is `sweep_tables`."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from infini_bench.memories import memory_names
@@ -252,11 +253,11 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
             guesses = [r["results"][GUESS_KEY] for r in every if GUESS_KEY in r["results"]]
             if guesses:  # the same books give the same guess at every length
                 lines.append(f"| {GUESS_ROW} | | " + " | ".join(_agreed(guesses, 1) for _ in labels) + " | |")
-        lines += _memory_rows(by_arm, labels, "booksum/overall", 1, out)
+        lines += _memory_rows(by_arm, labels, out, _spread_cell("booksum/overall", 1))
         if any(k.startswith("booksum/rouge1@") for r in every for k in r["results"]):
             lines += ["", "ROUGE-1 / ROUGE-2 / ROUGE-L by input length, each the mean over the seeds (their overall "
                       "score above is the geometric mean of the three).", "", *_sweep_header(labels)]
-            lines += _rouge_rows(by_arm, labels, out)
+            lines += _memory_rows(by_arm, labels, out, _rouge_cell)
         if any(k.startswith(RECALLED_KEY + "@") for r in every for k in r["results"]):
             lines += ["", "Events stated word for word (the share of each book's events its summary states as a "
                       "sentence of its own, averaged over books); the first row is what a perfect memory could "
@@ -264,7 +265,7 @@ def sweep_tables(runs: list[dict], out: Path | None = None) -> list[str]:
                       *_sweep_header(labels), f"| {IN_INPUT_ROW} | | " + " | ".join(_agreed(
                           [r["results"][f"{IN_INPUT_KEY}@{n}"] for r in every if f"{IN_INPUT_KEY}@{n}" in r["results"]],
                           2) for n in labels) + " | |"]
-            lines += _memory_rows(by_arm, labels, RECALLED_KEY, 2, out)
+            lines += _memory_rows(by_arm, labels, out, _spread_cell(RECALLED_KEY, 2))
     return lines
 
 
@@ -277,42 +278,34 @@ def _sweep_header(labels: list[str]) -> list[str]:
     return ["| row | seeds | " + " | ".join(labels) + " | runs |", "|---|---|" + "---|" * len(labels) + "---|"]
 
 
-def _seeds_and_links(runs: list[dict], out: Path | None) -> tuple[list[dict], str]:
-    """An arm's runs in seed order, and a link to each (relative to the report at `out`)."""
-    group = sorted(runs, key=lambda r: r["config"].get("seed", 0))
-    return group, ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
-                            if out is not None else f"s{r['config'].get('seed', 0)}" for r in group)
-
-
-def _seed_list(group: list[dict]) -> str:
-    return ", ".join(str(r["config"].get("seed", 0)) for r in group)
-
-
-def _memory_rows(by_arm: dict[str, list[dict]], labels: list[str], key: str, digits: int, out: Path | None) -> list[str]:
-    """One row per memory (or arm): its mean over seeds ± half the range of `key@<length>` at each length."""
+def _memory_rows(by_arm: dict[str, list[dict]], labels: list[str], out: Path | None,
+                 cell: Callable[[list[dict], str], str]) -> list[str]:
+    """One row per memory (or arm): its seeds, `cell(runs, length)` at each length, and a link to each run."""
     lines = []
     for label in arms_in_order(by_arm):
-        group, links = _seeds_and_links(by_arm[label], out)
-        lines.append(f"| {label} | {_seed_list(group)} | " + " | ".join(
-            _mean_spread([r["results"][f"{key}@{n}"] for r in group if f"{key}@{n}" in r["results"]], digits)
-            for n in labels) + f" | {links} |")
+        group = sorted(by_arm[label], key=lambda r: r["config"].get("seed", 0))
+        links = ", ".join(f"[s{r['config'].get('seed', 0)}]({os.path.relpath(r['path'], out.parent)})"
+                          if out is not None else f"s{r['config'].get('seed', 0)}" for r in group)
+        lines.append(f"| {label} | {', '.join(str(r['config'].get('seed', 0)) for r in group)} | "
+                     + " | ".join(cell(group, n) for n in labels) + f" | {links} |")
     return lines
 
 
-def _rouge_rows(by_arm: dict[str, list[dict]], labels: list[str], out: Path | None) -> list[str]:
-    """One row per memory (or arm): 'R-1 / R-2 / R-L' at each length, each the mean over the seeds that have it."""
-    lines = []
-    for label in arms_in_order(by_arm):
-        group, links = _seeds_and_links(by_arm[label], out)
-        row = []
-        for n in labels:
-            means = []
-            for k in ("rouge1", "rouge2", "rougeL"):
-                values = [r["results"][f"booksum/{k}@{n}"] for r in group if f"booksum/{k}@{n}" in r["results"]]
-                means.append(f"{sum(values) / len(values):.1f}" if values else None)
-            row.append(" / ".join(means) if all(means) else "-")
-        lines.append(f"| {label} | {_seed_list(group)} | " + " | ".join(row) + f" | {links} |")
-    return lines
+def _spread_cell(key: str, digits: int) -> Callable[[list[dict], str], str]:
+    """A cell of `key@<length>`: the mean over the runs ± half their range."""
+    return lambda group, n: _mean_spread([r["results"][f"{key}@{n}"] for r in group if f"{key}@{n}" in r["results"]],
+                                         digits)
+
+
+def _rouge_cell(group: list[dict], n: str) -> str:
+    """'R-1 / R-2 / R-L' at length n, each the mean over the runs; '-' where a type is missing."""
+    means = []
+    for k in ("rouge1", "rouge2", "rougeL"):
+        values = [r["results"][f"booksum/{k}@{n}"] for r in group if f"booksum/{k}@{n}" in r["results"]]
+        if not values:
+            return "-"
+        means.append(f"{sum(values) / len(values):.1f}")
+    return " / ".join(means)
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------------
